@@ -1,0 +1,69 @@
+// Public entry points of the index branch: validation, then dispatch to a backend.
+#include <cmath>
+#include <limits>
+
+#include "cpu/cpu_ops.h"
+#include "validate.h"
+
+namespace msa {
+
+using namespace detail;
+
+int64_t index_block_count(const Varlen& seq, int64_t bk) {
+  const char* fn = "index_block_count";
+  check_range(fn, "bk", bk, 1, 4096);
+  SeqInfo s = resolve_varlen(fn, seq);
+  return (s.max_len_k + bk - 1) / bk;
+}
+
+void index_topk(const IndexTopkParams& p0, const Exec& ex) {
+  const char* fn = "index_topk";
+  IndexTopkParams p = p0;
+  check_backend(fn, ex, false);
+  check_dtype(fn, p.dtype, ex);
+  check_range(fn, "h_kv", p.h_kv, 1, 1024);
+  if (ex.backend == Backend::cuda) {
+    check_one_of(fn, "d_idx", p.d_idx, {64, 128});
+    check_one_of(fn, "bk", p.bk, {64, 128});
+  } else {
+    check_range(fn, "d_idx", p.d_idx, 1, 512);
+    check_range(fn, "bk", p.bk, 1, 4096);
+  }
+  check_range(fn, "topk", p.topk, 1, kMaxTopk);
+  resolve_scale(fn, "index_scale", p.index_scale, float(1.0 / std::sqrt(double(p.d_idx))));
+  SeqInfo s = resolve_varlen(fn, p.seq);
+  resolve_strides3(fn, "q_idx", s.n_q, p.h_kv, p.d_idx, p.stride_q_idx_tok, p.stride_q_idx_head, false);
+  resolve_strides2(fn, "k_idx", s.n_k, p.d_idx, p.stride_k_idx_tok, false);
+  check_ptr(fn, "q_idx", p.q_idx, s.n_q > 0);
+  check_ptr(fn, "k_idx", p.k_idx, s.n_q > 0 && s.n_k > 0);
+  check_ptr(fn, "topk_idx", p.topk_idx, s.n_q > 0);
+  if (p.block_scores) {
+    int64_t need = (s.max_len_k + p.bk - 1) / p.bk;
+    if (p.n_blocks < need)
+      fail(fn, "n_blocks = " + std::to_string(p.n_blocks) + ", expected >= " + std::to_string(need) +
+                   " (blocks of the longest key sequence) when block_scores is set");
+  }
+  if (s.n_q == 0) return;
+  cpu::index_topk(p, s, ex.num_threads);
+}
+
+void block_topk(const BlockTopkParams& p0, const Exec& ex) {
+  const char* fn = "block_topk";
+  BlockTopkParams p = p0;
+  check_backend(fn, ex, false);
+  check_range(fn, "rows", p.rows, 0, std::numeric_limits<int32_t>::max());
+  check_range(fn, "n_blocks", p.n_blocks, 0, std::numeric_limits<int32_t>::max());
+  check_range(fn, "topk", p.topk, 1, kMaxTopk);
+  resolve_strides2(fn, "scores", p.rows, p.n_blocks, p.stride_row, false);
+  check_ptr(fn, "scores", p.scores, p.rows > 0 && p.n_blocks > 0);
+  check_ptr(fn, "topk_idx", p.topk_idx, p.rows > 0);
+  if (p.row_blocks && ex.backend == Backend::cpu)
+    for (int64_t i = 0; i < p.rows; ++i)
+      if (p.row_blocks[i] < 0 || p.row_blocks[i] > p.n_blocks)
+        fail(fn, "row_blocks[" + std::to_string(i) + "] = " + std::to_string(p.row_blocks[i]) + ", expected 0 <= " +
+                     "row_blocks <= n_blocks = " + std::to_string(p.n_blocks));
+  if (p.rows == 0) return;
+  cpu::block_topk(p, ex.num_threads);
+}
+
+}  // namespace msa

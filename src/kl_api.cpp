@@ -1,0 +1,71 @@
+// Public entry points of the KL alignment loss: validation, then dispatch.
+#include <cmath>
+
+#include "cpu/cpu_ops.h"
+#include "validate.h"
+
+namespace msa {
+
+using namespace detail;
+
+namespace {
+
+SeqInfo check_kl(const char* fn, IndexKLParams& p, const Exec& ex, bool backward) {
+  check_backend(fn, ex, false);
+  check_dtype(fn, p.dtype, ex);
+  check_heads(fn, p.h_q, p.h_kv);
+  if (ex.backend == Backend::cuda) {
+    check_one_of(fn, "d", p.d, {64, 128});
+    check_one_of(fn, "d_idx", p.d_idx, {64, 128});
+  } else {
+    check_range(fn, "d", p.d, 1, 512);
+    check_range(fn, "d_idx", p.d_idx, 1, 512);
+  }
+  resolve_scale(fn, "scale", p.scale, float(1.0 / std::sqrt(double(p.d))));
+  resolve_scale(fn, "index_scale", p.index_scale, float(1.0 / std::sqrt(double(p.d_idx))));
+  if (backward && !std::isfinite(p.lambda))
+    fail(fn, "lambda = " + std::to_string(p.lambda) + ", expected a finite number");
+  SeqInfo s = resolve_varlen(fn, p.seq);
+  bool any = s.n_q > 0;
+  resolve_strides3(fn, "q", s.n_q, p.h_q, p.d, p.stride_q_tok, p.stride_q_head, false);
+  resolve_strides3(fn, "k", s.n_k, p.h_kv, p.d, p.stride_k_tok, p.stride_k_head, false);
+  resolve_strides3(fn, "q_idx", s.n_q, p.h_kv, p.d_idx, p.stride_q_idx_tok, p.stride_q_idx_head, false);
+  resolve_strides2(fn, "k_idx", s.n_k, p.d_idx, p.stride_k_idx_tok, false);
+  check_ptr(fn, "q", p.q, any);
+  check_ptr(fn, "k", p.k, any);
+  check_ptr(fn, "q_idx", p.q_idx, any);
+  check_ptr(fn, "k_idx", p.k_idx, any);
+  if (p.topk_idx != nullptr) {
+    check_range(fn, "topk", p.topk, 1, kMaxTopk);
+    if (ex.backend == Backend::cuda)
+      check_one_of(fn, "bk", p.bk, {64, 128});
+    else
+      check_range(fn, "bk", p.bk, 1, 4096);
+    if (ex.backend == Backend::cpu) check_topk_idx(fn, s, p.topk_idx, p.h_kv, p.topk, p.bk);
+  }
+  if (backward) {
+    resolve_strides3(fn, "dq_idx", s.n_q, p.h_kv, p.d_idx, p.stride_dq_idx_tok, p.stride_dq_idx_head, true);
+    resolve_strides2(fn, "dk_idx", s.n_k, p.d_idx, p.stride_dk_idx_tok, true);
+    check_ptr(fn, "dq_idx", p.dq_idx, any);
+    check_ptr(fn, "dk_idx", p.dk_idx, s.n_k > 0);
+  }
+  return s;
+}
+
+}  // namespace
+
+double index_kl_loss(const IndexKLParams& p0, const Exec& ex) {
+  IndexKLParams p = p0;
+  SeqInfo s = check_kl("index_kl_loss", p, ex, false);
+  if (s.n_q == 0) return 0.0;
+  return cpu::index_kl_loss(p, s, ex.num_threads);
+}
+
+void index_kl_backward(const IndexKLParams& p0, const Exec& ex) {
+  IndexKLParams p = p0;
+  SeqInfo s = check_kl("index_kl_backward", p, ex, true);
+  if (s.n_q == 0 && s.n_k == 0) return;
+  cpu::index_kl_backward(p, s, ex.num_threads);
+}
+
+}  // namespace msa
