@@ -102,13 +102,14 @@ void check_outer(const char* fn, const char* name, int64_t n0, int64_t s0, int64
 
 void resolve_strides3(const char* fn, const char* name, int64_t n, int64_t h, int64_t d, int64_t& stride_tok,
                       int64_t& stride_head, bool is_output) {
-  if (stride_head == 0) stride_head = d;
-  if (stride_tok == 0) stride_tok = h * stride_head;
+  // max(.., 1): an empty dim still gets a valid (positive) default stride.
+  if (stride_head == 0) stride_head = std::max<int64_t>(d, 1);
+  if (stride_tok == 0) stride_tok = std::max<int64_t>(h, 1) * stride_head;
   check_outer(fn, name, n, stride_tok, h, stride_head, d, is_output);
 }
 
 void resolve_strides2(const char* fn, const char* name, int64_t n, int64_t d, int64_t& stride_tok, bool is_output) {
-  if (stride_tok == 0) stride_tok = d;
+  if (stride_tok == 0) stride_tok = std::max<int64_t>(d, 1);
   check_outer(fn, name, n, stride_tok, 1, 1, d, is_output);
 }
 
