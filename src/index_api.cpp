@@ -1,9 +1,13 @@
 // Public entry points of the index branch: validation, then dispatch to a backend.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
 #include "cpu/cpu_ops.h"
 #include "validate.h"
+#ifdef MSA_WITH_CUDA
+#include "cuda/index_topk.h"
+#endif
 
 namespace msa {
 
@@ -19,7 +23,7 @@ int64_t index_block_count(const Varlen& seq, int64_t bk) {
 void index_topk(const IndexTopkParams& p0, const Exec& ex) {
   const char* fn = "index_topk";
   IndexTopkParams p = p0;
-  check_backend(fn, ex, false);
+  check_backend(fn, ex, true);
   check_dtype(fn, p.dtype, ex);
   check_range(fn, "h_kv", p.h_kv, 1, 1024);
   if (ex.backend == Backend::cuda) {
@@ -31,6 +35,29 @@ void index_topk(const IndexTopkParams& p0, const Exec& ex) {
   }
   check_range(fn, "topk", p.topk, 1, kMaxTopk);
   resolve_scale(fn, "index_scale", p.index_scale, float(1.0 / std::sqrt(double(p.d_idx))));
+#ifdef MSA_WITH_CUDA
+  if (ex.backend == Backend::cuda) {
+    // Every pointer is device memory: the varlen arrays are checked for shape only, and the
+    // kernel clamps their contents. n_blocks is checked exactly only when the host knows the
+    // longest key sequence (no cu_seqlens); otherwise blocks >= n_blocks are not written.
+    const Varlen& v = p.seq;
+    check_varlen_shape(fn, v);
+    resolve_strides3(fn, "q_idx", v.n_q, p.h_kv, p.d_idx, p.stride_q_idx_tok, p.stride_q_idx_head, false);
+    resolve_strides2(fn, "k_idx", v.n_k, p.d_idx, p.stride_k_idx_tok, false);
+    check_ptr(fn, "q_idx", p.q_idx, v.n_q > 0);
+    check_ptr(fn, "k_idx", p.k_idx, v.n_q > 0 && v.n_k > 0);
+    check_ptr(fn, "topk_idx", p.topk_idx, v.n_q > 0);
+    if (p.block_scores) {
+      int64_t need = v.cu_seqlens_q || v.cu_seqlens_k ? 1 : std::max<int64_t>((v.n_k + p.bk - 1) / p.bk, 1);
+      if (p.n_blocks < need)
+        fail(fn, "n_blocks = " + std::to_string(p.n_blocks) + ", expected >= " + std::to_string(need) +
+                     " (blocks of the longest key sequence) when block_scores is set");
+    }
+    if (v.n_q == 0) return;
+    cuda::run_index_topk(p, static_cast<cudaStream_t>(ex.stream));
+    return;
+  }
+#endif
   SeqInfo s = resolve_varlen(fn, p.seq);
   resolve_strides3(fn, "q_idx", s.n_q, p.h_kv, p.d_idx, p.stride_q_idx_tok, p.stride_q_idx_head, false);
   resolve_strides2(fn, "k_idx", s.n_k, p.d_idx, p.stride_k_idx_tok, false);

@@ -182,6 +182,27 @@ SeqInfo resolve_varlen(const char* fn, const Varlen& seq) {
   return s;
 }
 
+void check_varlen_shape(const char* fn, const Varlen& seq) {
+  check_range(fn, "seq.n_q", seq.n_q, 0, INT32_MAX);
+  check_range(fn, "seq.n_k", seq.n_k, 0, INT32_MAX);
+  check_range(fn, "seq.batch", seq.batch, 1, INT32_MAX);
+  if (seq.cu_seqlens_q == nullptr && seq.batch != 1)
+    fail(fn, "seq.cu_seqlens_q is null with batch = " + std::to_string(seq.batch) +
+                 ", expected cu_seqlens_q for a batch of several sequences");
+  if (seq.cu_seqlens_k == nullptr && seq.n_k != seq.n_q) {
+    std::ostringstream os;
+    os << "seq.cu_seqlens_k is null with n_k = " << seq.n_k << " != n_q = " << seq.n_q
+       << ", expected cu_seqlens_k when queries and keys differ";
+    fail(fn, os.str());
+  }
+  if (seq.cu_seqlens_q == nullptr && seq.cu_seqlens_k == nullptr && seq.q_pos == nullptr && seq.n_q > seq.n_k) {
+    std::ostringstream os;
+    os << "sequence 0 has " << seq.n_q << " queries but " << seq.n_k
+       << " keys, expected len_q <= len_k (or q_pos for explicit positions)";
+    fail(fn, os.str());
+  }
+}
+
 void check_topk_idx(const char* fn, const SeqInfo& s, const int32_t* topk_idx, int64_t h_kv, int64_t topk,
                     int64_t bk) {
   check_ptr(fn, "topk_idx", topk_idx, s.n_q > 0);

@@ -52,6 +52,11 @@ struct SeqInfo {
 // queries fit its keys) reading its pointers as host memory.
 SeqInfo resolve_varlen(const char* fn, const Varlen& seq);
 
+// Shape-only check of seq for the CUDA backend, whose varlen arrays are device memory and are
+// never read on the host: counts in range, cu_seqlens_q required for batch > 1, cu_seqlens_k
+// required when n_k != n_q, and n_q <= n_k for a single bottom-right aligned sequence.
+void check_varlen_shape(const char* fn, const Varlen& seq);
+
 // Validates a [n_q, h_kv, topk] selection: entries are -1 only as tail padding, otherwise blocks
 // the query can see (0 <= b <= p / bk), no duplicates within a row. Order within a row is free.
 void check_topk_idx(const char* fn, const SeqInfo& s, const int32_t* topk_idx, int64_t h_kv, int64_t topk,

@@ -1,0 +1,163 @@
+// bench_index — times msa::index_topk on the CUDA backend at the M3 index shape (h_kv = 4,
+// d_idx = 128, bk = 128, topk = 16, bf16, one causal sequence) for n = 32K and 128K, with and
+// without index_lse (and block_scores at 32K), beside a cuBLAS 8192^3 bf16 GEMM measured in the
+// same run as the machine's matrix ceiling. CUDA events, warm-up, median of the timed runs.
+// Cost model: h_kv * d_idx * 2 * (causal visible pairs n (n + 1) / 2) FLOPs (~512 n^2).
+//
+//   bench_index [--iters N] [--quick]
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "msa/msa.h"
+
+namespace {
+
+void ok(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "CUDA error in %s: %s\n", what, cudaGetErrorString(e));
+    std::exit(2);
+  }
+}
+
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// Standard normal bf16 values from a counter hash (never zeros: zeros run faster than data).
+__global__ void fill_bf16(__nv_bfloat16* x, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint64_t h = mix64(seed ^ mix64(uint64_t(i)));
+    const float u1 = (float(h >> 40) + 0.5f) * (1.f / 16777216.f);
+    const float u2 = (float(h & 0xffffff) + 0.5f) * (1.f / 16777216.f);
+    x[i] = __float2bfloat16(sqrtf(-2.f * logf(u1)) * cospif(2.f * u2));
+  }
+}
+
+template <class F>
+float median_ms(F&& fn, int warmup, int iters) {
+  cudaEvent_t a, b;
+  ok(cudaEventCreate(&a), "event");
+  ok(cudaEventCreate(&b), "event");
+  for (int i = 0; i < warmup; ++i) fn();
+  ok(cudaDeviceSynchronize(), "warm-up");
+  std::vector<float> t;
+  for (int i = 0; i < iters; ++i) {
+    ok(cudaEventRecord(a), "record");
+    fn();
+    ok(cudaEventRecord(b), "record");
+    ok(cudaEventSynchronize(b), "sync");
+    float ms = 0;
+    ok(cudaEventElapsedTime(&ms, a, b), "elapsed");
+    t.push_back(ms);
+  }
+  ok(cudaGetLastError(), "timed runs");
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+float gemm_ceiling_tflops(int iters) {
+  const int n = 8192;
+  __nv_bfloat16 *a, *b, *c;
+  ok(cudaMalloc(&a, size_t(n) * n * 2), "malloc");
+  ok(cudaMalloc(&b, size_t(n) * n * 2), "malloc");
+  ok(cudaMalloc(&c, size_t(n) * n * 2), "malloc");
+  fill_bf16<<<1024, 256>>>(a, int64_t(n) * n, 1);
+  fill_bf16<<<1024, 256>>>(b, int64_t(n) * n, 2);
+  cublasHandle_t h;
+  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) return 0.f;
+  const float alpha = 1.f, beta = 0.f;
+  float ms = median_ms(
+      [&] {
+        cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a, CUDA_R_16BF, n, b, CUDA_R_16BF, n, &beta, c,
+                     CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      },
+      3, iters);
+  cublasDestroy(h);
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(c);
+  return float(2.0 * n * double(n) * n / (ms * 1e-3) / 1e12);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int iters = 10;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) iters = std::atoi(argv[++i]);
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+  }
+  if (msa::cuda_device_count() == 0) {
+    std::printf("bench_index: no CUDA device\n");
+    return 0;
+  }
+  cudaDeviceProp prop;
+  ok(cudaGetDeviceProperties(&prop, 0), "props");
+  std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  std::printf("cuBLAS bf16 GEMM 8192^3: %.0f TFLOP/s\n", gemm_ceiling_tflops(iters));
+
+  const int64_t h_kv = 4, d = 128, bk = 128, topk = 16;
+  std::vector<int64_t> sizes = {32768, 131072};
+  if (quick) sizes = {32768};
+  std::printf("%-8s %-22s %10s %10s\n", "n", "variant", "median ms", "TFLOP/s");
+  for (int64_t n : sizes) {
+    __nv_bfloat16 *q, *k;
+    int32_t* idx;
+    float *lse, *bs = nullptr;
+    ok(cudaMalloc(&q, size_t(n * h_kv * d) * 2), "malloc q");
+    ok(cudaMalloc(&k, size_t(n * d) * 2), "malloc k");
+    ok(cudaMalloc(&idx, size_t(n * h_kv * topk) * 4), "malloc idx");
+    ok(cudaMalloc(&lse, size_t(n * h_kv) * 4), "malloc lse");
+    const int64_t n_blocks = (n + bk - 1) / bk;
+    const bool with_bs = n <= 32768;
+    if (with_bs) ok(cudaMalloc(&bs, size_t(n * h_kv * n_blocks) * 4), "malloc bs");
+    fill_bf16<<<1024, 256>>>(q, n * h_kv * d, 11);
+    fill_bf16<<<1024, 256>>>(k, n * d, 12);
+    ok(cudaDeviceSynchronize(), "fill");
+    const double flops = double(h_kv) * d * 2 * (double(n) * (n + 1) / 2);
+    struct Variant {
+      const char* name;
+      bool lse, bs;
+    };
+    std::vector<Variant> variants = {{"topk", false, false}, {"topk+lse", true, false}};
+    if (with_bs) variants.push_back({"topk+lse+block_scores", true, true});
+    for (const Variant& v : variants) {
+      msa::IndexTopkParams p;
+      p.seq.n_q = p.seq.n_k = n;
+      p.h_kv = h_kv;
+      p.d_idx = d;
+      p.bk = bk;
+      p.topk = topk;
+      p.q_idx = q;
+      p.k_idx = k;
+      p.topk_idx = idx;
+      p.index_lse = v.lse ? lse : nullptr;
+      p.block_scores = v.bs ? bs : nullptr;
+      p.n_blocks = v.bs ? n_blocks : 0;
+      msa::Exec ex;
+      ex.backend = msa::Backend::cuda;
+      const float ms = median_ms([&] { msa::index_topk(p, ex); }, 2, iters);
+      std::printf("%-8lld %-22s %10.3f %10.1f\n", (long long)n, v.name, ms, flops / (ms * 1e-3) / 1e12);
+    }
+    cudaFree(q);
+    cudaFree(k);
+    cudaFree(idx);
+    cudaFree(lse);
+    if (bs) cudaFree(bs);
+  }
+  return 0;
+}

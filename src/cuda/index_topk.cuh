@@ -1,0 +1,700 @@
+// index_topk.cuh — the fused CUDA index kernel for sm_90a (scores on wgmma, causal block max in
+// the epilogue, running top-k per query row in shared memory, index_lse) and its launcher
+// template. Instantiated per (d_idx, bk, lse) in index_topk_d64.cu / index_topk_d128.cu.
+// Design and measurements: docs/index_kernel.md.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "tile_size.h"
+
+namespace msa::cuda {
+
+// Everything the kernel reads besides the K tensor map. Rows are the flattened (token, head)
+// pairs R = tok * h_kv + head of q_idx, so any h_kv tiles the same way.
+struct IndexKernelParams {
+  int64_t n_q = 0, n_k = 0, batch = 1, h_kv = 1;
+  int64_t n_rows = 0;                // n_q * h_kv
+  const int32_t* cu_q = nullptr;     // [batch+1] device, or null (one sequence)
+  const int32_t* cu_k = nullptr;     // [batch+1] device, or null (then cu_q)
+  const int32_t* q_pos = nullptr;    // [n_q] device, or null (bottom-right aligned)
+  const uint16_t* q = nullptr;       // [n_q, h_kv, d] bf16 bits
+  int64_t stride_q_tok = 0, stride_q_head = 0;
+  int q_vec = 0;                     // rows of q are 16-byte aligned: vector loads
+  int topk = 16;
+  float scale = 1.f;                 // index_scale
+  int32_t* topk_idx = nullptr;       // [n_rows, topk]
+  float* block_scores = nullptr;     // optional [n_rows, n_blocks]
+  int64_t n_blocks = 0;
+  float* lse = nullptr;              // [n_rows] when the kernel is built with LSE
+  int stages = 2;                    // K pipeline depth
+};
+
+// Shared-memory map, identical on host (sizing) and device. Q and the K stages sit at multiples
+// of 1024 bytes from a 1024-aligned base, which the 128-byte swizzle of TMA and wgmma needs.
+struct IdxSmemLayout {
+  uint32_t q, k, stage_bytes, list_comp, list_se, seg_kb, seg_nt, misc, bar_full, bar_empty, total;
+};
+
+__host__ __device__ inline IdxSmemLayout idx_smem_layout(int d, bool lse, int list_len, int stages) {
+  IdxSmemLayout l{};
+  uint32_t off = 0;
+  l.q = off;
+  off += uint32_t(kIdxBlockM) * d * 2;
+  l.k = off;
+  l.stage_bytes = uint32_t(kIdxBlockN) * d * 2;
+  off += uint32_t(stages) * l.stage_bytes;
+  l.list_comp = off;
+  off += uint32_t(kIdxBlockM) * list_len * 8;
+  l.list_se = off;
+  if (lse) off += uint32_t(kIdxBlockM) * list_len * 4;
+  l.seg_kb = off;
+  off += kIdxBlockM * 4;
+  l.seg_nt = off;
+  off += kIdxBlockM * 4;
+  l.misc = off;
+  off += 16;
+  off = (off + 7) & ~7u;
+  l.bar_full = off;
+  off += uint32_t(stages) * 8;
+  l.bar_empty = off;
+  off += uint32_t(stages) * 8;
+  l.total = off;
+  return l;
+}
+
+namespace idx_detail {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// Generic-proxy stores (the Q tile) become visible to wgmma, which reads through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
+
+// wgmma shared-memory descriptor of a K-major operand in the 128-byte swizzle: rows of 128 bytes,
+// 8-row core groups 1024 bytes apart (stride byte offset), leading offset unused for this mode.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// Pins the accumulators in place relative to the (volatile) wgmma instructions, so the compiler
+// can neither read them before the wait nor write them while a wgmma owns them.
+__device__ __forceinline__ void fence_acc(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// D[64 x 128] (+)= A[64 x 16] * B[128 x 16]^T, bf16 in, fp32 accumulate, both operands K-major in
+// shared memory. scale_d = 0 overwrites D.
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// Moves registers from the producer warpgroup (which only issues TMA) to the consumers, whose
+// two 64-register accumulator halves plus the epilogue need more than the 168 of an even split.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
+}
+
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fffffff); }
+
+// Monotone map of a score to uint32 for ranking: NaN -> 0 (below everything), -0 -> +0 (so the
+// two zeros tie, as they compare equal), otherwise larger float -> larger key.
+__device__ __forceinline__ uint32_t order_key(float x) {
+  if (x != x) return 0u;
+  uint32_t u = __float_as_uint(x);
+  if (u == 0x80000000u) u = 0u;
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_to_float(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// A top-k entry as one comparable word: score key above, the complemented block number below,
+// so equal scores rank the lower block higher. 0 marks an empty slot (it ranks below any entry,
+// a NaN score included, since the complement of a block number < 2^31 is >= 2^31).
+__device__ __forceinline__ uint64_t make_comp(float score, int block) {
+  return (uint64_t(order_key(score)) << 32) | uint64_t(~uint32_t(block));
+}
+__device__ __forceinline__ int comp_block(uint64_t c) { return int(~uint32_t(c)); }
+
+// Per query row state held by the 4 threads (a quad) that share the row in the wgmma layout;
+// all four keep identical copies so that decisions need no shuffles.
+struct RowState {
+  int p;             // absolute position, -1 if the row sees nothing (or does not exist)
+  int seg;           // segment (sequence run) of the CTA the row belongs to, -1 if none
+  int own;           // local block floor(p / bk)
+  int worst_slot;    // list slot holding `worst`
+  uint64_t worst;    // smallest entry of the top-(k-1) list (0 while a slot is empty)
+  float own_m;       // block score of the local block
+  float own_se;      // sum over the local block of exp(S - own_m) (LSE only)
+};
+
+struct EpiCtx {
+  int lane;
+  int list_len;             // topk - 1
+  float scale, scale_log2;  // index_scale and index_scale * log2(e)
+  uint64_t* list_comp;      // [kIdxBlockM, list_len]
+  float* list_se;           // [kIdxBlockM, list_len] (LSE only)
+  float* block_scores;      // global, may be null
+  int64_t n_blocks;
+  int64_t row0;
+};
+
+// Block max of one m64 x 128 accumulator half, then the running top-k update of the rows of
+// this thread. Columns of tile t are key positions t * 128 + col; row i of this thread sees
+// col <= lim. acc[j * 4 + i * 2 + c] holds row (lane / 4 + 8 i), column 8 j + 2 (lane % 4) + c.
+template <int BK, bool LSE>
+__device__ __forceinline__ void epilogue_half(const float (&acc)[64], RowState (&st)[2], int r_base, int t,
+                                              int seg, const EpiCtx& c) {
+  constexpr int NB = kIdxBlockN / BK;  // blocks per key tile
+  constexpr int JB = 16 / NB;          // 8-column chunks per block
+  const unsigned full = 0xffffffffu;
+  const int q4 = c.lane & 3;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    RowState& s = st[i];
+    const int r = r_base + 8 * i;
+    const int lim = s.p - t * kIdxBlockN;
+    const bool active = s.seg == seg && lim >= 0;
+    float m[NB];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) m[nb] = nan_f();
+    // Invisible columns become NaN, which fmaxf ignores; a block is NaN only if nothing visible
+    // in it is a number, which is the NaN-ignoring max of the contract.
+    if (__any_sync(full, active && lim < kIdxBlockN - 1)) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int col = 8 * j + 2 * q4 + cc;
+          const float v = col <= lim ? acc[j * 4 + i * 2 + cc] : nan_f();
+          m[j / JB] = fmaxf(m[j / JB], v);
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) m[j / JB] = fmaxf(m[j / JB], acc[j * 4 + i * 2 + cc]);
+    }
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      m[nb] = fmaxf(m[nb], __shfl_xor_sync(full, m[nb], 1));
+      m[nb] = fmaxf(m[nb], __shfl_xor_sync(full, m[nb], 2));
+    }
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      const int b = t * NB + nb;
+      const bool vis = active && nb * BK <= lim;
+      // max(S) = index_scale * max(dot) since index_scale > 0.
+      const float score = m[nb] * c.scale;
+      if (c.block_scores != nullptr && vis && q4 == 0 && b < c.n_blocks)
+        c.block_scores[(c.row0 + r) * c.n_blocks + b] = score;
+      const bool is_own = vis && b == s.own;
+      const uint64_t cand = make_comp(score, b);
+      // Blocks arrive in ascending order, so a newcomer loses every tie: strict > is the rule.
+      const bool enter = vis && !is_own && cand > s.worst;
+      float se = 0.f;
+      if constexpr (LSE) {
+        // exp-sums are needed only for blocks that (so far) make the selection; late in the sweep
+        // that is rare, so the MUFU work stays far below one exp per score.
+        if (__any_sync(full, is_own || enter)) {
+          const float off = -m[nb] * c.scale_log2;
+          float sum = 0.f;
+#pragma unroll
+          for (int j = nb * JB; j < (nb + 1) * JB; ++j)
+#pragma unroll
+            for (int cc = 0; cc < 2; ++cc) {
+              const int col = 8 * j + 2 * q4 + cc;
+              const float e = ex2_approx(fmaf(acc[j * 4 + i * 2 + cc], c.scale_log2, off));
+              sum += col <= lim ? e : 0.f;
+            }
+          sum += __shfl_xor_sync(full, sum, 1);
+          sum += __shfl_xor_sync(full, sum, 2);
+          se = sum;
+        }
+      }
+      if (is_own) {
+        s.own_m = score;
+        s.own_se = se;
+      }
+      if (__any_sync(full, enter)) {
+        if (enter && q4 == 0) {
+          uint64_t* lc = c.list_comp + r * c.list_len;
+          lc[s.worst_slot] = cand;
+          if constexpr (LSE) c.list_se[r * c.list_len + s.worst_slot] = se;
+          uint64_t w = ~uint64_t(0);
+          int ws = 0;
+          for (int k = 0; k < c.list_len; ++k) {
+            const uint64_t x = lc[k];
+            if (x < w) {
+              w = x;
+              ws = k;
+            }
+          }
+          s.worst = w;
+          s.worst_slot = ws;
+        }
+        s.worst = __shfl_sync(full, s.worst, c.lane & ~3);
+        s.worst_slot = __shfl_sync(full, s.worst_slot, c.lane & ~3);
+      }
+    }
+  }
+}
+
+// Issues the wgmma chain of one m64 accumulator half over one K stage: D/16 k-steps, the first
+// overwriting the accumulator. Q and K tiles are [D / 64] atoms of [rows][64] bf16, 128B-swizzled.
+template <int D>
+__device__ __forceinline__ void issue_half(float (&acc)[64], uint32_t q_half, uint32_t k_stage) {
+  fence_acc(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t a = q_half + (kk / 4) * (kIdxBlockM * 128) + (kk % 4) * 32;
+    const uint32_t b = k_stage + (kk / 4) * (kIdxBlockN * 128) + (kk % 4) * 32;
+    wgmma_m64n128k16(acc, sw128_desc(a), sw128_desc(b), kk > 0 ? 1 : 0);
+  }
+  wgmma_commit();
+}
+
+// Largest b in [0, batch) with cu[b] <= tok: the sequence of a packed token (the last of several
+// empty sequences sharing an offset is the one that owns it). Safe for any contents.
+__device__ __forceinline__ int64_t find_seq(const int32_t* cu, int64_t batch, int64_t tok) {
+  int64_t lo = 0, hi = batch - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) >> 1;
+    if (cu[mid] <= tok)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+__device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+}  // namespace idx_detail
+
+// One CTA: kIdxBlockM consecutive query rows against every key tile any of them can see.
+// Warpgroups 0-1 are consumers (128 rows each); one thread of warpgroup 2 issues the K loads (TMA).
+// The rows of a CTA may span several sequences; each run of rows of one sequence ("segment")
+// sweeps that sequence's key tiles 0 .. max(p) / 128 with the other rows masked.
+template <int D, int BK, bool LSE>
+__global__ void __launch_bounds__(kIdxThreads, 1)
+    index_topk_kernel(const __grid_constant__ CUtensorMap tmap_k, const IndexKernelParams p) {
+  using namespace idx_detail;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int list_len = p.topk - 1;
+  const int n_stages = p.stages;
+  const IdxSmemLayout lay = idx_smem_layout(D, LSE, list_len, n_stages);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  // Later rows sweep more key tiles: start them first so the short ones fill the tail.
+  const int64_t row0 = (int64_t(gridDim.x) - 1 - blockIdx.x) * kIdxBlockM;
+
+  const uint32_t s_base = smem_addr(smem);
+  const uint32_t sq = s_base + lay.q, sk = s_base + lay.k;
+  uint64_t* list_comp = reinterpret_cast<uint64_t*>(smem + lay.list_comp);
+  float* list_se = reinterpret_cast<float*>(smem + lay.list_se);
+  int* seg_kb = reinterpret_cast<int*>(smem + lay.seg_kb);
+  int* seg_nt = reinterpret_cast<int*>(smem + lay.seg_nt);
+  int* misc = reinterpret_cast<int*>(smem + lay.misc);
+  const uint32_t bar_full = s_base + lay.bar_full, bar_empty = s_base + lay.bar_empty;
+  // Per-row scratch for the set-up; it lives in the K stages, which no TMA writes before the
+  // third barrier below.
+  int* row_seq = reinterpret_cast<int*>(smem + lay.k);
+  int* row_p = row_seq + kIdxBlockM;
+  int* row_kb = row_p + kIdxBlockM;
+  int* row_seg = row_kb + kIdxBlockM;
+
+  if (tid == 0) {
+    for (int s = 0; s < n_stages; ++s) {
+      mbar_init(bar_full + 8 * s, 1);
+      mbar_init(bar_empty + 8 * s, kIdxConsumerWarpgroups * 128);
+    }
+    fence_mbarrier_init();
+  }
+  if (tid < kIdxBlockM) {
+    // Position of each row. Offsets are clamped into [0, n], positions into [-1, len_k): garbage
+    // varlen contents give garbage selections but never an access outside the tensors.
+    const int64_t R = row0 + tid;
+    int64_t seq = -1, pos = -1, kb = 0;
+    if (R < p.n_rows) {
+      const int64_t tok = R / p.h_kv;
+      const int64_t b = p.cu_q ? find_seq(p.cu_q, p.batch, tok) : 0;
+      const int64_t q_lo = p.cu_q ? clamp64(p.cu_q[b], 0, p.n_q) : 0;
+      const int64_t q_hi = p.cu_q ? clamp64(p.cu_q[b + 1], q_lo, p.n_q) : p.n_q;
+      const int32_t* cuk = p.cu_k ? p.cu_k : p.cu_q;
+      const int64_t k_lo = cuk ? clamp64(cuk[b], 0, p.n_k) : 0;
+      const int64_t k_hi = cuk ? clamp64(cuk[b + 1], k_lo, p.n_k) : p.n_k;
+      const int64_t len_k = k_hi - k_lo;
+      int64_t pp = p.q_pos ? int64_t(p.q_pos[tok]) : len_k - (q_hi - q_lo) + (tok - q_lo);
+      if (pp >= len_k) pp = len_k - 1;
+      if (pp < 0) pp = -1;
+      seq = b;
+      pos = pp;
+      kb = k_lo;
+    }
+    row_seq[tid] = int(seq);
+    row_p[tid] = int(pos);
+    row_kb[tid] = int(kb);
+  }
+  if (tid < kIdxConsumerWarpgroups * 128) {
+    // Q tile, swizzled as TMA would: 16-byte chunk ch of row r lands at chunk (ch ^ r % 8).
+    constexpr int kChunks = D / 8;
+    for (int ci = tid; ci < kIdxBlockM * kChunks; ci += kIdxConsumerWarpgroups * 128) {
+      const int r = ci / kChunks, ch = ci % kChunks;
+      const int64_t R = row0 + r;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (R < p.n_rows) {
+        const int64_t tok = R / p.h_kv, head = R - tok * p.h_kv;
+        const uint16_t* src = p.q + tok * p.stride_q_tok + head * p.stride_q_head + ch * 8;
+        if (p.q_vec) {
+          v = __ldg(reinterpret_cast<const uint4*>(src));
+        } else {
+          uint32_t w[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) w[e] = uint32_t(__ldg(src + 2 * e)) | (uint32_t(__ldg(src + 2 * e + 1)) << 16);
+          v = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+      }
+      const uint32_t off = (ch / 8) * (kIdxBlockM * 128) + r * 128 + (((ch % 8) ^ (r % 8)) * 16);
+      *reinterpret_cast<uint4*>(smem + lay.q + off) = v;
+    }
+  }
+  for (int e = tid; e < kIdxBlockM * list_len; e += kIdxThreads) list_comp[e] = 0;
+  fence_proxy_async();
+  __syncthreads();
+
+  if (warp == 0) {
+    // Segments: maximal runs of rows of one sequence, with their key offset and tile count.
+    for (int e = lane; e < kIdxBlockM; e += 32) seg_nt[e] = 0;
+    __syncwarp();
+    int n_seg = 0;
+    for (int chunk = 0; chunk < kIdxBlockM / 32; ++chunk) {
+      const int r = chunk * 32 + lane;
+      const bool valid = row0 + r < p.n_rows;
+      const int sq_r = row_seq[r];
+      const bool first = valid && (r == 0 || row_seq[r - 1] != sq_r);
+      const unsigned bal = __ballot_sync(0xffffffffu, first);
+      const int my = n_seg + __popc(bal & (0xffffffffu >> (31 - lane))) - 1;
+      if (first) seg_kb[my] = row_kb[r];
+      if (valid) {
+        row_seg[r] = my;
+        atomicMax(&seg_nt[my], row_p[r] >= 0 ? row_p[r] / kIdxBlockN + 1 : 0);
+      } else {
+        row_seg[r] = -1;
+      }
+      n_seg += __popc(bal);
+    }
+    __syncwarp();
+    int64_t jobs = 0;
+    for (int e = lane; e < n_seg; e += 32) jobs += seg_nt[e];
+    for (int o = 16; o > 0; o >>= 1) jobs += __shfl_xor_sync(0xffffffffu, jobs, o);
+    if (lane == 0) {
+      misc[0] = n_seg;
+      misc[1] = int(jobs > INT32_MAX ? INT32_MAX : jobs);
+    }
+  }
+  __syncthreads();
+
+  // Broadcast from lane 0 so that ptxas sees warp-uniform values: a wgmma under a branch it
+  // cannot prove uniform is serialized (C7518).
+  const unsigned full = 0xffffffffu;
+  const int n_seg = __shfl_sync(full, misc[0], 0);
+  const int n_jobs = __shfl_sync(full, misc[1], 0);
+  const int wg = __shfl_sync(full, tid / 128, 0);
+  const int cg = warp >> 2;  // consumer warpgroup
+  const int r_base = cg * kIdxRowsPerConsumer + (warp & 3) * 16 + (lane >> 2);
+  RowState st[2][2];
+  if (wg < kIdxConsumerWarpgroups) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = r_base + h * 64 + 8 * i;
+        RowState& s = st[h][i];
+        s.p = row_p[r];
+        s.seg = row_seg[r];
+        s.own = s.p >= 0 ? s.p / BK : -1;
+        s.worst_slot = 0;
+        // With topk = 1 the list has no slot and nothing may enter it.
+        s.worst = list_len > 0 ? 0 : ~uint64_t(0);
+        s.own_m = nan_f();
+        s.own_se = 0.f;
+      }
+  }
+  __syncthreads();  // the row scratch is dead from here: the K stages may be filled
+
+  int seg = 0, t = 0;  // cursor of the current job (segment, key tile)
+  while (seg < n_seg && seg_nt[seg] == 0) ++seg;
+
+  if (wg == kIdxConsumerWarpgroups) {
+    setmaxnreg_dec<kIdxProducerRegs>();
+    if (warp == kIdxConsumerWarpgroups * 4 && lane == 0) {
+      // The K stages held the generic-proxy row scratch; order those reads before the
+      // async-proxy writes of TMA.
+      fence_proxy_async();
+      int s = 0;
+      uint32_t phase = 0;
+      for (int g = 0; g < n_jobs; ++g) {
+        mbar_wait(bar_empty + 8 * s, phase ^ 1);
+        mbar_arrive_expect_tx(bar_full + 8 * s, lay.stage_bytes);
+        const int key_row = seg_kb[seg] + t * kIdxBlockN;
+#pragma unroll
+        for (int a = 0; a < D / kIdxAtomK; ++a)
+          tma_load_2d(sk + s * lay.stage_bytes + a * (kIdxBlockN * 128), &tmap_k, a * kIdxAtomK, key_row,
+                      bar_full + 8 * s);
+        if (++s == n_stages) {
+          s = 0;
+          phase ^= 1;
+        }
+        if (++t == seg_nt[seg]) {
+          t = 0;
+          do ++seg;
+          while (seg < n_seg && seg_nt[seg] == 0);
+        }
+      }
+    }
+  } else {
+    setmaxnreg_inc<kIdxConsumerRegs>();
+    EpiCtx ctx;
+    ctx.lane = lane;
+    ctx.list_len = list_len;
+    ctx.scale = p.scale;
+    ctx.scale_log2 = p.scale * 1.4426950408889634f;
+    ctx.list_comp = list_comp;
+    ctx.list_se = list_se;
+    ctx.block_scores = p.block_scores;
+    ctx.n_blocks = p.n_blocks;
+    ctx.row0 = row0;
+
+    const uint32_t q_half0 = sq + uint32_t(cg * kIdxRowsPerConsumer) * 128;
+    const uint32_t q_half1 = q_half0 + 64 * 128;
+    float acc0[64], acc1[64];
+    // Two accumulator halves: while one half's block max runs, the tensor cores work on the other
+    // half. Each iteration retires both halves of its job before the back-edge, and the block max
+    // of the second half runs under the next job's first-half wgmma. Nothing is in flight across
+    // the loop back-edge and no wgmma sits under a condition, so ptxas keeps the wgmmas async
+    // (otherwise it serializes every one of them: C7514 / C7518).
+    if (n_jobs > 0) {
+      int s = 0, s_prev = 0;
+      uint32_t phase = 0;
+      mbar_wait(bar_full, 0);
+      issue_half<D>(acc0, q_half0, sk);
+      issue_half<D>(acc1, q_half1, sk);
+      wgmma_wait<1>();
+      fence_acc(acc0);
+      epilogue_half<BK, LSE>(acc0, st[0], r_base, t, seg, ctx);
+      wgmma_wait<0>();
+      fence_acc(acc1);
+      mbar_arrive(bar_empty);
+      int t_prev = t, seg_prev = seg;
+      for (int g = 1; g < n_jobs; ++g) {
+        if (++t == seg_nt[seg]) {
+          t = 0;
+          do ++seg;
+          while (seg < n_seg && seg_nt[seg] == 0);
+        }
+        s_prev = s;
+        if (++s == n_stages) {
+          s = 0;
+          phase ^= 1;
+        }
+        mbar_wait(bar_full + 8 * s, phase);
+        const uint32_t k_stage = sk + s * lay.stage_bytes;
+        issue_half<D>(acc0, q_half0, k_stage);
+        epilogue_half<BK, LSE>(acc1, st[1], r_base + 64, t_prev, seg_prev, ctx);
+        issue_half<D>(acc1, q_half1, k_stage);
+        wgmma_wait<1>();
+        fence_acc(acc0);
+        epilogue_half<BK, LSE>(acc0, st[0], r_base, t, seg, ctx);
+        wgmma_wait<0>();
+        fence_acc(acc1);
+        mbar_arrive(bar_empty + 8 * s);
+        t_prev = t;
+        seg_prev = seg;
+      }
+      (void)s_prev;
+      epilogue_half<BK, LSE>(acc1, st[1], r_base + 64, t_prev, seg_prev, ctx);
+    }
+    __syncwarp();
+
+    // Final selection of each row: the list plus the local block, ascending, -1 padded; the four
+    // threads of the quad split the list, ranking each entry by counting smaller block numbers.
+    const int q4 = lane & 3;
+  #pragma unroll
+    for (int h = 0; h < 2; ++h)
+  #pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const RowState& rs = st[h][i];
+        const int r = r_base + h * 64 + 8 * i;
+        const int64_t R = row0 + r;
+        const bool valid = R < p.n_rows;
+        const bool alive = valid && rs.p >= 0;
+        const uint64_t* lc = list_comp + r * list_len;
+        int cnt = 0;
+        for (int k = q4; k < list_len; k += 4) cnt += lc[k] != 0;
+        cnt += __shfl_xor_sync(full, cnt, 1);
+        cnt += __shfl_xor_sync(full, cnt, 2);
+        int32_t* out = p.topk_idx + R * p.topk;
+        if (alive) {
+          for (int k = q4; k < list_len; k += 4) {
+            const uint64_t x = lc[k];
+            if (x == 0) continue;
+            const int b = comp_block(x);
+            int rank = 0;
+            for (int u = 0; u < list_len; ++u) {
+              const uint64_t y = lc[u];
+              rank += (y != 0 && comp_block(y) < b) ? 1 : 0;
+            }
+            out[rank] = b;
+          }
+          // The local block is the last visible one: it sorts after every list entry.
+          if (q4 == 0) out[cnt] = rs.own;
+          for (int k = cnt + 1 + q4; k < p.topk; k += 4) out[k] = -1;
+        } else if (valid) {
+          for (int k = q4; k < p.topk; k += 4) out[k] = -1;
+        }
+        if constexpr (LSE) {
+          float mx = alive ? rs.own_m : -INFINITY;
+          for (int k = q4; k < list_len; k += 4) {
+            const uint64_t x = lc[k];
+            if (x != 0) mx = fmaxf(mx, key_to_float(uint32_t(x >> 32)));
+          }
+          mx = fmaxf(mx, __shfl_xor_sync(full, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(full, mx, 2));
+          float sum = 0.f;
+          for (int k = q4; k < list_len; k += 4) {
+            const uint64_t x = lc[k];
+            if (x != 0) sum += list_se[r * list_len + k] * expf(key_to_float(uint32_t(x >> 32)) - mx);
+          }
+          if (q4 == 0 && alive) sum += rs.own_se * expf(rs.own_m - mx);
+          sum += __shfl_xor_sync(full, sum, 1);
+          sum += __shfl_xor_sync(full, sum, 2);
+          if (valid && q4 == 0) p.lse[R] = alive ? mx + logf(sum) : -INFINITY;
+        }
+        if (p.block_scores != nullptr && valid) {
+          float* bs = p.block_scores + R * p.n_blocks;
+          for (int64_t b = int64_t(alive ? rs.own + 1 : 0) + q4; b < p.n_blocks; b += 4) bs[b] = -INFINITY;
+        }
+      }
+  }
+}
+
+// Host launcher of one configuration; defined here, instantiated in index_topk_d{64,128}.cu.
+// smem_optin: the device's opt-in shared memory per block.
+template <int D, int BK, bool LSE>
+void launch_index_topk(const CUtensorMap& tmap_k, IndexKernelParams kp, int smem_optin, cudaStream_t stream) {
+  const int list_len = kp.topk - 1;
+  int stages = 0;
+  size_t bytes = 0;
+  for (int s = kIdxMaxStages; s >= kIdxMinStages; --s) {
+    const size_t need = size_t(idx_smem_layout(D, LSE, list_len, s).total) + 1024;  // + base alignment
+    if (need <= size_t(smem_optin)) {
+      stages = s;
+      bytes = need;
+      break;
+    }
+  }
+  if (stages == 0)
+    throw std::runtime_error("msa::index_topk: the CUDA index kernel needs more shared memory than the device has (" +
+                             std::to_string(smem_optin) + " bytes per block)");
+  kp.stages = stages;
+  auto kernel = index_topk_kernel<D, BK, LSE>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("msa::index_topk: cudaFuncSetAttribute failed: ") + cudaGetErrorString(err));
+  const int64_t grid = (kp.n_rows + kIdxBlockM - 1) / kIdxBlockM;
+  kernel<<<dim3(unsigned(grid)), dim3(kIdxThreads), bytes, stream>>>(tmap_k, kp);
+  err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("msa::index_topk: kernel launch failed: ") + cudaGetErrorString(err));
+}
+
+}  // namespace msa::cuda
