@@ -213,19 +213,22 @@ void check_topk_idx(const char* fn, const SeqInfo& s, const int32_t* topk_idx, i
       bool padding = false;
       for (int64_t t = 0; t < topk; ++t) {
         int32_t b = row[t];
-        std::ostringstream os;
-        os << "topk_idx[" << i << ", " << r << ", " << t << "] = " << b;
+        // The message is built only on failure: this loop runs for every selected entry.
+        auto bad = [&](const std::string& expected) {
+          std::ostringstream os;
+          os << "topk_idx[" << i << ", " << r << ", " << t << "] = " << b << ", expected " << expected;
+          fail(fn, os.str());
+        };
         if (b == -1) {
           padding = true;
           continue;
         }
-        if (padding) fail(fn, os.str() + ", expected -1 (padding must be a tail)");
-        if (b < 0 || b > own) {
-          os << ", expected -1 or a visible block 0 <= b <= " << own << " (query position " << s.pos[i] << ")";
-          fail(fn, os.str());
-        }
+        if (padding) bad("-1 (padding must be a tail)");
+        if (b < 0 || b > own)
+          bad("-1 or a visible block 0 <= b <= " + std::to_string(own) + " (query position " +
+              std::to_string(s.pos[i]) + ")");
         for (int64_t u = 0; u < t; ++u)
-          if (row[u] == b) fail(fn, os.str() + ", expected no duplicate blocks in a row");
+          if (row[u] == b) bad("no duplicate blocks in a row");
       }
     }
   }
