@@ -216,7 +216,7 @@ std::string list_str(const std::vector<int32_t>& xs) {
 
 // Lengths at and around block boundaries, the degenerate 1, and random ones up to max_len.
 int64_t pick_len(Rng& rng, int64_t max_len, int64_t bk) {
-  std::vector<int64_t> special = {1, bk - 1, bk, bk + 1, 2 * bk + 1, 127, 128, 129};
+  std::vector<int64_t> special = {1, bk - 1, bk, bk + 1, 2 * bk + 1, 127, 128, 129, 1023, 4097};
   special.erase(std::remove_if(special.begin(), special.end(), [&](int64_t x) { return x < 1 || x > max_len; }),
                 special.end());
   if (!special.empty() && coin(rng, 0.45)) return special[uni(rng, 0, int64_t(special.size()) - 1)];
@@ -224,8 +224,9 @@ int64_t pick_len(Rng& rng, int64_t max_len, int64_t bk) {
 }
 
 // A varlen layout: one sequence, a batch (empty sequences included), chunks with explicit
-// positions, bottom-right aligned chunks, decode, or scattered positions.
-Seq gen_seq(Rng& rng, int64_t max_len, int64_t bk) {
+// positions, bottom-right aligned chunks, decode, or scattered positions. Full sequences are at
+// most max_len long; the layouts with few queries per sequence reach long_len.
+Seq gen_seq(Rng& rng, int64_t max_len, int64_t bk, int64_t long_len) {
   Seq s;
   auto lens_str = [](const std::vector<int64_t>& xs) {
     std::string t;
@@ -252,7 +253,8 @@ Seq gen_seq(Rng& rng, int64_t max_len, int64_t bk) {
       int64_t b = uni(rng, 1, 2);
       std::string d;
       for (int64_t x = 0; x < b; ++x) {
-        int64_t L = pick_len(rng, max_len, bk), st = uni(rng, 0, L - 1), c = uni(rng, 1, std::min<int64_t>(48, L - st));
+        int64_t L = pick_len(rng, long_len, bk), st = uni(rng, 0, L - 1),
+                c = uni(rng, 1, std::min<int64_t>(48, L - st));
         lk.push_back(L);
         lq.push_back(c);
         for (int64_t t = 0; t < c; ++t) s.q_pos.push_back(int32_t(st + t));
@@ -264,7 +266,7 @@ Seq gen_seq(Rng& rng, int64_t max_len, int64_t bk) {
     case 3: {  // chunks aligned to the end of their sequence (chunked prefill, no q_pos)
       int64_t b = uni(rng, 1, 3);
       for (int64_t x = 0; x < b; ++x) {
-        int64_t L = pick_len(rng, max_len, bk);
+        int64_t L = pick_len(rng, long_len, bk);
         lk.push_back(L);
         lq.push_back(uni(rng, 1, std::min<int64_t>(L, 64)));
       }
@@ -274,14 +276,14 @@ Seq gen_seq(Rng& rng, int64_t max_len, int64_t bk) {
     case 4: {  // decode: one query per sequence
       int64_t b = uni(rng, 1, 4);
       for (int64_t x = 0; x < b; ++x) {
-        lk.push_back(pick_len(rng, max_len, bk));
+        lk.push_back(pick_len(rng, long_len, bk));
         lq.push_back(1);
       }
       s.desc = "decode [" + lens_str(lk) + "]";
       break;
     }
     default: {  // scattered positions, repeats allowed
-      int64_t L = pick_len(rng, max_len, bk), c = uni(rng, 1, 24);
+      int64_t L = pick_len(rng, long_len, bk), c = uni(rng, 1, 24);
       lk = {L};
       lq = {c};
       for (int64_t t = 0; t < c; ++t) s.q_pos.push_back(int32_t(uni(rng, 0, L - 1)));
@@ -560,7 +562,7 @@ void case_index_topk(Ctx& c) {
   Rng& rng = c.rng;
   DType dt = c.pick_dtype();
   int64_t bk = c.pick_bk(), topk = pick_topk(rng), d_idx = pick<int64_t>(rng, {64, 128}), h_kv = uni(rng, 1, 4);
-  Seq s = gen_seq(rng, 600, bk);
+  Seq s = gen_seq(rng, 1100, bk, 4097);
   // Half the cases keep fewer blocks than most queries see, so the top-k cut decides something.
   if (coin(rng, 0.5)) topk = std::min<int64_t>(kMaxTopk, uni(rng, 1, std::max<int64_t>(1, s.max_blocks(bk) / 2)));
   while (h_kv > 1 && double(s.visible_pairs() * h_kv * d_idx) > 2e7) --h_kv;
@@ -826,12 +828,12 @@ struct AttnCase {
 };
 
 // Draws an attention case: layout, heads within budget, inputs, and a selection when sparse.
-AttnCase make_attn(Ctx& c, bool sparse, DType dt, int64_t max_len, int64_t bk, int64_t topk, double budget,
-                   int64_t max_h_kv) {
+AttnCase make_attn(Ctx& c, bool sparse, DType dt, int64_t max_len, int64_t long_len, int64_t bk, int64_t topk,
+                   double budget, int64_t max_h_kv) {
   Rng& rng = c.rng;
   AttnCase t;
   t.dt = dt;
-  t.s = gen_seq(rng, max_len, bk);
+  t.s = gen_seq(rng, max_len, bk, long_len);
   Heads h = pick_heads(rng, t.s, budget, max_h_kv, {64, 128});
   t.a.h_q = h.h_q;
   t.a.h_kv = h.h_kv;
@@ -865,7 +867,7 @@ void case_attention_forward(Ctx& c, bool sparse) {
   Rng& rng = c.rng;
   DType dt = c.pick_dtype();
   int64_t bk = c.pick_bk(), topk = pick_topk(rng);
-  AttnCase t = make_attn(c, sparse, dt, 400, bk, topk, 1.2e7, 2);
+  AttnCase t = make_attn(c, sparse, dt, 600, 4097, bk, topk, 2e7, 2);
   c.describe(t.describe(sparse));
   size_t n_o = t.s.n_q * t.a.h_q * t.a.d;
   Tensor o = poisoned(dt, n_o);
@@ -890,7 +892,7 @@ void case_sparse_eq_dense(Ctx& c) {
   Rng& rng = c.rng;
   DType dt = c.pick_dtype();
   int64_t bk = c.pick_bk();
-  AttnCase t = make_attn(c, false, dt, std::min<int64_t>(400, 32 * bk), bk, 0, 1.2e7, 2);
+  AttnCase t = make_attn(c, false, dt, std::min<int64_t>(600, 32 * bk), 32 * bk, bk, 0, 2e7, 2);
   int64_t nb = std::max<int64_t>(1, t.s.max_blocks(bk));
   t.a.topk = uni(rng, nb, 32);
   int64_t d_idx = pick<int64_t>(rng, {64, 128});
@@ -967,7 +969,7 @@ void case_attention_backward(Ctx& c, bool sparse) {
   DType dt = fd ? DType::f64 : c.pick_dtype();
   int64_t bk = fd ? pick<int64_t>(rng, {4, 8, 16}) : c.pick_bk();
   int64_t topk = fd ? uni(rng, 1, 6) : pick_topk(rng);
-  AttnCase t = make_attn(c, sparse, dt, fd ? 40 : 300, bk, topk, fd ? 2e5 : 6e6, 2);
+  AttnCase t = make_attn(c, sparse, dt, fd ? 40 : 400, fd ? 40 : 1100, bk, topk, fd ? 2e5 : 1e7, 2);
   c.describe(t.describe(sparse) + (fd ? " +finite-differences" : ""));
   size_t n_o = t.s.n_q * t.a.h_q * t.a.d, n_kv = t.s.n_k * t.a.h_kv * t.a.d;
   Input dout = randn(rng, dt, n_o);
@@ -1045,7 +1047,7 @@ void case_kl(Ctx& c, bool backward) {
   int64_t bk = fd ? pick<int64_t>(rng, {4, 8, 16}) : c.pick_bk();
   int64_t topk = fd ? uni(rng, 1, 6) : pick_topk(rng);
   int phase = int(uni(rng, 0, 2));  // 0: given selection, 1: index_topk + saved lse, 2: warm-up (dense)
-  AttnCase t = make_attn(c, phase == 0, dt, fd ? 40 : 300, bk, topk, fd ? 2e5 : 6e6, 2);
+  AttnCase t = make_attn(c, phase == 0, dt, fd ? 40 : 400, fd ? 40 : 1100, bk, topk, fd ? 2e5 : 1e7, 2);
   int64_t d_idx = pick<int64_t>(rng, {64, 128});
   bool saved = phase == 1 || (phase == 2 && coin(rng, 0.5));
   float index_scale = coin(rng, 0.7) ? 0.f : float(unif(rng, 0.05, 0.3));
@@ -1169,7 +1171,7 @@ void case_recall(Ctx& c) {
   Rng& rng = c.rng;
   DType dt = c.pick_dtype();
   int64_t bk = c.pick_bk(), topk = pick_topk(rng);
-  AttnCase t = make_attn(c, true, dt, 400, bk, topk, 6e6, 2);
+  AttnCase t = make_attn(c, true, dt, 600, 1100, bk, topk, 1e7, 2);
   int variant = int(uni(rng, 0, 2));  // 0: random selection, 1: the oracle I*, 2: index_topk
   c.describe(t.describe(true) + (variant == 0   ? " random-selection"
                                  : variant == 1 ? " oracle-selection"
