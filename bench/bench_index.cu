@@ -4,7 +4,7 @@
 // same run as the machine's matrix ceiling. CUDA events, warm-up, median of the timed runs.
 // Cost model: h_kv * d_idx * 2 * (causal visible pairs n (n + 1) / 2) FLOPs (~512 n^2).
 //
-//   bench_index [--iters N] [--quick]
+//   bench_index [--iters N] [--quick]   (--quick: n = 32K only)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -113,14 +113,14 @@ int main(int argc, char** argv) {
   const int64_t h_kv = 4, d = 128, bk = 128, topk = 16;
   std::vector<int64_t> sizes = {32768, 131072};
   if (quick) sizes = {32768};
-  std::printf("%-8s %-22s %10s %10s\n", "n", "variant", "median ms", "TFLOP/s");
+  std::printf("%-8s %-24s %10s %10s\n", "n", "variant", "median ms", "TFLOP/s");
   for (int64_t n : sizes) {
     __nv_bfloat16 *q, *k;
     int32_t* idx;
     float *lse, *bs = nullptr;
     ok(cudaMalloc(&q, size_t(n * h_kv * d) * 2), "malloc q");
     ok(cudaMalloc(&k, size_t(n * d) * 2), "malloc k");
-    ok(cudaMalloc(&idx, size_t(n * h_kv * topk) * 4), "malloc idx");
+    ok(cudaMalloc(&idx, size_t(n * h_kv * 32) * 4), "malloc idx");
     ok(cudaMalloc(&lse, size_t(n * h_kv) * 4), "malloc lse");
     const int64_t n_blocks = (n + bk - 1) / bk;
     const bool with_bs = n <= 32768;
@@ -131,17 +131,22 @@ int main(int argc, char** argv) {
     const double flops = double(h_kv) * d * 2 * (double(n) * (n + 1) / 2);
     struct Variant {
       const char* name;
+      int64_t topk;
       bool lse, bs;
     };
-    std::vector<Variant> variants = {{"topk", false, false}, {"topk+lse", true, false}};
-    if (with_bs) variants.push_back({"topk+lse+block_scores", true, true});
+    // topk = 1 keeps no list: scores, causal block max and the local block only.
+    std::vector<Variant> variants = {{"topk16", topk, false, false},
+                                     {"topk16+lse", topk, true, false},
+                                     {"topk1 (scores+max)", 1, false, false},
+                                     {"topk32", 32, false, false}};
+    if (with_bs) variants.push_back({"topk16+lse+block_scores", topk, true, true});
     for (const Variant& v : variants) {
       msa::IndexTopkParams p;
       p.seq.n_q = p.seq.n_k = n;
       p.h_kv = h_kv;
       p.d_idx = d;
       p.bk = bk;
-      p.topk = topk;
+      p.topk = v.topk;
       p.q_idx = q;
       p.k_idx = k;
       p.topk_idx = idx;
@@ -151,7 +156,7 @@ int main(int argc, char** argv) {
       msa::Exec ex;
       ex.backend = msa::Backend::cuda;
       const float ms = median_ms([&] { msa::index_topk(p, ex); }, 2, iters);
-      std::printf("%-8lld %-22s %10.3f %10.1f\n", (long long)n, v.name, ms, flops / (ms * 1e-3) / 1e12);
+      std::printf("%-8lld %-24s %10.3f %10.1f\n", (long long)n, v.name, ms, flops / (ms * 1e-3) / 1e12);
     }
     cudaFree(q);
     cudaFree(k);

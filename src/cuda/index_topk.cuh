@@ -203,88 +203,147 @@ __device__ __forceinline__ uint64_t make_comp(float score, int block) {
 }
 __device__ __forceinline__ int comp_block(uint64_t c) { return int(~uint32_t(c)); }
 
-// Per query row state held by the 4 threads (a quad) that share the row in the wgmma layout;
-// all four keep identical copies so that decisions need no shuffles.
-struct RowState {
-  int p;             // absolute position, -1 if the row sees nothing (or does not exist)
-  int seg;           // segment (sequence run) of the CTA the row belongs to, -1 if none
-  int own;           // local block floor(p / bk)
-  int worst_slot;    // list slot holding `worst`
-  uint64_t worst;    // smallest entry of the top-(k-1) list (0 while a slot is empty)
-  float own_m;       // block score of the local block
-  float own_se;      // sum over the local block of exp(S - own_m) (LSE only)
+// Where a row stands, known to all 4 threads (a quad) that hold its columns in the wgmma layout.
+struct RowPos {
+  int p;    // absolute position, -1 if the row sees nothing (or does not exist)
+  int seg;  // segment (sequence run) of the CTA the row belongs to, -1 if none
+};
+
+// Top-k state of the one row a thread owns: thread q of a quad owns the quad's row
+// (half h = q / 2, i = q % 2), so the 32 lanes of a warp own its 32 rows and a warp-wide
+// insertion step serves every row that needs one at once.
+struct OwnState {
+  int p, seg, own;  // position, segment and local block floor(p / bk) of the owned row
+  int n_fill;       // entries in the row's heap
+  uint64_t worst;   // heap root: smallest kept entry (0 while the heap is not full)
+  float own_m;      // block score of the local block
+  float own_se;     // sum over the local block of exp(S - own_m) (LSE only)
 };
 
 struct EpiCtx {
   int lane;
   int list_len;             // topk - 1
   float scale, scale_log2;  // index_scale and index_scale * log2(e)
-  uint64_t* list_comp;      // [kIdxBlockM, list_len]
-  float* list_se;           // [kIdxBlockM, list_len] (LSE only)
+  uint64_t* list_comp;      // [kIdxBlockM, list_len]: per row a min-heap, heap slot k + 1 at index k
+  float* list_se;           // [kIdxBlockM, list_len]: exp-sums beside the heap entries (LSE only)
   float* block_scores;      // global, may be null
   int64_t n_blocks;
   int64_t row0;
 };
 
-// Block max of one m64 x 128 accumulator half, then the running top-k update of the rows of
-// this thread. Columns of tile t are key positions t * 128 + col; row i of this thread sees
+// Inserts cand into the owned row's top-(k-1) min-heap h[1..L] (1-based views of the row's
+// list; hs holds the exp-sums beside the entries). While the heap fills, sift up; once full, cand
+// replaces the root and sifts down. Entries are distinct words, so no comparison ties.
+template <bool LSE>
+__device__ __forceinline__ void heap_insert(uint64_t* h, float* hs, int L, OwnState& os, uint64_t cand, float se) {
+  if (os.n_fill < L) {
+    int i = ++os.n_fill;
+    while (i > 1) {
+      const int par = i >> 1;
+      const uint64_t cp = h[par];
+      if (cp < cand) break;
+      h[i] = cp;
+      if constexpr (LSE) hs[i] = hs[par];
+      i = par;
+    }
+    h[i] = cand;
+    if constexpr (LSE) hs[i] = se;
+    if (os.n_fill == L) os.worst = h[1];
+  } else {
+    int i = 1;
+    for (;;) {
+      const int l = 2 * i;
+      if (l > L) break;
+      uint64_t cc = h[l];
+      int c = l;
+      if (l < L) {
+        const uint64_t cr = h[l + 1];
+        if (cr < cc) {
+          cc = cr;
+          c = l + 1;
+        }
+      }
+      if (cand < cc) break;
+      h[i] = cc;
+      if constexpr (LSE) hs[i] = hs[c];
+      i = c;
+    }
+    h[i] = cand;
+    if constexpr (LSE) hs[i] = se;
+    os.worst = h[1];
+  }
+}
+
+// Block max of one m64 x 128 accumulator half h, then the running top-k update of the rows it
+// holds. Columns of tile t are key positions t * 128 + col; row i of this thread sees
 // col <= lim. acc[j * 4 + i * 2 + c] holds row (lane / 4 + 8 i), column 8 j + 2 (lane % 4) + c.
+// The 4 threads of a quad reduce each row's max together; the row's owner (OwnState) alone then
+// ranks it, so the per-row logic runs once per row instead of once per thread.
 template <int BK, bool LSE>
-__device__ __forceinline__ void epilogue_half(const float (&acc)[64], RowState (&st)[2], int r_base, int t,
-                                              int seg, const EpiCtx& c) {
+__device__ __forceinline__ void epilogue_half(const float (&acc)[64], const RowPos (&rp)[2], int h, OwnState& os,
+                                              int r_own, int t, int seg, const EpiCtx& c) {
   constexpr int NB = kIdxBlockN / BK;  // blocks per key tile
   constexpr int JB = 16 / NB;          // 8-column chunks per block
   const unsigned full = 0xffffffffu;
   const int q4 = c.lane & 3;
+  float m[2][NB];
+  int lim[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    RowState& s = st[i];
-    const int r = r_base + 8 * i;
-    const int lim = s.p - t * kIdxBlockN;
-    const bool active = s.seg == seg && lim >= 0;
-    float m[NB];
+    lim[i] = rp[i].p - t * kIdxBlockN;
+    const bool active = rp[i].seg == seg && lim[i] >= 0;
 #pragma unroll
-    for (int nb = 0; nb < NB; ++nb) m[nb] = nan_f();
+    for (int nb = 0; nb < NB; ++nb) m[i][nb] = nan_f();
     // Invisible columns become NaN, which fmaxf ignores; a block is NaN only if nothing visible
     // in it is a number, which is the NaN-ignoring max of the contract.
-    if (__any_sync(full, active && lim < kIdxBlockN - 1)) {
+    if (__any_sync(full, active && lim[i] < kIdxBlockN - 1)) {
 #pragma unroll
       for (int j = 0; j < 16; ++j)
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {
           const int col = 8 * j + 2 * q4 + cc;
-          const float v = col <= lim ? acc[j * 4 + i * 2 + cc] : nan_f();
-          m[j / JB] = fmaxf(m[j / JB], v);
+          const float v = col <= lim[i] ? acc[j * 4 + i * 2 + cc] : nan_f();
+          m[i][j / JB] = fmaxf(m[i][j / JB], v);
         }
     } else {
 #pragma unroll
       for (int j = 0; j < 16; ++j)
 #pragma unroll
-        for (int cc = 0; cc < 2; ++cc) m[j / JB] = fmaxf(m[j / JB], acc[j * 4 + i * 2 + cc]);
+        for (int cc = 0; cc < 2; ++cc) m[i][j / JB] = fmaxf(m[i][j / JB], acc[j * 4 + i * 2 + cc]);
     }
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
-      m[nb] = fmaxf(m[nb], __shfl_xor_sync(full, m[nb], 1));
-      m[nb] = fmaxf(m[nb], __shfl_xor_sync(full, m[nb], 2));
+      m[i][nb] = fmaxf(m[i][nb], __shfl_xor_sync(full, m[i][nb], 1));
+      m[i][nb] = fmaxf(m[i][nb], __shfl_xor_sync(full, m[i][nb], 2));
     }
+  }
+  const bool mine = (q4 >> 1) == h;
+  const int my_i = q4 & 1;
+  const int lim_own = os.p - t * kIdxBlockN;
+  const bool active_own = mine && os.seg == seg && lim_own >= 0;
 #pragma unroll
-    for (int nb = 0; nb < NB; ++nb) {
-      const int b = t * NB + nb;
-      const bool vis = active && nb * BK <= lim;
-      // max(S) = index_scale * max(dot) since index_scale > 0.
-      const float score = m[nb] * c.scale;
-      if (c.block_scores != nullptr && vis && q4 == 0 && b < c.n_blocks)
-        c.block_scores[(c.row0 + r) * c.n_blocks + b] = score;
-      const bool is_own = vis && b == s.own;
-      const uint64_t cand = make_comp(score, b);
-      // Blocks arrive in ascending order, so a newcomer loses every tie: strict > is the rule.
-      const bool enter = vis && !is_own && cand > s.worst;
-      float se = 0.f;
-      if constexpr (LSE) {
-        // exp-sums are needed only for blocks that (so far) make the selection; late in the sweep
-        // that is rare, so the MUFU work stays far below one exp per score.
-        if (__any_sync(full, is_own || enter)) {
-          const float off = -m[nb] * c.scale_log2;
+  for (int nb = 0; nb < NB; ++nb) {
+    const int b = t * NB + nb;
+    const bool vis = active_own && nb * BK <= lim_own;
+    // max(S) = index_scale * max(dot) since index_scale > 0.
+    const float score = (my_i ? m[1][nb] : m[0][nb]) * c.scale;
+    if (c.block_scores != nullptr && vis && b < c.n_blocks) c.block_scores[(c.row0 + r_own) * c.n_blocks + b] = score;
+    const bool is_own = vis && b == os.own;
+    const uint64_t cand = make_comp(score, b);
+    // A strict > against the heap root is the whole rule: the words order by score, then lower
+    // block, and a non-full heap has root 0, below every entry.
+    const bool enter = vis && !is_own && cand > os.worst;
+    float se = 0.f;
+    if constexpr (LSE) {
+      // exp-sums are needed only for blocks that (so far) make the selection; late in the sweep
+      // that is rare, so the MUFU work stays far below one exp per score. Each quad thread sums
+      // its columns of the row; the owner keeps the total.
+      const bool need = is_own || enter;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const bool need_i = __shfl_sync(full, need, (c.lane & ~3) | (2 * h + i));
+        if (__any_sync(full, need_i)) {
+          const float off = -m[i][nb] * c.scale_log2;
           float sum = 0.f;
 #pragma unroll
           for (int j = nb * JB; j < (nb + 1) * JB; ++j)
@@ -292,37 +351,22 @@ __device__ __forceinline__ void epilogue_half(const float (&acc)[64], RowState (
             for (int cc = 0; cc < 2; ++cc) {
               const int col = 8 * j + 2 * q4 + cc;
               const float e = ex2_approx(fmaf(acc[j * 4 + i * 2 + cc], c.scale_log2, off));
-              sum += col <= lim ? e : 0.f;
+              sum += col <= lim[i] ? e : 0.f;
             }
           sum += __shfl_xor_sync(full, sum, 1);
           sum += __shfl_xor_sync(full, sum, 2);
-          se = sum;
+          if (my_i == i) se = sum;
         }
       }
-      if (is_own) {
-        s.own_m = score;
-        s.own_se = se;
-      }
-      if (__any_sync(full, enter)) {
-        if (enter && q4 == 0) {
-          uint64_t* lc = c.list_comp + r * c.list_len;
-          lc[s.worst_slot] = cand;
-          if constexpr (LSE) c.list_se[r * c.list_len + s.worst_slot] = se;
-          uint64_t w = ~uint64_t(0);
-          int ws = 0;
-          for (int k = 0; k < c.list_len; ++k) {
-            const uint64_t x = lc[k];
-            if (x < w) {
-              w = x;
-              ws = k;
-            }
-          }
-          s.worst = w;
-          s.worst_slot = ws;
-        }
-        s.worst = __shfl_sync(full, s.worst, c.lane & ~3);
-        s.worst_slot = __shfl_sync(full, s.worst_slot, c.lane & ~3);
-      }
+    }
+    if (is_own) {
+      os.own_m = score;
+      os.own_se = se;
+    }
+    if (__any_sync(full, enter)) {
+      if (enter)
+        heap_insert<LSE>(c.list_comp + r_own * c.list_len - 1, c.list_se + r_own * c.list_len - 1, c.list_len, os,
+                         cand, se);
     }
   }
 }
@@ -395,7 +439,9 @@ __global__ void __launch_bounds__(kIdxThreads, 1)
   if (tid == 0) {
     for (int s = 0; s < n_stages; ++s) {
       mbar_init(bar_full + 8 * s, 1);
-      mbar_init(bar_empty + 8 * s, kIdxConsumerWarpgroups * 128);
+      // One arrival per consumer warp, each after its own wgmma wait (256 per-thread arrivals
+      // would be 256 shared-memory atomics per stage).
+      mbar_init(bar_empty + 8 * s, kIdxConsumerWarpgroups * 4);
     }
     fence_mbarrier_init();
   }
@@ -491,23 +537,27 @@ __global__ void __launch_bounds__(kIdxThreads, 1)
   const int wg = __shfl_sync(full, tid / 128, 0);
   const int cg = warp >> 2;  // consumer warpgroup
   const int r_base = cg * kIdxRowsPerConsumer + (warp & 3) * 16 + (lane >> 2);
-  RowState st[2][2];
+  const int q4 = lane & 3;
+  const int r_own = r_base + (q4 >> 1) * 64 + 8 * (q4 & 1);  // the row this thread ranks
+  RowPos rp[2][2];
+  OwnState os;
   if (wg < kIdxConsumerWarpgroups) {
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int r = r_base + h * 64 + 8 * i;
-        RowState& s = st[h][i];
-        s.p = row_p[r];
-        s.seg = row_seg[r];
-        s.own = s.p >= 0 ? s.p / BK : -1;
-        s.worst_slot = 0;
-        // With topk = 1 the list has no slot and nothing may enter it.
-        s.worst = list_len > 0 ? 0 : ~uint64_t(0);
-        s.own_m = nan_f();
-        s.own_se = 0.f;
+        rp[h][i].p = row_p[r];
+        rp[h][i].seg = row_seg[r];
       }
+    os.p = row_p[r_own];
+    os.seg = row_seg[r_own];
+    os.own = os.p >= 0 ? os.p / BK : -1;
+    os.n_fill = 0;
+    // With topk = 1 the heap has no slot and nothing may enter it.
+    os.worst = list_len > 0 ? 0 : ~uint64_t(0);
+    os.own_m = nan_f();
+    os.own_se = 0.f;
   }
   __syncthreads();  // the row scratch is dead from here: the K stages may be filled
 
@@ -570,10 +620,11 @@ __global__ void __launch_bounds__(kIdxThreads, 1)
       issue_half<D>(acc1, q_half1, sk);
       wgmma_wait<1>();
       fence_acc(acc0);
-      epilogue_half<BK, LSE>(acc0, st[0], r_base, t, seg, ctx);
+      epilogue_half<BK, LSE>(acc0, rp[0], 0, os, r_own, t, seg, ctx);
       wgmma_wait<0>();
       fence_acc(acc1);
-      mbar_arrive(bar_empty);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty);
       int t_prev = t, seg_prev = seg;
       for (int g = 1; g < n_jobs; ++g) {
         if (++t == seg_nt[seg]) {
@@ -589,81 +640,60 @@ __global__ void __launch_bounds__(kIdxThreads, 1)
         mbar_wait(bar_full + 8 * s, phase);
         const uint32_t k_stage = sk + s * lay.stage_bytes;
         issue_half<D>(acc0, q_half0, k_stage);
-        epilogue_half<BK, LSE>(acc1, st[1], r_base + 64, t_prev, seg_prev, ctx);
+        epilogue_half<BK, LSE>(acc1, rp[1], 1, os, r_own, t_prev, seg_prev, ctx);
         issue_half<D>(acc1, q_half1, k_stage);
         wgmma_wait<1>();
         fence_acc(acc0);
-        epilogue_half<BK, LSE>(acc0, st[0], r_base, t, seg, ctx);
+        epilogue_half<BK, LSE>(acc0, rp[0], 0, os, r_own, t, seg, ctx);
         wgmma_wait<0>();
         fence_acc(acc1);
-        mbar_arrive(bar_empty + 8 * s);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar_empty + 8 * s);
         t_prev = t;
         seg_prev = seg;
       }
       (void)s_prev;
-      epilogue_half<BK, LSE>(acc1, st[1], r_base + 64, t_prev, seg_prev, ctx);
+      epilogue_half<BK, LSE>(acc1, rp[1], 1, os, r_own, t_prev, seg_prev, ctx);
     }
     __syncwarp();
 
-    // Final selection of each row: the list plus the local block, ascending, -1 padded; the four
-    // threads of the quad split the list, ranking each entry by counting smaller block numbers.
-    const int q4 = lane & 3;
-  #pragma unroll
-    for (int h = 0; h < 2; ++h)
-  #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const RowState& rs = st[h][i];
-        const int r = r_base + h * 64 + 8 * i;
-        const int64_t R = row0 + r;
-        const bool valid = R < p.n_rows;
-        const bool alive = valid && rs.p >= 0;
-        const uint64_t* lc = list_comp + r * list_len;
-        int cnt = 0;
-        for (int k = q4; k < list_len; k += 4) cnt += lc[k] != 0;
-        cnt += __shfl_xor_sync(full, cnt, 1);
-        cnt += __shfl_xor_sync(full, cnt, 2);
+    // Final selection of the owned row: the heap entries ranked by block number (the heap is
+    // ordered by score), then the local block, which is the last visible block, then -1.
+    {
+      const int64_t R = row0 + r_own;
+      const bool valid = R < p.n_rows;
+      const bool alive = valid && os.p >= 0;
+      const uint64_t* lc = list_comp + r_own * list_len;
+      const int n = os.n_fill;
+      if (valid) {
         int32_t* out = p.topk_idx + R * p.topk;
         if (alive) {
-          for (int k = q4; k < list_len; k += 4) {
-            const uint64_t x = lc[k];
-            if (x == 0) continue;
-            const int b = comp_block(x);
+          for (int k = 0; k < n; ++k) {
+            const int b = comp_block(lc[k]);
             int rank = 0;
-            for (int u = 0; u < list_len; ++u) {
-              const uint64_t y = lc[u];
-              rank += (y != 0 && comp_block(y) < b) ? 1 : 0;
-            }
+            for (int u = 0; u < n; ++u) rank += comp_block(lc[u]) < b ? 1 : 0;
             out[rank] = b;
           }
-          // The local block is the last visible one: it sorts after every list entry.
-          if (q4 == 0) out[cnt] = rs.own;
-          for (int k = cnt + 1 + q4; k < p.topk; k += 4) out[k] = -1;
-        } else if (valid) {
-          for (int k = q4; k < p.topk; k += 4) out[k] = -1;
+          out[n] = os.own;
+          for (int k = n + 1; k < p.topk; ++k) out[k] = -1;
+        } else {
+          for (int k = 0; k < p.topk; ++k) out[k] = -1;
         }
         if constexpr (LSE) {
-          float mx = alive ? rs.own_m : -INFINITY;
-          for (int k = q4; k < list_len; k += 4) {
-            const uint64_t x = lc[k];
-            if (x != 0) mx = fmaxf(mx, key_to_float(uint32_t(x >> 32)));
-          }
-          mx = fmaxf(mx, __shfl_xor_sync(full, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(full, mx, 2));
-          float sum = 0.f;
-          for (int k = q4; k < list_len; k += 4) {
-            const uint64_t x = lc[k];
-            if (x != 0) sum += list_se[r * list_len + k] * expf(key_to_float(uint32_t(x >> 32)) - mx);
-          }
-          if (q4 == 0 && alive) sum += rs.own_se * expf(rs.own_m - mx);
-          sum += __shfl_xor_sync(full, sum, 1);
-          sum += __shfl_xor_sync(full, sum, 2);
-          if (valid && q4 == 0) p.lse[R] = alive ? mx + logf(sum) : -INFINITY;
+          // logsumexp over the support = the selected blocks' (score, exp-sum) pairs.
+          float mx = alive ? os.own_m : -INFINITY;
+          for (int k = 0; k < n; ++k) mx = fmaxf(mx, key_to_float(uint32_t(lc[k] >> 32)));
+          float sum = alive ? os.own_se * expf(os.own_m - mx) : 0.f;
+          for (int k = 0; k < n; ++k)
+            sum += list_se[r_own * list_len + k] * expf(key_to_float(uint32_t(lc[k] >> 32)) - mx);
+          p.lse[R] = alive ? mx + logf(sum) : -INFINITY;
         }
-        if (p.block_scores != nullptr && valid) {
+        if (p.block_scores != nullptr) {
           float* bs = p.block_scores + R * p.n_blocks;
-          for (int64_t b = int64_t(alive ? rs.own + 1 : 0) + q4; b < p.n_blocks; b += 4) bs[b] = -INFINITY;
+          for (int64_t b = alive ? os.own + 1 : 0; b < p.n_blocks; ++b) bs[b] = -INFINITY;
         }
       }
+    }
   }
 }
 
