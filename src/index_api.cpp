@@ -6,6 +6,7 @@
 #include "cpu/cpu_ops.h"
 #include "validate.h"
 #ifdef MSA_WITH_CUDA
+#include "cuda/block_topk.h"
 #include "cuda/index_topk.h"
 #endif
 
@@ -77,7 +78,7 @@ void index_topk(const IndexTopkParams& p0, const Exec& ex) {
 void block_topk(const BlockTopkParams& p0, const Exec& ex) {
   const char* fn = "block_topk";
   BlockTopkParams p = p0;
-  check_backend(fn, ex, false);
+  check_backend(fn, ex, true);
   check_range(fn, "rows", p.rows, 0, std::numeric_limits<int32_t>::max());
   check_range(fn, "n_blocks", p.n_blocks, 0, std::numeric_limits<int32_t>::max());
   check_range(fn, "topk", p.topk, 1, kMaxTopk);
@@ -90,6 +91,13 @@ void block_topk(const BlockTopkParams& p0, const Exec& ex) {
         fail(fn, "row_blocks[" + std::to_string(i) + "] = " + std::to_string(p.row_blocks[i]) + ", expected 0 <= " +
                      "row_blocks <= n_blocks = " + std::to_string(p.n_blocks));
   if (p.rows == 0) return;
+#ifdef MSA_WITH_CUDA
+  // row_blocks is device memory here: the kernel clamps its entries instead.
+  if (ex.backend == Backend::cuda) {
+    cuda::run_block_topk(p, static_cast<cudaStream_t>(ex.stream));
+    return;
+  }
+#endif
   cpu::block_topk(p, ex.num_threads);
 }
 
