@@ -3,6 +3,9 @@
 
 #include "cpu/cpu_ops.h"
 #include "validate.h"
+#ifdef MSA_WITH_CUDA
+#include "cuda/dense_fwd.h"
+#endif
 
 namespace msa {
 
@@ -54,6 +57,35 @@ void forward(const char* fn, const AttentionParams& p0, const Exec& ex, bool spa
   cpu::attention_forward(p, s, ex.num_threads);
 }
 
+#ifdef MSA_WITH_CUDA
+// The CUDA dense forward: every pointer is device memory, so the checks are for shapes only; the
+// varlen arrays are never read on the host (the kernel clamps offsets and positions instead).
+void dense_forward_cuda(const char* fn, const AttentionParams& p0, const Exec& ex) {
+  AttentionParams p = p0;
+  check_backend(fn, ex, true);
+  check_dtype(fn, p.dtype, ex);
+  check_heads(fn, p.h_q, p.h_kv);
+  check_one_of(fn, "d", p.d, {64, 128});
+  check_one_of(fn, "h_q / h_kv", p.h_q / p.h_kv, {1, 2, 4, 8, 16});
+  if (p.topk_idx != nullptr) fail(fn, "topk_idx is set, expected nullptr for dense attention (use sparse_attention_*)");
+  resolve_scale(fn, "scale", p.scale, float(1.0 / std::sqrt(double(p.d))));
+  const Varlen& v = p.seq;
+  check_varlen_shape(fn, v);
+  resolve_strides3(fn, "q", v.n_q, p.h_q, p.d, p.stride_q_tok, p.stride_q_head, false);
+  resolve_strides3(fn, "k", v.n_k, p.h_kv, p.d, p.stride_k_tok, p.stride_k_head, false);
+  resolve_strides3(fn, "v", v.n_k, p.h_kv, p.d, p.stride_v_tok, p.stride_v_head, false);
+  resolve_strides3(fn, "o", v.n_q, p.h_q, p.d, p.stride_o_tok, p.stride_o_head, true);
+  const bool any = v.n_q > 0;
+  check_ptr(fn, "q", p.q, any);
+  check_ptr(fn, "k", p.k, any && v.n_k > 0);
+  check_ptr(fn, "v", p.v, any && v.n_k > 0);
+  check_ptr(fn, "o", p.o, any);
+  check_ptr(fn, "lse", p.lse, any);
+  if (!any) return;
+  cuda::run_dense_fwd(p, static_cast<cudaStream_t>(ex.stream));
+}
+#endif
+
 void backward(const char* fn, const AttentionBwdParams& p0, const Exec& ex, bool sparse) {
   AttentionBwdParams p = p0;
   SeqInfo s = check_attention(fn, p, ex, sparse, true);
@@ -75,6 +107,9 @@ void sparse_attention_forward(const AttentionParams& p, const Exec& ex) {
   forward("sparse_attention_forward", p, ex, true);
 }
 void dense_attention_forward(const AttentionParams& p, const Exec& ex) {
+#ifdef MSA_WITH_CUDA
+  if (ex.backend == Backend::cuda) return dense_forward_cuda("dense_attention_forward", p, ex);
+#endif
   forward("dense_attention_forward", p, ex, false);
 }
 void sparse_attention_backward(const AttentionBwdParams& p, const Exec& ex) {

@@ -1,0 +1,26 @@
+// dense_fwd.h — entry point of the CUDA dense causal GQA attention forward (MSA_SPEC "Main
+// branch" with every visible key selected: the warm-up phase and rows that see <= topk blocks),
+// called by src/attention_api.cpp on Backend::cuda.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "msa/attention.h"
+
+namespace msa::cuda {
+
+// How the two consumer warpgroups of a CTA share the tensor cores: each on its own, overlapping
+// its softmax with its own P V GEMM (overlap), or additionally taking turns to issue GEMMs so that
+// one's softmax runs under the other's GEMMs (pingpong). Speed only: the outputs are bitwise the
+// same. Both stay compiled so that benchmarks and tests can compare them.
+enum class DenseSchedule { overlap, pingpong };
+constexpr DenseSchedule kDenseDefaultSchedule = DenseSchedule::overlap;
+
+// p arrives validated by attention_api.cpp for shapes only (strides and scale resolved, d in
+// {64, 128}, h_q / h_kv in {1, 2, 4, 8, 16}, topk_idx null, n_q > 0). Every pointer, the varlen
+// arrays included, is device memory; their contents are never read on the host, and the kernel
+// clamps whatever they hold so that no access leaves the tensors. Asynchronous on stream; throws
+// std::runtime_error for CUDA failures and shapes the grid cannot hold.
+void run_dense_fwd(const AttentionParams& p, cudaStream_t stream, DenseSchedule schedule = kDenseDefaultSchedule);
+
+}  // namespace msa::cuda

@@ -1,0 +1,219 @@
+// dense_fwd_host.cu — host side of the CUDA dense attention forward: layout checks that pick the
+// load and store paths, the K/V tensor maps, the per-sequence query-tile prefix for varlen
+// batches, and the flat dispatch to the compiled head dims.
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "dense_fwd.cuh"
+#include "dense_fwd.h"
+
+namespace msa::cuda {
+
+// Compiled in dense_fwd_d64.cu and dense_fwd_d128.cu.
+#define MSA_DENSE_FWD_EXTERN(D, PP)                                                                               \
+  extern template void launch_dense_fwd<D, PP>(const CUtensorMap&, const CUtensorMap&, const DenseFwdKernelParams&, \
+                                               cudaStream_t);
+MSA_DENSE_FWD_EXTERN(64, false)
+MSA_DENSE_FWD_EXTERN(64, true)
+MSA_DENSE_FWD_EXTERN(128, false)
+MSA_DENSE_FWD_EXTERN(128, true)
+#undef MSA_DENSE_FWD_EXTERN
+
+namespace {
+
+void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("msa::dense_attention_forward: ") + what + ": " + cudaGetErrorString(e));
+}
+
+bool aligned(const void* ptr, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0; }
+
+// The driver's tensor-map encoder, found through the runtime so that msa needs no libcuda link.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found);
+    if (e != cudaSuccess || found != cudaDriverEntryPointSuccess || ptr == nullptr)
+      throw std::runtime_error("msa::dense_attention_forward: the CUDA driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// TMA needs a 16-byte aligned base and strides; other K/V layouts are first copied to a packed
+// [n_k, h_kv, d] buffer (one extra pass, only for such layouts).
+__global__ void repack_kv_kernel(const uint16_t* src, int64_t stride_tok, int64_t stride_head, uint16_t* dst,
+                                 int64_t n, int64_t h, int64_t d) {
+  const int64_t total = n * h * d;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t tok = e / (h * d), rem = e - tok * h * d, head = rem / d, c = rem - head * d;
+    dst[e] = src[tok * stride_tok + head * stride_head + c];
+  }
+}
+
+// tile_start[b] = sum over b' < b of ceil(len_q(b') / tok_per_tile), one block scanning the
+// batch in chunks of its width. Offsets are clamped like the kernel clamps them; the total
+// saturates at INT32_MAX (only garbage cu_seqlens get near it).
+constexpr int kScanThreads = 1024;
+__global__ void __launch_bounds__(kScanThreads) tile_prefix_kernel(const int32_t* cu_q, int64_t batch, int64_t n_q,
+                                                                 int tok_per_tile, int32_t* tile_start) {
+  __shared__ int64_t warp_sums[kScanThreads / 32];
+  __shared__ int64_t carry;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (tid == 0) {
+    carry = 0;
+    tile_start[0] = 0;
+  }
+  __syncthreads();
+  for (int64_t base = 0; base < batch; base += kScanThreads) {
+    const int64_t b = base + tid;
+    int64_t cnt = 0;
+    if (b < batch) {
+      const int64_t lo = min(max(int64_t(cu_q[b]), int64_t(0)), n_q);
+      const int64_t hi = min(max(int64_t(cu_q[b + 1]), lo), n_q);
+      cnt = (hi - lo + tok_per_tile - 1) / tok_per_tile;
+    }
+    int64_t incl = cnt;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int64_t y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    if (lane == 31) warp_sums[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+      int64_t w = warp_sums[lane];
+      for (int o = 1; o < 32; o <<= 1) {
+        const int64_t y = __shfl_up_sync(0xffffffffu, w, o);
+        if (lane >= o) w += y;
+      }
+      warp_sums[lane] = w;  // inclusive over warps
+    }
+    __syncthreads();
+    const int64_t total = carry + (warp > 0 ? warp_sums[warp - 1] : 0) + incl;
+    if (b < batch) tile_start[b + 1] = int32_t(min(total, int64_t(INT32_MAX)));
+    __syncthreads();
+    if (tid == kScanThreads - 1) carry = total;
+    __syncthreads();
+  }
+}
+
+// Frees stream-ordered scratch once the work queued before it is done, also on a throw.
+struct ScratchGuard {
+  void* ptr = nullptr;
+  cudaStream_t stream = nullptr;
+  ~ScratchGuard() {
+    if (ptr) cudaFreeAsync(ptr, stream);
+  }
+};
+
+// 3D map over a [n, h, d] bf16 tensor, box = 64 columns x 1 head x 128 rows, 128-byte swizzle:
+// one box lands as 128 rows of 128 bytes, the K-major (for K) / MN-major (for V) wgmma atom.
+CUtensorMap make_kv_map(const uint16_t* base, int64_t n, int64_t h, int64_t d, int64_t stride_tok,
+                        int64_t stride_head) {
+  CUtensorMap map;
+  std::memset(&map, 0, sizeof(map));
+  const cuuint64_t dims[3] = {cuuint64_t(d), cuuint64_t(h), cuuint64_t(n)};
+  const cuuint64_t strides[2] = {cuuint64_t(stride_head) * 2, cuuint64_t(stride_tok) * 2};
+  const cuuint32_t box[3] = {cuuint32_t(kDnAtom), 1, cuuint32_t(kDnBlockN)};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  CUresult r = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<uint16_t*>(base), dims,
+                                    strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                    CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw std::runtime_error("msa::dense_attention_forward: cuTensorMapEncodeTiled failed with error " +
+                             std::to_string(int(r)));
+  return map;
+}
+
+}  // namespace
+
+void run_dense_fwd(const AttentionParams& p, cudaStream_t stream, DenseSchedule schedule) {
+  const int d = int(p.d);
+  const int64_t g = p.h_q / p.h_kv;
+  int log2_g = 0;
+  while ((int64_t(1) << log2_g) < g) ++log2_g;
+  if ((int64_t(1) << log2_g) != g || g > kDnBlockM)
+    throw std::runtime_error("msa::dense_attention_forward: no CUDA kernel for h_q / h_kv = " + std::to_string(g) +
+                             " (compiled: powers of two up to 16)");
+
+  DenseFwdKernelParams kp;
+  kp.n_q = p.seq.n_q;
+  kp.n_k = p.seq.n_k;
+  kp.batch = p.seq.batch;
+  kp.h_q = int(p.h_q);
+  kp.h_kv = int(p.h_kv);
+  kp.log2_g = log2_g;
+  kp.cu_q = p.seq.cu_seqlens_q;
+  kp.cu_k = p.seq.cu_seqlens_k;
+  kp.q_pos = p.seq.q_pos;
+  kp.q = static_cast<const uint16_t*>(p.q);
+  kp.stride_q_tok = p.stride_q_tok;
+  kp.stride_q_head = p.stride_q_head;
+  kp.q_vec = aligned(p.q, 16) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0;
+  kp.o = static_cast<uint16_t*>(p.o);
+  kp.stride_o_tok = p.stride_o_tok;
+  kp.stride_o_head = p.stride_o_head;
+  kp.o_vec = aligned(p.o, 4) && p.stride_o_tok % 2 == 0 && p.stride_o_head % 2 == 0;
+  kp.lse = p.lse;
+  kp.scale_log2 = float(double(p.scale) * 1.4426950408889634);
+
+  const int64_t tok_per_tile = kDnBlockM / g;
+  // Without cu_seqlens_q the tiles are known here; with it, each sequence starts a new tile, so
+  // the grid covers n_q / tok_per_tile + batch tiles per head and the surplus CTAs exit at once.
+  int64_t tiles = (kp.n_q + tok_per_tile - 1) / tok_per_tile;
+  if (kp.cu_q != nullptr) tiles += kp.batch;
+  if (tiles * kp.h_kv > INT32_MAX)
+    throw std::runtime_error("msa::dense_attention_forward: " + std::to_string(tiles * kp.h_kv) +
+                             " query tiles exceed the CUDA grid");
+  kp.tiles_per_head = int(tiles);
+
+  ScratchGuard tile_scratch, k_scratch, v_scratch;
+  if (kp.cu_q != nullptr) {
+    tile_scratch.stream = stream;
+    check_cuda(cudaMallocAsync(&tile_scratch.ptr, size_t(kp.batch + 1) * sizeof(int32_t), stream), "cudaMallocAsync");
+    tile_prefix_kernel<<<1, kScanThreads, 0, stream>>>(kp.cu_q, kp.batch, kp.n_q, int(tok_per_tile),
+                                                       static_cast<int32_t*>(tile_scratch.ptr));
+    check_cuda(cudaGetLastError(), "tile prefix launch");
+    kp.tile_start = static_cast<const int32_t*>(tile_scratch.ptr);
+  }
+
+  // With n_k == 0 every row sees nothing: no tile is loaded and the maps stay empty.
+  CUtensorMap tmap_k, tmap_v;
+  std::memset(&tmap_k, 0, sizeof(tmap_k));
+  std::memset(&tmap_v, 0, sizeof(tmap_v));
+  if (kp.n_k > 0) {
+    auto prepare = [&](const void* ptr, int64_t stride_tok, int64_t stride_head, ScratchGuard& scratch) {
+      const uint16_t* src = static_cast<const uint16_t*>(ptr);
+      if (!aligned(src, 16) || stride_tok % 8 != 0 || stride_head % 8 != 0) {
+        scratch.stream = stream;
+        const int64_t total = kp.n_k * kp.h_kv * d;
+        check_cuda(cudaMallocAsync(&scratch.ptr, size_t(total) * 2, stream), "cudaMallocAsync");
+        const int blocks = int(std::min<int64_t>((total + 255) / 256, 4096));
+        repack_kv_kernel<<<blocks, 256, 0, stream>>>(src, stride_tok, stride_head, static_cast<uint16_t*>(scratch.ptr),
+                                                     kp.n_k, kp.h_kv, d);
+        check_cuda(cudaGetLastError(), "repack launch");
+        return make_kv_map(static_cast<const uint16_t*>(scratch.ptr), kp.n_k, kp.h_kv, d, kp.h_kv * d, d);
+      }
+      return make_kv_map(src, kp.n_k, kp.h_kv, d, stride_tok, stride_head);
+    };
+    tmap_k = prepare(p.k, p.stride_k_tok, p.stride_k_head, k_scratch);
+    tmap_v = prepare(p.v, p.stride_v_tok, p.stride_v_head, v_scratch);
+  }
+
+  // One flat dispatch over the compiled head dims.
+  const bool pp = schedule == DenseSchedule::pingpong;
+  if (d == 64 && !pp) return launch_dense_fwd<64, false>(tmap_k, tmap_v, kp, stream);
+  if (d == 64 && pp) return launch_dense_fwd<64, true>(tmap_k, tmap_v, kp, stream);
+  if (d == 128 && !pp) return launch_dense_fwd<128, false>(tmap_k, tmap_v, kp, stream);
+  if (d == 128 && pp) return launch_dense_fwd<128, true>(tmap_k, tmap_v, kp, stream);
+  throw std::runtime_error("msa::dense_attention_forward: no CUDA kernel for d = " + std::to_string(d) +
+                           " (compiled: d in {64, 128})");
+}
+
+}  // namespace msa::cuda
