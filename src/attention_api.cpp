@@ -5,6 +5,7 @@
 #include "validate.h"
 #ifdef MSA_WITH_CUDA
 #include "cuda/dense_fwd.h"
+#include "cuda/sparse_fwd.h"
 #endif
 
 namespace msa {
@@ -50,8 +51,43 @@ SeqInfo check_attention(const char* fn, AttentionParams& p, const Exec& ex, bool
   return s;
 }
 
+// The CUDA sparse forward: every pointer is device memory, so the checks are for shapes only; the
+// varlen arrays and topk_idx are never read on the host (the kernels skip invalid block ids and
+// clamp positions and offsets instead).
+void check_sparse_cuda(const char* fn, AttentionParams& p, const Exec& ex) {
+  check_backend(fn, ex, true);
+  check_dtype(fn, p.dtype, ex);
+  check_heads(fn, p.h_q, p.h_kv);
+  check_one_of(fn, "d", p.d, {64, 128});
+  check_one_of(fn, "h_q / h_kv", p.h_q / p.h_kv, {1, 2, 4, 8, 16});
+  resolve_scale(fn, "scale", p.scale, float(1.0 / std::sqrt(double(p.d))));
+  const Varlen& v = p.seq;
+  check_varlen_shape(fn, v);
+  resolve_strides3(fn, "q", v.n_q, p.h_q, p.d, p.stride_q_tok, p.stride_q_head, false);
+  resolve_strides3(fn, "k", v.n_k, p.h_kv, p.d, p.stride_k_tok, p.stride_k_head, false);
+  resolve_strides3(fn, "v", v.n_k, p.h_kv, p.d, p.stride_v_tok, p.stride_v_head, false);
+  resolve_strides3(fn, "o", v.n_q, p.h_q, p.d, p.stride_o_tok, p.stride_o_head, true);
+  check_range(fn, "topk", p.topk, 1, kMaxTopk);
+  check_one_of(fn, "bk", p.bk, {64, 128});
+  const bool any = v.n_q > 0;
+  check_ptr(fn, "q", p.q, any);
+  check_ptr(fn, "k", p.k, any && v.n_k > 0);
+  check_ptr(fn, "v", p.v, any && v.n_k > 0);
+  check_ptr(fn, "o", p.o, any);
+  check_ptr(fn, "lse", p.lse, any);
+  check_ptr(fn, "topk_idx", p.topk_idx, any);
+}
+
 void forward(const char* fn, const AttentionParams& p0, const Exec& ex, bool sparse) {
   AttentionParams p = p0;
+  if (sparse && ex.backend == Backend::cuda) {
+    check_sparse_cuda(fn, p, ex);
+    if (p.seq.n_q == 0) return;
+#ifdef MSA_WITH_CUDA
+    cuda::run_sparse_attention_forward(p, static_cast<cudaStream_t>(ex.stream));
+#endif
+    return;
+  }
   SeqInfo s = check_attention(fn, p, ex, sparse, false);
   if (s.n_q == 0) return;
   cpu::attention_forward(p, s, ex.num_threads);

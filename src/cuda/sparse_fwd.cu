@@ -1,0 +1,202 @@
+// sparse_fwd.cu — host side of the CUDA sparse attention forward: layout checks that pick the load
+// paths, the stream-ordered workspace (schedule, partials), the schedule, the flat dispatch of
+// phase 1 over the compiled (d, bk) configurations, and the combine (phase 2).
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "msa/common.h"
+#include "sparse_fwd.cuh"
+#include "sparse_fwd.h"
+
+namespace msa::cuda {
+
+// Compiled in sparse_fwd_d64.cu and sparse_fwd_d128.cu.
+extern template void launch_sparse_phase1<64, 64>(const SparseFwdKernelParams&, int, int, cudaStream_t);
+extern template void launch_sparse_phase1<64, 128>(const SparseFwdKernelParams&, int, int, cudaStream_t);
+extern template void launch_sparse_phase1<128, 64>(const SparseFwdKernelParams&, int, int, cudaStream_t);
+extern template void launch_sparse_phase1<128, 128>(const SparseFwdKernelParams&, int, int, cudaStream_t);
+
+namespace {
+
+void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("msa::sparse_attention_forward: ") + what + ": " + cudaGetErrorString(e));
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
+
+// cp.async gathers Q in 16-byte pieces; other layouts are first copied to a packed [n_q, h_q, d]
+// buffer (one extra pass over q, only for such layouts).
+__global__ void repack_q_kernel(const uint16_t* src, int64_t stride_tok, int64_t stride_head, uint16_t* dst, int64_t n,
+                                int64_t h, int64_t d) {
+  const int64_t total = n * h * d;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = e % d, row = e / d;
+    dst[e] = src[(row / h) * stride_tok + (row % h) * stride_head + c];
+  }
+}
+
+// Frees the stream-ordered workspace once the work queued before it is done, also on a throw.
+struct ScratchGuard {
+  void* ptr = nullptr;
+  cudaStream_t stream = nullptr;
+  ~ScratchGuard() {
+    if (ptr) cudaFreeAsync(ptr, stream);
+  }
+};
+
+int log2_exact(int64_t g) {
+  int l = 0;
+  while ((int64_t(1) << l) < g) ++l;
+  return l;
+}
+
+}  // namespace
+
+void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream, const SparseFwdOptions& opt) {
+  const char* fn = "msa::sparse_attention_forward: ";
+  // Zero strides and scale get their documented defaults here too, so that a direct caller (the
+  // benchmark) cannot hand the kernels stride-0 tensors.
+  AttentionParams p = p0;
+  auto contiguous = [](int64_t& tok, int64_t& head, int64_t h, int64_t d) {
+    if (head == 0) head = d;
+    if (tok == 0) tok = h * head;
+  };
+  contiguous(p.stride_q_tok, p.stride_q_head, p.h_q, p.d);
+  contiguous(p.stride_k_tok, p.stride_k_head, p.h_kv, p.d);
+  contiguous(p.stride_v_tok, p.stride_v_head, p.h_kv, p.d);
+  contiguous(p.stride_o_tok, p.stride_o_head, p.h_q, p.d);
+  if (p.scale == 0.f) p.scale = float(1.0 / std::sqrt(double(p.d)));
+  const int d = int(p.d), bk = int(p.bk), topk = int(p.topk);
+  const int64_t n_q = p.seq.n_q, n_k = p.seq.n_k, g = p.h_q / p.h_kv;
+  const int64_t n_e = n_q * p.h_kv * p.topk;
+  // Entry ids, sorted positions and item starts are 32-bit.
+  if (n_e >= INT32_MAX)
+    throw Error(std::string(fn) + "n_q * h_kv * topk = " + std::to_string(n_e) +
+                " selection entries, expected fewer than 2^31 on the cuda backend");
+  if (n_q * p.h_q >= (int64_t(1) << 40))
+    throw Error(std::string(fn) + "n_q * h_q = " + std::to_string(n_q * p.h_q) +
+                " rows, too many for the cuda backend");
+
+  const int queries_per_tile = int(kSpRows / g);
+  int64_t chunk = opt.chunk_queries > 0 ? opt.chunk_queries : int64_t(kSpChunkFactor) * topk * bk;
+  chunk = std::min<int64_t>((chunk + queries_per_tile - 1) / queries_per_tile * queries_per_tile, INT32_MAX / 2);
+
+  SparseScheduleParams sp;
+  sp.n_q = n_q;
+  sp.n_k = n_k;
+  sp.batch = p.seq.batch;
+  sp.cu_q = p.seq.cu_seqlens_q;
+  sp.cu_k = p.seq.cu_seqlens_k;
+  sp.q_pos = p.seq.q_pos;
+  sp.topk_idx = p.topk_idx;
+  sp.h_kv = int(p.h_kv);
+  sp.topk = topk;
+  sp.bk = bk;
+  sp.bk_shift = log2_exact(bk);
+  sp.chunk = int(chunk);
+
+  const bool q_vec = aligned16(p.q) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0;
+  const size_t sched_bytes = align256(sparse_schedule_bytes(sp));
+  const size_t n_partial = size_t(n_q) * p.h_q * topk;
+  const size_t po_bytes = align256(n_partial * d * (opt.partial_f32 ? 4 : 2));
+  const size_t pl_bytes = align256(n_partial * 4);
+  const size_t q_bytes = q_vec ? 0 : align256(size_t(n_q) * p.h_q * d * 2);
+
+  ScratchGuard ws;
+  ws.stream = stream;
+  check_cuda(cudaMallocAsync(&ws.ptr, sched_bytes + po_bytes + pl_bytes + q_bytes, stream), "cudaMallocAsync");
+  uint8_t* base = static_cast<uint8_t*>(ws.ptr);
+
+  int device = 0, num_sms = 0, smem_optin = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute");
+
+  const SparseSchedule sched = build_sparse_schedule(sp, base, sched_bytes, stream);
+  if (opt.after_schedule) check_cuda(cudaEventRecord(opt.after_schedule, stream), "cudaEventRecord");
+
+  SparseFwdKernelParams kp;
+  kp.q = static_cast<const uint16_t*>(p.q);
+  kp.stride_q_tok = p.stride_q_tok;
+  kp.stride_q_head = p.stride_q_head;
+  if (!q_vec) {
+    uint16_t* packed = reinterpret_cast<uint16_t*>(base + sched_bytes + po_bytes + pl_bytes);
+    const int64_t total = n_q * p.h_q * d;
+    const unsigned blocks = unsigned(std::min<int64_t>((total + 255) / 256, 8192));
+    repack_q_kernel<<<blocks, 256, 0, stream>>>(kp.q, p.stride_q_tok, p.stride_q_head, packed, n_q, p.h_q, d);
+    check_cuda(cudaGetLastError(), "repack launch");
+    kp.q = packed;
+    kp.stride_q_head = d;
+    kp.stride_q_tok = p.h_q * d;
+  }
+  kp.k = static_cast<const uint16_t*>(p.k);
+  kp.stride_k_tok = p.stride_k_tok;
+  kp.stride_k_head = p.stride_k_head;
+  kp.v = static_cast<const uint16_t*>(p.v);
+  kp.stride_v_tok = p.stride_v_tok;
+  kp.stride_v_head = p.stride_v_head;
+  kp.kv_vec = aligned16(p.k) && aligned16(p.v) && p.stride_k_tok % 8 == 0 && p.stride_k_head % 8 == 0 &&
+              p.stride_v_tok % 8 == 0 && p.stride_v_head % 8 == 0;
+  kp.n_q = n_q;
+  kp.n_k = n_k;
+  kp.h_q = int(p.h_q);
+  kp.h_kv = int(p.h_kv);
+  kp.g = int(g);
+  kp.log2g = log2_exact(g);
+  kp.topk = topk;
+  kp.bk_shift = log2_exact(bk);
+  kp.scale_log2 = p.scale * 1.4426950408889634f;
+  kp.qinfo = sched.qinfo;
+  kp.keys = sched.keys;
+  kp.entries = sched.entries;
+  kp.lims = sched.lims;
+  kp.item_start = sched.item_start;
+  kp.counters = sched.counters;
+  kp.partial_o = base + sched_bytes;
+  kp.partial_lse = reinterpret_cast<float*>(base + sched_bytes + po_bytes);
+  kp.partial_f32 = opt.partial_f32 ? 1 : 0;
+  kp.topk_idx = p.topk_idx;
+  kp.o = static_cast<uint16_t*>(p.o);
+  kp.stride_o_tok = p.stride_o_tok;
+  kp.stride_o_head = p.stride_o_head;
+  kp.o_vec = aligned16(p.o) && p.stride_o_tok % 8 == 0 && p.stride_o_head % 8 == 0;
+  kp.lse = p.lse;
+
+  // Phase 1: persistent CTAs, one per SM (its shared memory allows no second), never more than
+  // there can be items.
+  const int grid = int(std::min<int64_t>(num_sms, n_e));
+  if (d == 64 && bk == 64)
+    launch_sparse_phase1<64, 64>(kp, grid, smem_optin, stream);
+  else if (d == 64 && bk == 128)
+    launch_sparse_phase1<64, 128>(kp, grid, smem_optin, stream);
+  else if (d == 128 && bk == 64)
+    launch_sparse_phase1<128, 64>(kp, grid, smem_optin, stream);
+  else if (d == 128 && bk == 128)
+    launch_sparse_phase1<128, 128>(kp, grid, smem_optin, stream);
+  else
+    throw Error(std::string(fn) + "no CUDA kernel for d = " + std::to_string(d) + ", bk = " + std::to_string(bk) +
+                " (compiled: d in {64, 128}, bk in {64, 128})");
+  if (opt.after_phase1) check_cuda(cudaEventRecord(opt.after_phase1, stream), "cudaEventRecord");
+
+  // Phase 2.
+  const int64_t threads = n_q * p.h_q * (d / 8);
+  const unsigned blocks =
+      unsigned(std::min<int64_t>((threads + kSpCombineThreads - 1) / kSpCombineThreads, int64_t(num_sms) * 64));
+  if (d == 64 && !opt.partial_f32)
+    sparse_fwd_combine_kernel<64, false><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
+  else if (d == 64)
+    sparse_fwd_combine_kernel<64, true><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
+  else if (!opt.partial_f32)
+    sparse_fwd_combine_kernel<128, false><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
+  else
+    sparse_fwd_combine_kernel<128, true><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
+  check_cuda(cudaGetLastError(), "combine launch");
+}
+
+}  // namespace msa::cuda

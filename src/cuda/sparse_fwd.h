@@ -1,0 +1,32 @@
+// sparse_fwd.h — entry point of the CUDA sm_90a sparse attention forward (MSA_SPEC "Main branch",
+// KV-outer with query gathering and a two-phase combine), called by src/attention_api.cpp on
+// Backend::cuda and by bench/bench_sparse.cu. Design and numbers: docs/sparse_attention.md.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "msa/attention.h"
+
+namespace msa::cuda {
+
+// Knobs for measurements; the defaults are what the public API runs.
+struct SparseFwdOptions {
+  bool partial_f32 = false;              // per-slot partial o in float32 instead of bfloat16 (2x partial bytes)
+  int64_t chunk_queries = 0;             // most queries per work item; 0: kSpChunkFactor * topk * bk
+  cudaEvent_t after_schedule = nullptr;  // recorded on the stream after the schedule kernels, when set
+  cudaEvent_t after_phase1 = nullptr;    // recorded after phase 1 (before the combine), when set
+};
+
+// p arrives validated by attention_api.cpp for shapes only (strides and scale resolved, d and bk in
+// {64, 128}, g = h_q / h_kv in {1, 2, 4, 8, 16}, 1 <= topk <= 32, bf16, n_q > 0). Every pointer,
+// the varlen arrays and topk_idx included, is device memory; their contents are never read on the
+// host, and the kernels skip invalid, out-of-range or invisible block ids and clamp positions so
+// that no access leaves the tensors. Workspace (the schedule and the per-slot partials,
+// n_q * h_q * topk * (2 d + 4) bytes with bf16 partials) is taken with cudaMallocAsync on the
+// stream and given back with cudaFreeAsync before returning. Asynchronous on stream; throws
+// msa::Error for shapes the kernels cannot index and std::runtime_error for CUDA failures.
+void run_sparse_attention_forward(const AttentionParams& p, cudaStream_t stream, const SparseFwdOptions& opt = {});
+
+}  // namespace msa::cuda

@@ -1,0 +1,10 @@
+// sparse_fwd_d64.cu — instantiates phase 1 of the CUDA sparse attention forward for d = 64 (both block
+// sizes); one file per d so the configurations compile in parallel.
+#include "sparse_fwd.cuh"
+
+namespace msa::cuda {
+
+template void launch_sparse_phase1<64, 64>(const SparseFwdKernelParams&, int, int, cudaStream_t);
+template void launch_sparse_phase1<64, 128>(const SparseFwdKernelParams&, int, int, cudaStream_t);
+
+}  // namespace msa::cuda

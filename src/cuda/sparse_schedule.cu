@@ -1,0 +1,218 @@
+// sparse_schedule.cu — the reverse index (query -> blocks becomes (kv head, block) -> queries) and
+// the chunked work items of the CUDA sparse attention forward, built on the stream without any
+// host synchronisation: per-query positions, one sort key per selection entry, a stable CUB radix
+// sort, then bucket heads, chunk heads and their compaction by two scans.
+#include <algorithm>
+#include <cub/cub.cuh>
+#include <stdexcept>
+#include <string>
+
+#include "sparse_schedule.h"
+
+namespace msa::cuda {
+namespace {
+
+void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("msa::sparse_attention_forward: ") + what + ": " + cudaGetErrorString(e));
+}
+
+constexpr int kThreads = 256;
+
+// Grid of a grid-stride loop over n elements: enough blocks to fill the GPU, no more.
+unsigned grid_for(int64_t n) {
+  return unsigned(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 8192)));
+}
+
+__device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// Largest b in [0, batch) with cu[b] <= tok (the last of several empty sequences sharing an
+// offset owns the token). Safe for any contents of cu.
+__device__ __forceinline__ int64_t find_seq(const int32_t* cu, int64_t batch, int64_t tok) {
+  int64_t lo = 0, hi = batch - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) >> 1;
+    if (cu[mid] <= tok)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+// qinfo[i] = {k0, p}. Offsets are clamped into [0, n] and positions into [-1, len_k), so garbage
+// varlen contents give garbage attention but never an access outside the tensors: every key row a
+// valid entry can touch is k0 + j with 0 <= j <= p < len_k, inside [0, n_k).
+__global__ void query_info_kernel(SparseScheduleParams p, int2* qinfo) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.n_q; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = p.cu_q ? find_seq(p.cu_q, p.batch, i) : 0;
+    const int64_t q_lo = p.cu_q ? clamp64(p.cu_q[b], 0, p.n_q) : 0;
+    const int64_t q_hi = p.cu_q ? clamp64(p.cu_q[b + 1], q_lo, p.n_q) : p.n_q;
+    const int32_t* cuk = p.cu_k ? p.cu_k : p.cu_q;
+    const int64_t k_lo = cuk ? clamp64(cuk[b], 0, p.n_k) : 0;
+    const int64_t k_hi = cuk ? clamp64(cuk[b + 1], k_lo, p.n_k) : p.n_k;
+    const int64_t len_k = k_hi - k_lo;
+    int64_t pos = p.q_pos ? int64_t(p.q_pos[i]) : len_k - (q_hi - q_lo) + (i - q_lo);
+    if (pos >= len_k) pos = len_k - 1;
+    if (pos < 0) pos = -1;
+    qinfo[i] = make_int2(int(k_lo), int(pos));
+  }
+}
+
+// One sort key per entry: its group (kv head, first key row of the block); invalid entries get
+// the largest key so they sort behind every valid one.
+__global__ void entry_keys_kernel(SparseScheduleParams p, const int2* qinfo, int64_t n_e, uint64_t* keys,
+                                  uint32_t* vals) {
+  const uint64_t invalid = uint64_t(p.h_kv) * uint64_t(p.n_k);
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n_e; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = e / p.topk;  // i * h_kv + r
+    const int64_t i = row / p.h_kv, r = row - i * p.h_kv;
+    const int32_t b = p.topk_idx[e];
+    const int2 qi = qinfo[i];
+    uint64_t key = invalid;
+    if (sp_entry_valid(b, qi.y, p.bk_shift)) key = uint64_t(r) * uint64_t(p.n_k) + uint64_t(qi.x + int64_t(b) * p.bk);
+    keys[e] = key;
+    vals[e] = uint32_t(e);
+  }
+}
+
+// head[e] = e at the first entry of a group, else 0 (the max-scan then gives each entry its group's
+// start). The last valid entry also records the valid count. lims[e] puts each valid entry's
+// causal limit beside it, so the phase-1 gather reads it with the entry id instead of after it.
+__global__ void group_heads_kernel(const uint64_t* keys, const uint32_t* entries, const int2* qinfo, uint32_t per_query,
+                                   int64_t n_e, uint64_t invalid, int32_t* head, int32_t* lims, int32_t* counters) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n_e; e += int64_t(gridDim.x) * blockDim.x) {
+    const uint64_t k = keys[e];
+    const bool valid = k < invalid;
+    head[e] = valid && (e == 0 || keys[e - 1] != k) ? int32_t(e) : 0;
+    if (valid && (e + 1 == n_e || keys[e + 1] >= invalid)) counters[0] = int32_t(e + 1);
+    if (valid) {
+      const int2 qi = qinfo[entries[e] / per_query];
+      lims[e] = qi.x + qi.y;
+    }
+  }
+}
+
+// An item starts every `chunk` entries from its group's start.
+__global__ void item_flags_kernel(const uint64_t* keys, const int32_t* group_start, int64_t n_e, uint64_t invalid,
+                                  int chunk, int32_t* flags) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n_e; e += int64_t(gridDim.x) * blockDim.x)
+    flags[e] = keys[e] < invalid && (int32_t(e) - group_start[e]) % chunk == 0 ? 1 : 0;
+}
+
+__global__ void item_scatter_kernel(const int32_t* flags, const int32_t* slot, int64_t n_e, int32_t* item_start,
+                                    int32_t* counters) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n_e; e += int64_t(gridDim.x) * blockDim.x) {
+    if (flags[e]) item_start[slot[e]] = int32_t(e);
+    if (e + 1 == n_e) counters[1] = slot[e] + flags[e];
+  }
+}
+
+struct MaxOp {
+  __device__ __forceinline__ int32_t operator()(int32_t a, int32_t b) const { return a > b ? a : b; }
+};
+
+size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
+
+int key_bits(uint64_t invalid) {
+  int bits = 1;
+  while (bits < 64 && (uint64_t(1) << bits) <= invalid) ++bits;
+  return bits;
+}
+
+// Workspace map: the fixed arrays, then CUB's temporary storage.
+struct Layout {
+  size_t qinfo, keys_a, keys_b, vals_a, vals_b, lims, items, counters, temp, temp_bytes, total;
+};
+
+Layout layout(const SparseScheduleParams& p) {
+  const int64_t n_e = p.n_q * p.h_kv * p.topk;
+  const int n = int(n_e);
+  const int end_bit = key_bits(uint64_t(p.h_kv) * uint64_t(p.n_k));
+  size_t sort_bytes = 0, max_bytes = 0, sum_bytes = 0;
+  check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const uint64_t*>(nullptr),
+                                             static_cast<uint64_t*>(nullptr), static_cast<const uint32_t*>(nullptr),
+                                             static_cast<uint32_t*>(nullptr), n, 0, end_bit),
+             "cub radix sort (size query)");
+  check_cuda(cub::DeviceScan::InclusiveScan(nullptr, max_bytes, static_cast<const int32_t*>(nullptr),
+                                            static_cast<int32_t*>(nullptr), MaxOp{}, n),
+             "cub max scan (size query)");
+  check_cuda(cub::DeviceScan::ExclusiveSum(nullptr, sum_bytes, static_cast<const int32_t*>(nullptr),
+                                           static_cast<int32_t*>(nullptr), n),
+             "cub sum scan (size query)");
+  Layout l{};
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = off;
+    off = align256(off + bytes);
+    return at;
+  };
+  l.qinfo = take(size_t(p.n_q) * sizeof(int2));
+  l.keys_a = take(size_t(n_e) * 8);
+  l.keys_b = take(size_t(n_e) * 8);
+  l.vals_a = take(size_t(n_e) * 4);
+  l.vals_b = take(size_t(n_e) * 4);
+  l.lims = take(size_t(n_e) * 4);
+  l.items = take(size_t(n_e) * 4);
+  l.counters = take(16);
+  l.temp_bytes = std::max({sort_bytes, max_bytes, sum_bytes, size_t(1)});
+  l.temp = take(l.temp_bytes);
+  l.total = off;
+  return l;
+}
+
+}  // namespace
+
+size_t sparse_schedule_bytes(const SparseScheduleParams& p) { return layout(p).total; }
+
+SparseSchedule build_sparse_schedule(const SparseScheduleParams& p, void* ws, size_t ws_bytes, cudaStream_t stream) {
+  const Layout l = layout(p);
+  if (ws_bytes < l.total) throw std::runtime_error("msa::sparse_attention_forward: schedule workspace too small");
+  uint8_t* base = static_cast<uint8_t*>(ws);
+  const int64_t n_e = p.n_q * p.h_kv * p.topk;
+  const int n = int(n_e);
+  const uint64_t invalid = uint64_t(p.h_kv) * uint64_t(p.n_k);
+  const int end_bit = key_bits(invalid);
+
+  SparseSchedule s;
+  s.qinfo = reinterpret_cast<int2*>(base + l.qinfo);
+  uint64_t* keys_a = reinterpret_cast<uint64_t*>(base + l.keys_a);
+  s.keys = reinterpret_cast<uint64_t*>(base + l.keys_b);
+  uint32_t* vals_a = reinterpret_cast<uint32_t*>(base + l.vals_a);
+  s.entries = reinterpret_cast<uint32_t*>(base + l.vals_b);
+  s.lims = reinterpret_cast<int32_t*>(base + l.lims);
+  s.item_start = reinterpret_cast<int32_t*>(base + l.items);
+  s.counters = reinterpret_cast<int32_t*>(base + l.counters);
+  void* temp = base + l.temp;
+  size_t temp_bytes = l.temp_bytes;
+  // After the sort the unsorted keys and values are dead: their space holds the scans' arrays.
+  int32_t* head = reinterpret_cast<int32_t*>(keys_a);
+  int32_t* group_start = head + n_e;
+  int32_t* flags = reinterpret_cast<int32_t*>(vals_a);
+  int32_t* slot = head;  // the heads are dead once the group starts exist
+
+  check_cuda(cudaMemsetAsync(s.counters, 0, 16, stream), "cudaMemsetAsync");
+  query_info_kernel<<<grid_for(p.n_q), kThreads, 0, stream>>>(p, s.qinfo);
+  check_cuda(cudaGetLastError(), "query_info_kernel launch");
+  entry_keys_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(p, s.qinfo, n_e, keys_a, vals_a);
+  check_cuda(cudaGetLastError(), "entry_keys_kernel launch");
+  check_cuda(
+      cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_a, s.keys, vals_a, s.entries, n, 0, end_bit, stream),
+      "cub radix sort");
+  group_heads_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(s.keys, s.entries, s.qinfo, uint32_t(p.h_kv * p.topk), n_e,
+                                                             invalid, head, s.lims, s.counters);
+  check_cuda(cudaGetLastError(), "group_heads_kernel launch");
+  temp_bytes = l.temp_bytes;
+  check_cuda(cub::DeviceScan::InclusiveScan(temp, temp_bytes, head, group_start, MaxOp{}, n, stream), "cub max scan");
+  item_flags_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(s.keys, group_start, n_e, invalid, p.chunk, flags);
+  check_cuda(cudaGetLastError(), "item_flags_kernel launch");
+  temp_bytes = l.temp_bytes;
+  check_cuda(cub::DeviceScan::ExclusiveSum(temp, temp_bytes, flags, slot, n, stream), "cub sum scan");
+  item_scatter_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(flags, slot, n_e, s.item_start, s.counters);
+  check_cuda(cudaGetLastError(), "item_scatter_kernel launch");
+  return s;
+}
+
+}  // namespace msa::cuda

@@ -1,0 +1,54 @@
+// sparse_schedule.h — the reverse index and work schedule of the CUDA sparse attention forward
+// (internal, CUDA sources only): per query its key offset and position, the (query, slot) entries
+// of the selection grouped by (kv head, kv block) in query order (a CSR built by a stable sort),
+// and the work items (chunks of at most `chunk` entries of one group) that phase 1 walks.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace msa::cuda {
+
+struct SparseScheduleParams {
+  int64_t n_q = 0, n_k = 0, batch = 1;
+  const int32_t* cu_q = nullptr;      // [batch+1] device, or null (one sequence)
+  const int32_t* cu_k = nullptr;      // [batch+1] device, or null (then cu_q)
+  const int32_t* q_pos = nullptr;     // [n_q] device, or null (bottom-right aligned)
+  const int32_t* topk_idx = nullptr;  // [n_q, h_kv, topk] device, any contents
+  int h_kv = 1, topk = 1, bk = 128;
+  int bk_shift = 7;  // log2(bk): bk is a power of two
+  int chunk = 1;     // most entries (queries) per work item
+};
+
+// Views into the workspace, valid once build_sparse_schedule's work has run on the stream.
+// An entry id is e = (i * h_kv + r) * topk + s: query i, kv head r, slot s of its selection row.
+struct SparseSchedule {
+  int2* qinfo = nullptr;        // [n_q] {first key row k0 of the query's sequence, position p}; p = -1: sees nothing
+  uint64_t* keys = nullptr;     // [n_e] sorted group keys r * n_k + (first key row of the block); invalid = h_kv * n_k
+  uint32_t* entries = nullptr;  // [n_e] entry ids in key order, ascending e within a key (valid ones first)
+  int32_t* lims = nullptr;      // [n_e] per sorted valid entry: its query's last visible key row k0 + p
+  int32_t* item_start = nullptr;  // [n_e] first sorted position of each work item
+  int32_t* counters = nullptr;    // [4] n_valid, n_items, phase-1 work counter (0), spare
+};
+
+// Bytes of workspace build_sparse_schedule needs (queries CUB, so it needs the current device).
+size_t sparse_schedule_bytes(const SparseScheduleParams& p);
+
+// Enqueues the schedule kernels on stream into ws (at least sparse_schedule_bytes, 256-aligned).
+// Deterministic: a stable radix sort keeps each group's entries in ascending entry order, so the
+// same selection always gives the same items, tiles and rows. Throws std::runtime_error on CUDA
+// failures.
+SparseSchedule build_sparse_schedule(const SparseScheduleParams& p, void* ws, size_t ws_bytes, cudaStream_t stream);
+
+#ifdef __CUDACC__
+// The one validity rule for a selected block b of a query at position p (phase 1 computes exactly
+// the entries that the combine merges): a visible block of a query that sees something.
+// Invalid entries (padding, out of range, garbage) are skipped everywhere.
+__device__ __forceinline__ bool sp_entry_valid(int32_t b, int32_t p, int bk_shift) {
+  return p >= 0 && b >= 0 && b <= (p >> bk_shift);
+}
+#endif
+
+}  // namespace msa::cuda

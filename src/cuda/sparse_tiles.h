@@ -1,0 +1,36 @@
+// sparse_tiles.h — compile-time tile shapes of the CUDA sparse attention forward (sparse_fwd.cuh,
+// sparse_schedule.cu), each with the reason for its value. kSpRows and kSpWarpgroups fix the
+// register and shared-memory layouts; kSpChunkFactor and kSpCombineThreads only move speed.
+#pragma once
+
+namespace msa::cuda {
+
+// Score-tile rows per consumer warpgroup: one wgmma M. Rows are (query, head) pairs, query-major,
+// so a tile packs 64 / g gathered queries x g heads and every g in {1, 2, 4, 8, 16} fills it.
+constexpr int kSpRows = 64;
+
+// Consumer warpgroups per CTA. They share the CTA's K/V block (loaded once per work item) and
+// each runs its own tiles with its own multi-buffered Q gather; 384 threads leave 168 registers each,
+// enough for the S (bk / 2) and O (d / 2) accumulators plus the bf16 P fragments.
+constexpr int kSpWarpgroups = 3;
+constexpr int kSpThreads = kSpWarpgroups * 128;
+
+// Q tile stages per warpgroup: the gathers of the next two tiles (cp.async) are in flight under a
+// tile's math. With two stages the gather of one 16 KB tile per warpgroup (48 KB per SM) was not
+// enough bytes in flight to cover HBM latency; three fit the shared memory at d = bk = 128 (215 KB).
+constexpr int kSpQStages = 3;
+
+// A (kv block, kv head) bucket chosen by more queries than kSpChunkFactor * topk * bk is split
+// into chunks of at most that many queries (rounded up to whole tiles), so hot blocks (the sink)
+// spread over several CTAs. 2 follows the paper; speed only.
+constexpr int kSpChunkFactor = 2;
+
+// Threads of the combine (phase 2) kernel per block; each (query, head) row uses d / 8 threads
+// (one 16-byte column chunk each). Speed only.
+constexpr int kSpCombineThreads = 256;
+
+// Inner extent of one 128-byte-swizzled operand atom in bf16 elements (the wgmma K-major SW128
+// row): Q and K tiles are [d / 64] atoms of [rows][64], V^T is [bk / 64] atoms of [d][64].
+constexpr int kSpAtomK = 64;
+
+}  // namespace msa::cuda
