@@ -32,6 +32,8 @@ struct IndexTopkParams {
 
   float* block_scores = nullptr;  // optional [n_q, h_kv, n_blocks] out, contiguous: M, -inf for blocks the query cannot see
   int64_t n_blocks = 0;           // last dim of block_scores; >= index_block_count(...) when block_scores is set
+                                  // (cuda with cu_seqlens: the host cannot read the lengths, so it is not
+                                  // checked; columns at or past n_blocks are then left unwritten)
   float* index_lse = nullptr;     // optional [n_q, h_kv] out: natural-log logsumexp of S over the selected support
 };
 
