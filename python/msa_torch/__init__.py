@@ -1,0 +1,233 @@
+"""msa_torch: the msa operators (MiniMax Sparse Attention) for PyTorch.
+
+Loads libmsa_torch (which registers torch.ops.msa.*), adds the fake implementations that
+torch.compile and torch.export trace with, wires the backward operators into autograd, and
+offers Python wrappers. Tensors are packed ("THD"): q [n_q, h_q, d], k and v [n_k, h_kv, d],
+q_idx [n_q, h_kv, d_idx], k_idx [n_k, d_idx] (or [n_k, 1, d_idx]); cu_seqlens_q/k [batch + 1],
+q_pos [n_q] and topk_idx [n_q, h_kv, topk] are int32 on the same device. A scale of 0 means
+1/sqrt(head dim). Bad arguments raise ValueError naming the operator and the argument.
+
+The library is looked for in $MSA_TORCH_LIBRARY, next to this file, then in the repository's
+build/lib (where scripts/setup.sh builds it).
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "library_path",
+    "index_topk",
+    "block_topk",
+    "sparse_attention",
+    "dense_attention",
+    "index_kl_loss",
+    "selection_recall",
+]
+
+
+def _find_library():
+    name = "libmsa_torch.so"
+    env = os.environ.get("MSA_TORCH_LIBRARY")
+    if env:
+        if not Path(env).is_file():
+            raise ImportError(f"msa_torch: MSA_TORCH_LIBRARY = {env} is not a file")
+        return str(Path(env).resolve())
+    here = Path(__file__).resolve().parent
+    for candidate in (here / name, here.parents[1] / "build" / "lib" / name):
+        if candidate.is_file():
+            return str(candidate)
+    raise ImportError(
+        f"msa_torch: {name} not found next to {here} nor in the repository's build/lib; build it "
+        "(bash scripts/setup_torch.sh && bash scripts/setup.sh) or set MSA_TORCH_LIBRARY"
+    )
+
+
+library_path = _find_library()
+torch.ops.load_library(library_path)
+_ops = torch.ops.msa
+
+
+# ---- fake implementations: output shapes only, for FakeTensor tracing (torch.compile, export) ----
+
+def _blocks(n, bk):
+    return (n + bk - 1) // bk if bk > 0 else 0
+
+
+@torch.library.register_fake("msa::index_topk")
+def _(q_idx, k_idx, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, bk=128, topk=16, index_scale=0.0,
+      return_block_scores=False, return_index_lse=False, max_seqlen_k=None):
+    n_q, h_kv = q_idx.shape[0], q_idx.shape[1]
+    n_blocks = _blocks(k_idx.shape[0] if max_seqlen_k is None else max_seqlen_k, bk)
+    topk_idx = q_idx.new_empty((n_q, h_kv, max(topk, 0)), dtype=torch.int32)
+    scores = q_idx.new_empty((n_q, h_kv, n_blocks) if return_block_scores else (0,), dtype=torch.float32)
+    lse = q_idx.new_empty((n_q, h_kv) if return_index_lse else (0,), dtype=torch.float32)
+    return topk_idx, scores, lse
+
+
+@torch.library.register_fake("msa::block_topk")
+def _(scores, topk=16, force_last=True, row_blocks=None):
+    return scores.new_empty((scores.shape[0], max(topk, 0)), dtype=torch.int32)
+
+
+def _attention_fwd_fake(q):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.register_fake("msa::sparse_attention_fwd")
+def _(q, k, v, topk_idx, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, bk=128, scale=0.0):
+    return _attention_fwd_fake(q)
+
+
+@torch.library.register_fake("msa::dense_attention_fwd")
+def _(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, scale=0.0):
+    return _attention_fwd_fake(q)
+
+
+@torch.library.register_fake("msa::sparse_attention_bwd")
+def _(do_, q, k, v, o, lse, topk_idx, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, bk=128, scale=0.0):
+    return q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape)
+
+
+@torch.library.register_fake("msa::dense_attention_bwd")
+def _(do_, q, k, v, o, lse, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, scale=0.0):
+    return q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape)
+
+
+@torch.library.register_fake("msa::index_kl_loss")
+def _(q, k, q_idx, k_idx, topk_idx=None, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, lse=None,
+      index_lse=None, bk=128, scale=0.0, index_scale=0.0):
+    return q.new_empty((), dtype=torch.float64)
+
+
+@torch.library.register_fake("msa::index_kl_bwd")
+def _(q, k, q_idx, k_idx, topk_idx=None, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, lse=None,
+      index_lse=None, bk=128, scale=0.0, index_scale=0.0, lambda_=None):
+    return q_idx.new_empty(q_idx.shape), k_idx.new_empty(k_idx.shape)
+
+
+@torch.library.register_fake("msa::selection_recall")
+def _(q, k, topk_idx, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, bk=128, scale=0.0):
+    rows = (q.shape[0], k.shape[1])
+    f64 = q.new_empty((), dtype=torch.float64)
+    return f64, q.new_empty((), dtype=torch.float64), q.new_empty(rows, dtype=torch.float32), \
+        q.new_empty(rows, dtype=torch.float32)
+
+
+# ---- autograd ----
+# lse is an output for later use (the KL loss, combining partial results), not differentiable:
+# the backward kernels take the gradient of o only.
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v = inputs[:3]
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, *[t if isinstance(t, torch.Tensor) else None for t in inputs[3:7]])
+    ctx.rest = inputs[7:]
+
+
+def _sparse_attention_setup(ctx, inputs, output):
+    _attention_setup(ctx, inputs, output)
+
+
+def _sparse_attention_backward(ctx, do, dlse):
+    q, k, v, o, lse, topk_idx, cu_q, cu_k, q_pos = ctx.saved_tensors
+    bk, scale = ctx.rest
+    dq, dk, dv = _ops.sparse_attention_bwd(do, q, k, v, o, lse, topk_idx, cu_q, cu_k, q_pos, bk, scale)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+def _dense_attention_setup(ctx, inputs, output):
+    q, k, v = inputs[:3]
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, *inputs[3:6])
+    ctx.scale = inputs[6]
+
+
+def _dense_attention_backward(ctx, do, dlse):
+    q, k, v, o, lse, cu_q, cu_k, q_pos = ctx.saved_tensors
+    dq, dk, dv = _ops.dense_attention_bwd(do, q, k, v, o, lse, cu_q, cu_k, q_pos, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+# The KL trains the index branch only: the teacher (q, k) and the saved statistics are constants,
+# and the incoming gradient is the lambda of index_kl_bwd.
+def _kl_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:10])
+    ctx.rest = inputs[10:]
+
+
+def _kl_backward(ctx, grad):
+    q, k, q_idx, k_idx, topk_idx, cu_q, cu_k, q_pos, lse, index_lse = ctx.saved_tensors
+    bk, scale, index_scale = ctx.rest
+    dq_idx, dk_idx = _ops.index_kl_bwd(q, k, q_idx, k_idx, topk_idx, cu_q, cu_k, q_pos, lse, index_lse, bk, scale,
+                                       index_scale, grad)
+    return None, None, dq_idx, dk_idx, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("msa::sparse_attention_fwd", _sparse_attention_backward,
+                                setup_context=_sparse_attention_setup)
+torch.library.register_autograd("msa::dense_attention_fwd", _dense_attention_backward,
+                                setup_context=_dense_attention_setup)
+torch.library.register_autograd("msa::index_kl_loss", _kl_backward, setup_context=_kl_setup)
+
+
+# ---- Python API ----
+
+def index_topk(q_idx, k_idx, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, *, bk=128, topk=16, index_scale=0.0,
+               return_block_scores=False, return_index_lse=False, max_seqlen_k=None):
+    """Top-k block selection of the index branch.
+
+    Returns (topk_idx int32 [n_q, h_kv, topk], block_scores float32 [n_q, h_kv, n_blocks] or None,
+    index_lse float32 [n_q, h_kv] or None). n_blocks = ceil(max_seqlen_k / bk), max_seqlen_k
+    defaulting to n_k. Not differentiable (a selection).
+    """
+    topk_idx, scores, lse = _ops.index_topk(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, q_pos, bk, topk, index_scale,
+                                            return_block_scores, return_index_lse, max_seqlen_k)
+    return topk_idx, scores if return_block_scores else None, lse if return_index_lse else None
+
+
+def block_topk(scores, topk=16, force_last=True, row_blocks=None):
+    """Top-k columns of float32 scores [rows, n_blocks]: int32 [rows, topk], ascending, -1 padded."""
+    return _ops.block_topk(scores, topk, force_last, row_blocks)
+
+
+def sparse_attention(q, k, v, topk_idx, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, *, bk=128, scale=0.0,
+                     return_lse=False):
+    """Exact softmax attention over the blocks in topk_idx. Differentiable in q, k, v.
+
+    Returns o [n_q, h_q, d], or (o, lse float32 [n_q, h_q]) with return_lse (lse carries no gradient).
+    """
+    o, lse = _ops.sparse_attention_fwd(q, k, v, topk_idx, cu_seqlens_q, cu_seqlens_k, q_pos, bk, scale)
+    return (o, lse) if return_lse else o
+
+
+def dense_attention(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, *, scale=0.0, return_lse=False):
+    """Dense causal attention. Differentiable in q, k, v; returns o, or (o, lse) with return_lse."""
+    o, lse = _ops.dense_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, scale)
+    return (o, lse) if return_lse else o
+
+
+def index_kl_loss(q, k, q_idx, k_idx, topk_idx=None, lse=None, index_lse=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                  q_pos=None, *, bk=128, scale=0.0, index_scale=0.0):
+    """KL alignment loss L_KL (float64 scalar) of the index branch toward the main branch.
+
+    On the blocks of topk_idx, or the full causal prefix without it. lse / index_lse are the saved
+    statistics of the forward passes (optional). Differentiable in q_idx and k_idx only: the teacher
+    q, k get no gradient; scale the loss (loss * lambda) to weight it.
+    """
+    return _ops.index_kl_loss(q, k, q_idx, k_idx, topk_idx, cu_seqlens_q, cu_seqlens_k, q_pos, lse, index_lse, bk,
+                              scale, index_scale)
+
+
+def selection_recall(q, k, topk_idx, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, *, bk=128, scale=0.0,
+                     return_rows=False):
+    """Block and score recall of topk_idx against the main branch's own top-k (float64 scalars).
+
+    With return_rows, also the per-row values float32 [n_q, h_kv] of each.
+    """
+    block, score, block_rows, score_rows = _ops.selection_recall(q, k, topk_idx, cu_seqlens_q, cu_seqlens_k, q_pos,
+                                                                 bk, scale)
+    return (block, score, block_rows, score_rows) if return_rows else (block, score)
