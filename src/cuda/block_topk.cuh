@@ -20,6 +20,7 @@
 #include <string>
 
 #include "block_topk.h"
+#include "common.cuh"
 
 namespace msa::cuda::topk {
 
@@ -76,10 +77,6 @@ __device__ __forceinline__ uint32_t lanemask_lt() {
   uint32_t m;
   asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
   return m;
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return uint32_t(__cvta_generic_to_shared(p));
 }
 
 // 16 bytes global -> shared, bypassing L1: each score is read once.

@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.cuh"
 #include "hopper.cuh"
 
 namespace msa::cuda {
@@ -111,34 +112,10 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
-__device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
-
-// Largest b in [0, batch) with start[b] <= x (the owner of x when empty entries share an offset).
-__device__ __forceinline__ int64_t find_owner(const int32_t* start, int64_t batch, int64_t x) {
-  int64_t lo = 0, hi = batch - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) >> 1;
-    if (start[mid] <= x)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
-
-// S[64 x 128] = Q_wg[64 x D] K_stage[128 x D]^T: D/16 k-steps, both operands K-major SW128
-// ([D / 64] atoms of [rows][64] bf16), the first step overwriting S.
+// S[64 x 128] = Q_wg[64 x D] K_stage[128 x D]^T (Q_wg: this warpgroup's 64 rows of the Q tile).
 template <int D>
 __device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t q_wg, uint32_t k_stage) {
-  fence_acc(s);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const uint32_t a = q_wg + (kk / 4) * (kDnBlockM * 128) + (kk % 4) * 32;
-    const uint32_t b = k_stage + (kk / 4) * (kDnBlockN * 128) + (kk % 4) * 32;
-    wgmma_m64n128k16(s, sw128_desc(a), sw128_desc(b), kk > 0 ? 1 : 0);
-  }
-  wgmma_commit();
+  wgmma_chain_m64n128<D, kDnBlockM, kDnBlockN>(s, q_wg, k_stage);
 }
 
 // O[64 x D] += P[64 x 128] V_stage[128 x D]: P from registers (the S accumulator layout is the
@@ -247,7 +224,7 @@ __global__ void __launch_bounds__(kDnThreads, 1)
   int64_t b = 0, t_in = t;
   if (p.tile_start != nullptr) {
     if (t >= p.tile_start[p.batch]) return;  // the grid over-counts by up to one tile per sequence
-    b = find_owner(p.tile_start, p.batch, t);
+    b = find_seq(p.tile_start, p.batch, t);
     t_in = t - p.tile_start[b];
   }
   // Offsets are clamped into [0, n], positions into [-1, len_k): garbage varlen contents give
@@ -260,7 +237,7 @@ __global__ void __launch_bounds__(kDnThreads, 1)
   const int64_t len_k = k_hi - k_lo;
   const int64_t tok0 = q_lo + t_in * tok_per_tile;
 
-  const uint32_t s_base = hopper::smem_addr(smem);
+  const uint32_t s_base = smem_addr(smem);
   const uint32_t sq = s_base + lay.q, sk = s_base + lay.k, sv = s_base + lay.v;
   int* row_p = reinterpret_cast<int*>(smem + lay.row_p);
   int* row_tok = reinterpret_cast<int*>(smem + lay.row_tok);
@@ -325,8 +302,7 @@ __global__ void __launch_bounds__(kDnThreads, 1)
           v = make_uint4(w[0], w[1], w[2], w[3]);
         }
       }
-      const uint32_t off = (ch / 8) * (kDnBlockM * 128) + r * 128 + (((ch % 8) ^ (r % 8)) * 16);
-      *reinterpret_cast<uint4*>(smem + lay.q + off) = v;
+      *reinterpret_cast<uint4*>(smem + lay.q + sw128_chunk_offset<kDnBlockM>(r, ch)) = v;
     }
   }
   fence_proxy_async();

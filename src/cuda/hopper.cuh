@@ -9,11 +9,9 @@
 
 #include <cstdint>
 
-namespace msa::cuda::hopper {
+#include "common.cuh"
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+namespace msa::cuda::hopper {
 
 // ---- mbarrier -------------------------------------------------------------------------------
 
@@ -81,6 +79,15 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
 
 // ---- wgmma ----------------------------------------------------------------------------------
 
+// Byte offset of 16-byte chunk ch of row r in a ROWS-row bf16 tile laid out as TMA writes it with
+// the 128-byte swizzle: [ch / 8] atoms of [ROWS][128 B], chunk (ch % 8) ^ (r % 8) within the row.
+// Threads that build a tile themselves (a Q tile gathered row by row) store it this way so that
+// sw128_desc reads it like a TMA-loaded one.
+template <int ROWS>
+__device__ __forceinline__ uint32_t sw128_chunk_offset(int r, int ch) {
+  return (ch / 8) * (ROWS * 128) + r * 128 + (((ch % 8) ^ (r % 8)) * 16);
+}
+
 // wgmma shared-memory descriptor of a K-major operand in the 128-byte swizzle: rows of 128 bytes,
 // 8-row core groups 1024 bytes apart (stride byte offset), leading offset unused for this mode.
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
@@ -141,6 +148,23 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, ui
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// acc[64 x 128] = A[64 x D] * B[128 x D]^T: D/16 k-steps, the first overwriting acc, then one
+// commit. Both operands are K-major 128B-swizzled tiles of [D / 64] atoms of [rows][64] bf16; a
+// tile of A has A_ROWS rows and one of B has B_ROWS (A may be a 64-row slice of its tile), which
+// sets how far apart the atoms are.
+template <int D, int A_ROWS, int B_ROWS>
+__device__ __forceinline__ void wgmma_chain_m64n128(float (&acc)[64], uint32_t a_tile, uint32_t b_tile) {
+  fence_acc(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t a = a_tile + (kk / 4) * (A_ROWS * 128) + (kk % 4) * 32;
+    const uint32_t b = b_tile + (kk / 4) * (B_ROWS * 128) + (kk % 4) * 32;
+    wgmma_m64n128k16(acc, sw128_desc(a), sw128_desc(b), kk > 0 ? 1 : 0);
+  }
+  wgmma_commit();
 }
 
 // D[64 x 64] (+)= A[64 x 16] * B[16 x 64], A from registers (the m64k16 fragment: 4 x bf16x2 per

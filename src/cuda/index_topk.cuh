@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.cuh"
 #include "hopper.cuh"
 #include "tile_size.h"
 
@@ -265,36 +266,11 @@ __device__ __forceinline__ void epilogue_half(const float (&acc)[64], const RowP
   }
 }
 
-// Issues the wgmma chain of one m64 accumulator half over one K stage: D/16 k-steps, the first
-// overwriting the accumulator. Q and K tiles are [D / 64] atoms of [rows][64] bf16, 128B-swizzled.
+// The wgmma chain of one m64 accumulator half (64 rows of the 256-row Q tile) over one K stage.
 template <int D>
 __device__ __forceinline__ void issue_half(float (&acc)[64], uint32_t q_half, uint32_t k_stage) {
-  fence_acc(acc);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const uint32_t a = q_half + (kk / 4) * (kIdxBlockM * 128) + (kk % 4) * 32;
-    const uint32_t b = k_stage + (kk / 4) * (kIdxBlockN * 128) + (kk % 4) * 32;
-    wgmma_m64n128k16(acc, sw128_desc(a), sw128_desc(b), kk > 0 ? 1 : 0);
-  }
-  wgmma_commit();
+  wgmma_chain_m64n128<D, kIdxBlockM, kIdxBlockN>(acc, q_half, k_stage);
 }
-
-// Largest b in [0, batch) with cu[b] <= tok: the sequence of a packed token (the last of several
-// empty sequences sharing an offset is the one that owns it). Safe for any contents.
-__device__ __forceinline__ int64_t find_seq(const int32_t* cu, int64_t batch, int64_t tok) {
-  int64_t lo = 0, hi = batch - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) >> 1;
-    if (cu[mid] <= tok)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
-
-__device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 }  // namespace idx_detail
 
@@ -383,8 +359,7 @@ __global__ void __launch_bounds__(kIdxThreads, 1)
           v = make_uint4(w[0], w[1], w[2], w[3]);
         }
       }
-      const uint32_t off = (ch / 8) * (kIdxBlockM * 128) + r * 128 + (((ch % 8) ^ (r % 8)) * 16);
-      *reinterpret_cast<uint4*>(smem + lay.q + off) = v;
+      *reinterpret_cast<uint4*>(smem + lay.q + sw128_chunk_offset<kIdxBlockM>(r, ch)) = v;
     }
   }
   for (int e = tid; e < kIdxBlockM * list_len; e += kIdxThreads) list_comp[e] = 0;
