@@ -21,6 +21,7 @@
 
 #include "block_topk.h"
 #include "common.cuh"
+#include "host.h"
 
 namespace msa::cuda::topk {
 
@@ -488,10 +489,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) block_topk_kernel(con
   cp_async_wait_all();
 }
 
-inline void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("msa::block_topk: ") + what + ": " + cudaGetErrorString(e));
-}
+// The public operation, for error messages.
+constexpr const char* kOp = "block_topk";
 
 inline void launch(const BlockTopkParams& p, cudaStream_t stream) {
   Args a;
@@ -505,18 +504,18 @@ inline void launch(const BlockTopkParams& p, cudaStream_t stream) {
   a.force_last = p.force_last;
 
   if constexpr (kBlockSmem > 48 * 1024)
-    check(cudaFuncSetAttribute(block_topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBlockSmem),
-          "cudaFuncSetAttribute");
+    check_cuda(kOp, cudaFuncSetAttribute(block_topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBlockSmem),
+               "cudaFuncSetAttribute");
   int dev = 0, sms = 0, per_sm = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, block_topk_kernel, kWarps * 32, kBlockSmem),
-        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  check_cuda(kOp, cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(kOp, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  check_cuda(kOp, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, block_topk_kernel, kWarps * 32, kBlockSmem),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   const int64_t want = (p.rows + kWarps - 1) / kWarps;
   const int64_t resident = int64_t(sms) * (per_sm > 0 ? per_sm : 1);
   const int grid = int(want < resident ? want : resident);
   block_topk_kernel<<<grid, kWarps * 32, kBlockSmem, stream>>>(a);
-  check(cudaGetLastError(), "kernel launch");
+  check_cuda(kOp, cudaGetLastError(), "kernel launch");
 }
 
 }  // namespace msa::cuda::topk

@@ -17,8 +17,12 @@
 
 #include "common.cuh"
 #include "hopper.cuh"
+#include "host.h"
 
 namespace msa::cuda {
+
+// The public operation, for error messages.
+constexpr const char* kDenseFwdOp = "dense_attention_forward";
 
 // ---- tile shapes -------------------------------------------------------------------------------
 // kDnBlockM, kDnBlockN, kDnConsumers and the stage count fix register and shared-memory layouts;
@@ -476,16 +480,13 @@ void launch_dense_fwd(const CUtensorMap& tmap_k, const CUtensorMap& tmap_v, cons
   constexpr int S = dn_stages<D>();
   const size_t bytes = size_t(dn_smem_layout(D, S).total) + 1024;  // + base alignment
   auto kernel = dense_fwd_kernel<D, PINGPONG>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
   if (err != cudaSuccess)
-    throw std::runtime_error(std::string("msa::dense_attention_forward: cudaFuncSetAttribute(") +
-                             std::to_string(bytes) + " bytes of shared memory) failed: " + cudaGetErrorString(err));
+    throw_cuda_error(kDenseFwdOp, "cudaFuncSetAttribute(" + std::to_string(bytes) + " bytes of shared memory) failed",
+                     err);
   const int64_t grid = int64_t(kp.h_kv) * kp.tiles_per_head;
   kernel<<<dim3(unsigned(grid)), dim3(kDnThreads), bytes, stream>>>(tmap_k, tmap_v, kp);
-  err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("msa::dense_attention_forward: kernel launch failed: ") +
-                             cudaGetErrorString(err));
+  check_cuda(kDenseFwdOp, cudaGetLastError(), "kernel launch failed");
 }
 
 }  // namespace msa::cuda

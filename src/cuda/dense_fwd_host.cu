@@ -1,8 +1,6 @@
 // dense_fwd_host.cu — host side of the CUDA dense attention forward: layout checks that pick the
 // load and store paths, the K/V tensor maps, the per-sequence query-tile prefix for varlen
 // batches, and the flat dispatch to the compiled head dims.
-#include <cudaTypedefs.h>
-
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -10,6 +8,7 @@
 
 #include "dense_fwd.cuh"
 #include "dense_fwd.h"
+#include "host.h"
 
 namespace msa::cuda {
 
@@ -24,26 +23,6 @@ MSA_DENSE_FWD_EXTERN(128, true)
 #undef MSA_DENSE_FWD_EXTERN
 
 namespace {
-
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("msa::dense_attention_forward: ") + what + ": " + cudaGetErrorString(e));
-}
-
-bool aligned(const void* ptr, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0; }
-
-// The driver's tensor-map encoder, found through the runtime so that msa needs no libcuda link.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found);
-    if (e != cudaSuccess || found != cudaDriverEntryPointSuccess || ptr == nullptr)
-      throw std::runtime_error("msa::dense_attention_forward: the CUDA driver has no cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
 
 // TMA needs a 16-byte aligned base and strides; other K/V layouts are first copied to a packed
 // [n_k, h_kv, d] buffer (one extra pass, only for such layouts).
@@ -102,33 +81,13 @@ __global__ void __launch_bounds__(kScanThreads) tile_prefix_kernel(const int32_t
   }
 }
 
-// Frees stream-ordered scratch once the work queued before it is done, also on a throw.
-struct ScratchGuard {
-  void* ptr = nullptr;
-  cudaStream_t stream = nullptr;
-  ~ScratchGuard() {
-    if (ptr) cudaFreeAsync(ptr, stream);
-  }
-};
-
 // 3D map over a [n, h, d] bf16 tensor, box = 64 columns x 1 head x 128 rows, 128-byte swizzle:
 // one box lands as 128 rows of 128 bytes, the K-major (for K) / MN-major (for V) wgmma atom.
 CUtensorMap make_kv_map(const uint16_t* base, int64_t n, int64_t h, int64_t d, int64_t stride_tok,
                         int64_t stride_head) {
-  CUtensorMap map;
-  std::memset(&map, 0, sizeof(map));
-  const cuuint64_t dims[3] = {cuuint64_t(d), cuuint64_t(h), cuuint64_t(n)};
-  const cuuint64_t strides[2] = {cuuint64_t(stride_head) * 2, cuuint64_t(stride_tok) * 2};
-  const cuuint32_t box[3] = {cuuint32_t(kDnAtom), 1, cuuint32_t(kDnBlockN)};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  CUresult r = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<uint16_t*>(base), dims,
-                                    strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                    CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    throw std::runtime_error("msa::dense_attention_forward: cuTensorMapEncodeTiled failed with error " +
-                             std::to_string(int(r)));
-  return map;
+  return make_bf16_tensor_map_sw128<3>(kDenseFwdOp, base, {cuuint64_t(d), cuuint64_t(h), cuuint64_t(n)},
+                                       {cuuint64_t(stride_head) * 2, cuuint64_t(stride_tok) * 2},
+                                       {cuuint32_t(kDnAtom), 1, cuuint32_t(kDnBlockN)});
 }
 
 }  // namespace
@@ -155,11 +114,11 @@ void run_dense_fwd(const AttentionParams& p, cudaStream_t stream, DenseSchedule 
   kp.q = static_cast<const uint16_t*>(p.q);
   kp.stride_q_tok = p.stride_q_tok;
   kp.stride_q_head = p.stride_q_head;
-  kp.q_vec = aligned(p.q, 16) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0;
+  kp.q_vec = is_aligned(p.q, 16) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0;
   kp.o = static_cast<uint16_t*>(p.o);
   kp.stride_o_tok = p.stride_o_tok;
   kp.stride_o_head = p.stride_o_head;
-  kp.o_vec = aligned(p.o, 4) && p.stride_o_tok % 2 == 0 && p.stride_o_head % 2 == 0;
+  kp.o_vec = is_aligned(p.o, 4) && p.stride_o_tok % 2 == 0 && p.stride_o_head % 2 == 0;
   kp.lse = p.lse;
   kp.scale_log2 = float(double(p.scale) * 1.4426950408889634);
 
@@ -176,10 +135,11 @@ void run_dense_fwd(const AttentionParams& p, cudaStream_t stream, DenseSchedule 
   ScratchGuard tile_scratch, k_scratch, v_scratch;
   if (kp.cu_q != nullptr) {
     tile_scratch.stream = stream;
-    check_cuda(cudaMallocAsync(&tile_scratch.ptr, size_t(kp.batch + 1) * sizeof(int32_t), stream), "cudaMallocAsync");
+    check_cuda(kDenseFwdOp, cudaMallocAsync(&tile_scratch.ptr, size_t(kp.batch + 1) * sizeof(int32_t), stream),
+               "cudaMallocAsync");
     tile_prefix_kernel<<<1, kScanThreads, 0, stream>>>(kp.cu_q, kp.batch, kp.n_q, int(tok_per_tile),
                                                        static_cast<int32_t*>(tile_scratch.ptr));
-    check_cuda(cudaGetLastError(), "tile prefix launch");
+    check_cuda(kDenseFwdOp, cudaGetLastError(), "tile prefix launch");
     kp.tile_start = static_cast<const int32_t*>(tile_scratch.ptr);
   }
 
@@ -190,14 +150,14 @@ void run_dense_fwd(const AttentionParams& p, cudaStream_t stream, DenseSchedule 
   if (kp.n_k > 0) {
     auto prepare = [&](const void* ptr, int64_t stride_tok, int64_t stride_head, ScratchGuard& scratch) {
       const uint16_t* src = static_cast<const uint16_t*>(ptr);
-      if (!aligned(src, 16) || stride_tok % 8 != 0 || stride_head % 8 != 0) {
+      if (!is_aligned(src, 16) || stride_tok % 8 != 0 || stride_head % 8 != 0) {
         scratch.stream = stream;
         const int64_t total = kp.n_k * kp.h_kv * d;
-        check_cuda(cudaMallocAsync(&scratch.ptr, size_t(total) * 2, stream), "cudaMallocAsync");
+        check_cuda(kDenseFwdOp, cudaMallocAsync(&scratch.ptr, size_t(total) * 2, stream), "cudaMallocAsync");
         const int blocks = int(std::min<int64_t>((total + 255) / 256, 4096));
         repack_kv_kernel<<<blocks, 256, 0, stream>>>(src, stride_tok, stride_head, static_cast<uint16_t*>(scratch.ptr),
                                                      kp.n_k, kp.h_kv, d);
-        check_cuda(cudaGetLastError(), "repack launch");
+        check_cuda(kDenseFwdOp, cudaGetLastError(), "repack launch");
         return make_kv_map(static_cast<const uint16_t*>(scratch.ptr), kp.n_k, kp.h_kv, d, kp.h_kv * d, d);
       }
       return make_kv_map(src, kp.n_k, kp.h_kv, d, stride_tok, stride_head);

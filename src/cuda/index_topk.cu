@@ -1,11 +1,11 @@
 // index_topk.cu — host side of the CUDA index branch: operand layout checks that decide the load
 // paths, the TMA descriptor of k_idx, and the flat dispatch to the compiled configurations.
-#include <cudaTypedefs.h>
-
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 
+#include "host.h"
 #include "index_topk.cuh"
 #include "index_topk.h"
 
@@ -23,25 +23,6 @@ extern template void launch_index_topk<128, 128, true>(const CUtensorMap&, Index
 
 namespace {
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string("msa::index_topk: ") + what + ": " + cudaGetErrorString(e));
-}
-
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
-
-// The driver's tensor-map encoder, found through the runtime so that msa needs no libcuda link.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found);
-    if (e != cudaSuccess || found != cudaDriverEntryPointSuccess || ptr == nullptr)
-      throw std::runtime_error("msa::index_topk: the CUDA driver has no cuTensorMapEncodeTiled (driver too old?)");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
-
 // TMA needs a 16-byte aligned base and row stride; other layouts are first copied to a packed
 // [n_k, d] buffer (one extra pass over k_idx, only for such layouts).
 __global__ void repack_rows_kernel(const uint16_t* src, int64_t stride, uint16_t* dst, int64_t n, int64_t d) {
@@ -49,15 +30,6 @@ __global__ void repack_rows_kernel(const uint16_t* src, int64_t stride, uint16_t
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x)
     dst[e] = src[(e / d) * stride + e % d];
 }
-
-// Frees the stream-ordered scratch once the work queued before it is done, also on a throw.
-struct ScratchGuard {
-  void* ptr = nullptr;
-  cudaStream_t stream = nullptr;
-  ~ScratchGuard() {
-    if (ptr) cudaFreeAsync(ptr, stream);
-  }
-};
 
 }  // namespace
 
@@ -79,7 +51,7 @@ void run_index_topk(const IndexTopkParams& p, cudaStream_t stream) {
   kp.q = static_cast<const uint16_t*>(p.q_idx);
   kp.stride_q_tok = p.stride_q_idx_tok;
   kp.stride_q_head = p.stride_q_idx_head;
-  kp.q_vec = aligned16(p.q_idx) && p.stride_q_idx_tok % 8 == 0 && p.stride_q_idx_head % 8 == 0;
+  kp.q_vec = is_aligned(p.q_idx, 16) && p.stride_q_idx_tok % 8 == 0 && p.stride_q_idx_head % 8 == 0;
   kp.topk = int(p.topk);
   kp.scale = p.index_scale;
   kp.topk_idx = p.topk_idx;
@@ -88,8 +60,8 @@ void run_index_topk(const IndexTopkParams& p, cudaStream_t stream) {
   kp.lse = p.index_lse;
 
   int device = 0, smem_optin = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+  check_cuda(kIndexOp, cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(kIndexOp, cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "cudaDeviceGetAttribute");
 
   // With n_k == 0 every row sees nothing: no key tile is ever loaded and the map stays empty.
@@ -99,26 +71,18 @@ void run_index_topk(const IndexTopkParams& p, cudaStream_t stream) {
   if (kp.n_k > 0) {
     const uint16_t* k = static_cast<const uint16_t*>(p.k_idx);
     int64_t stride_k = p.stride_k_idx_tok;
-    if (!aligned16(k) || (stride_k * 2) % 16 != 0) {
+    if (!is_aligned(k, 16) || (stride_k * 2) % 16 != 0) {
       scratch.stream = stream;
-      check_cuda(cudaMallocAsync(&scratch.ptr, size_t(kp.n_k) * d * 2, stream), "cudaMallocAsync");
+      check_cuda(kIndexOp, cudaMallocAsync(&scratch.ptr, size_t(kp.n_k) * d * 2, stream), "cudaMallocAsync");
       const int64_t total = kp.n_k * d;
       const int blocks = int(std::min<int64_t>((total + 255) / 256, 4096));
       repack_rows_kernel<<<blocks, 256, 0, stream>>>(k, stride_k, static_cast<uint16_t*>(scratch.ptr), kp.n_k, d);
-      check_cuda(cudaGetLastError(), "repack launch");
+      check_cuda(kIndexOp, cudaGetLastError(), "repack launch");
       k = static_cast<const uint16_t*>(scratch.ptr);
       stride_k = d;
     }
-    const cuuint64_t dims[2] = {cuuint64_t(d), cuuint64_t(kp.n_k)};
-    const cuuint64_t strides[1] = {cuuint64_t(stride_k) * 2};
-    const cuuint32_t box[2] = {cuuint32_t(kIdxAtomK), cuuint32_t(kIdxBlockN)};
-    const cuuint32_t elem_strides[2] = {1, 1};
-    CUresult r = tensor_map_encoder()(&tmap, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<uint16_t*>(k), dims,
-                                      strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (r != CUDA_SUCCESS)
-      throw std::runtime_error("msa::index_topk: cuTensorMapEncodeTiled failed with error " + std::to_string(int(r)));
+    tmap = make_bf16_tensor_map_sw128<2>(kIndexOp, k, {cuuint64_t(d), cuuint64_t(kp.n_k)}, {cuuint64_t(stride_k) * 2},
+                                         {cuuint32_t(kIdxAtomK), cuuint32_t(kIdxBlockN)});
   }
 
   // One flat dispatch over the compiled configurations.

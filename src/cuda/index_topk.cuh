@@ -14,9 +14,13 @@
 
 #include "common.cuh"
 #include "hopper.cuh"
+#include "host.h"
 #include "tile_size.h"
 
 namespace msa::cuda {
+
+// The public operation, for error messages.
+constexpr const char* kIndexOp = "index_topk";
 
 // Everything the kernel reads besides the K tensor map. Rows are the flattened (token, head)
 // pairs R = tok * h_kv + head of q_idx, so any h_kv tiles the same way.
@@ -586,14 +590,11 @@ void launch_index_topk(const CUtensorMap& tmap_k, IndexKernelParams kp, int smem
                              std::to_string(smem_optin) + " bytes per block)");
   kp.stages = stages;
   auto kernel = index_topk_kernel<D, BK, LSE>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("msa::index_topk: cudaFuncSetAttribute failed: ") + cudaGetErrorString(err));
+  check_cuda(kIndexOp, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+             "cudaFuncSetAttribute failed");
   const int64_t grid = (kp.n_rows + kIdxBlockM - 1) / kIdxBlockM;
   kernel<<<dim3(unsigned(grid)), dim3(kIdxThreads), bytes, stream>>>(tmap_k, kp);
-  err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("msa::index_topk: kernel launch failed: ") + cudaGetErrorString(err));
+  check_cuda(kIndexOp, cudaGetLastError(), "kernel launch failed");
 }
 
 }  // namespace msa::cuda

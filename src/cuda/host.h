@@ -1,0 +1,80 @@
+// host.h — host-side helpers the msa CUDA launchers share: CUDA error checks that throw with the
+// public operation's name, pointer alignment, stream-ordered scratch that is freed on every path,
+// and TMA tensor maps (the driver's encoder found through the runtime, bf16 maps in the 128-byte
+// swizzle). Header-only; internal to src/cuda.
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace msa::cuda {
+
+// op is the public function without the namespace ("index_topk"): messages read
+// "msa::<op>: <what>: <CUDA error string>".
+[[noreturn]] inline void throw_cuda_error(const char* op, const std::string& what, cudaError_t e) {
+  throw std::runtime_error(std::string("msa::") + op + ": " + what + ": " + cudaGetErrorString(e));
+}
+
+inline void check_cuda(const char* op, cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw_cuda_error(op, what, e);
+}
+
+// bytes is a power of two.
+inline bool is_aligned(const void* ptr, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0; }
+
+// Frees stream-ordered scratch once the work queued before it is done, also on a throw.
+struct ScratchGuard {
+  void* ptr = nullptr;
+  cudaStream_t stream = nullptr;
+  ScratchGuard() = default;
+  ScratchGuard(const ScratchGuard&) = delete;
+  ScratchGuard& operator=(const ScratchGuard&) = delete;
+  ~ScratchGuard() {
+    if (ptr) cudaFreeAsync(ptr, stream);
+  }
+};
+
+// The driver's tensor-map encoder, found through the runtime so that msa needs no libcuda link.
+// Looked up once per process; throws (naming op) when the driver lacks it.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder(const char* op) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found);
+    if (e != cudaSuccess || found != cudaDriverEntryPointSuccess) ptr = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  if (fn == nullptr)
+    throw std::runtime_error(std::string("msa::") + op +
+                             ": the CUDA driver has no cuTensorMapEncodeTiled (driver too old?)");
+  return fn;
+}
+
+// Tiled map over a RANK-dimensional bf16 tensor: dims innermost first, byte strides of dims
+// 1 .. RANK-1, box in elements; 128-byte swizzle (the layout wgmma's SW128 descriptors read),
+// 256-byte L2 promotion, no out-of-bounds fill. base needs 16-byte alignment and strides
+// multiples of 16 bytes.
+template <int RANK>
+CUtensorMap make_bf16_tensor_map_sw128(const char* op, const void* base, const cuuint64_t (&dims)[RANK],
+                                       const cuuint64_t (&byte_strides)[RANK - 1], const cuuint32_t (&box)[RANK]) {
+  CUtensorMap map;
+  std::memset(&map, 0, sizeof(map));
+  cuuint32_t elem_strides[RANK];
+  for (int i = 0; i < RANK; ++i) elem_strides[i] = 1;
+  CUresult r = tensor_map_encoder(op)(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, RANK, const_cast<void*>(base), dims,
+                                      byte_strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw std::runtime_error(std::string("msa::") + op + ": cuTensorMapEncodeTiled failed with error " +
+                             std::to_string(int(r)));
+  return map;
+}
+
+}  // namespace msa::cuda
