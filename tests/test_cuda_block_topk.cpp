@@ -14,11 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test_util.h"
 #include "test_util.h"
-
-#ifdef MSA_WITH_CUDA
-#include <cuda_runtime.h>
-#endif
 
 namespace msa::test {
 namespace {
@@ -43,7 +40,7 @@ TEST(CudaBlockTopk, ZeroRowsIsNoOp) {
 }
 
 TEST(CudaBlockTopk, BadArgumentsThrowBeforeLaunch) {
-  if (!cuda_compiled()) GTEST_SKIP() << "built without the CUDA backend";
+  REQUIRE_CUDA_BUILD();
   BlockTopkParams p;
   p.rows = 4;
   p.n_blocks = 64;
@@ -247,42 +244,11 @@ TEST(CudaBlockTopk, OracleAgreesWithCpuBackend) {
 
 #ifdef MSA_WITH_CUDA
 
-#define SKIP_WITHOUT_GPU()                                                                        \
-  do {                                                                                            \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible: GPU test not run";     \
-  } while (0)
-
-void cuda_ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
-
-template <class T>
-struct DevBuf {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DevBuf(size_t count) : n(count) {
-    if (n) cuda_ok(cudaMalloc(&ptr, n * sizeof(T)), "cudaMalloc");
-  }
-  DevBuf(const DevBuf&) = delete;
-  DevBuf& operator=(const DevBuf&) = delete;
-  ~DevBuf() { cudaFree(ptr); }
-  void upload(const std::vector<T>& v) {
-    cuda_ok(cudaMemcpy(ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), "upload");
-  }
-  std::vector<T> download() const {
-    std::vector<T> v(n);
-    cuda_ok(cudaMemcpy(v.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), "download");
-    return v;
-  }
-};
-
 std::vector<int32_t> run_gpu(const Case& c, cudaStream_t stream = nullptr) {
-  DevBuf<float> d_scores(c.scores.size());
-  d_scores.upload(c.scores);
-  DevBuf<int32_t> d_row_blocks(c.row_blocks.size());
-  if (!c.row_blocks.empty()) d_row_blocks.upload(c.row_blocks);
+  DevBuf<float> d_scores(c.scores);
+  DevBuf<int32_t> d_row_blocks(c.row_blocks);
   DevBuf<int32_t> d_out(size_t(c.rows * c.topk));
-  cuda_ok(cudaMemset(d_out.ptr, 0xab, d_out.n * sizeof(int32_t)), "poison");  // every entry must be written
+  d_out.poison(0xab);  // every entry must be written
   BlockTopkParams p;
   p.rows = c.rows;
   p.n_blocks = c.n_blocks;
@@ -296,9 +262,9 @@ std::vector<int32_t> run_gpu(const Case& c, cudaStream_t stream = nullptr) {
   ex.backend = Backend::cuda;
   ex.stream = stream;
   block_topk(p, ex);
-  cuda_ok(cudaStreamSynchronize(stream), "kernel");
-  cuda_ok(cudaGetLastError(), "kernel");
-  return d_out.download();
+  cuda_check(cudaStreamSynchronize(stream), "kernel");
+  cuda_check(cudaGetLastError(), "kernel");
+  return d_out.get();
 }
 
 void check_case(const Case& c, cudaStream_t stream = nullptr) {
@@ -309,7 +275,7 @@ void check_case(const Case& c, cudaStream_t stream = nullptr) {
 }
 
 TEST(CudaBlockTopk, SweepShapesTopkModes) {
-  SKIP_WITHOUT_GPU();
+  REQUIRE_GPU();
   const int64_t n_list[] = {1, 7, 128, 1023, 1024, 4097};
   const int64_t k_list[] = {1, 2, 16, 31, 32};
   uint64_t seed = 1000;
@@ -330,7 +296,7 @@ TEST(CudaBlockTopk, SweepShapesTopkModes) {
 }
 
 TEST(CudaBlockTopk, SingleRow) {
-  SKIP_WITHOUT_GPU();
+  REQUIRE_GPU();
   uint64_t seed = 2000;
   for (int64_t n : {1, 16, 17, 1024, 4097})
     for (bool force_last : {false, true}) check_case(make_case(++seed, 1, n, 16, force_last, 0, 0, false));
@@ -339,21 +305,21 @@ TEST(CudaBlockTopk, SingleRow) {
 // Far more rows than resident warps: each warp walks many rows, prefetching across short rows
 // (nothing to load), long rows and rows of every value kind.
 TEST(CudaBlockTopk, ManyRowsPerWarp) {
-  SKIP_WITHOUT_GPU();
+  REQUIRE_GPU();
   check_case(make_case(3001, 20000, 1024, 16, true, 0, 0, true));
   check_case(make_case(3002, 12000, 1100, 32, false, 5, 0, true));
   check_case(make_case(3003, 20000, 1024, 16, false, 0, 0, false, /*plain_only=*/true));
 }
 
 TEST(CudaBlockTopk, LongRows) {
-  SKIP_WITHOUT_GPU();
+  REQUIRE_GPU();
   check_case(make_case(4001, 200, 8192, 16, true, 0, 0, true));
   check_case(make_case(4002, 100, 8192, 32, false, 0, 0, false));
   check_case(make_case(4003, 60, 10000, 7, true, 1, 0, true));
 }
 
 TEST(CudaBlockTopk, NoBlocks) {
-  SKIP_WITHOUT_GPU();
+  REQUIRE_GPU();
   Case c;
   c.rows = 5;
   c.n_blocks = 0;
@@ -365,7 +331,7 @@ TEST(CudaBlockTopk, NoBlocks) {
 
 // The kernel clamps row_blocks to [0, n_blocks] (it cannot validate device memory on the host).
 TEST(CudaBlockTopk, RowBlocksClampedOnDevice) {
-  SKIP_WITHOUT_GPU();
+  REQUIRE_GPU();
   Case c = make_case(5001, 64, 300, 16, true, 0, 0, true);
   std::mt19937_64 rng(5002);
   for (auto& v : c.row_blocks) {
@@ -376,21 +342,21 @@ TEST(CudaBlockTopk, RowBlocksClampedOnDevice) {
 }
 
 TEST(CudaBlockTopk, OwnStream) {
-  SKIP_WITHOUT_GPU();
+  REQUIRE_GPU();
   cudaStream_t s = nullptr;
-  cuda_ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  cuda_check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
   check_case(make_case(6001, 500, 1024, 16, true, 0, 0, true), s);
   cudaStreamDestroy(s);
 }
 
 TEST(CudaBlockTopk, TwentyRunsBitwiseIdentical) {
-  SKIP_WITHOUT_GPU();
+  REQUIRE_GPU();
   const Case c = make_case(7001, 3000, 2000, 16, true, 0, 0, true);
   const auto first = run_gpu(c);
   EXPECT_TRUE(same_rows(c, first, run_oracle(c), "oracle"));
   for (int run = 1; run < 20; ++run) {
     const auto again = run_gpu(c);
-    ASSERT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(int32_t))) << "run " << run;
+    ASSERT_TRUE(bitwise_equal(again, first)) << "run " << run;
   }
 }
 

@@ -23,11 +23,10 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda_test_util.h"
 #include "test_util.h"
 
 #ifdef MSA_WITH_CUDA
-#include <cuda_runtime.h>
-
 #include "cuda/dense_fwd.h"
 #endif
 
@@ -35,7 +34,7 @@ namespace msa::test {
 namespace {
 
 TEST(CudaDenseFwd, BadArgumentsThrowBeforeLaunch) {
-  if (!cuda_compiled()) GTEST_SKIP() << "built without the CUDA backend";
+  REQUIRE_CUDA_BUILD();
   AttentionParams p;
   p.seq.n_q = p.seq.n_k = 8;
   p.h_q = 4;
@@ -62,36 +61,8 @@ TEST(CudaDenseFwd, GpuTests) { GTEST_SKIP() << "built without the CUDA backend: 
 
 #else
 
-void ck(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
-
-template <class T>
-struct DevBuf {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DevBuf(size_t n_) : n(n_) {
-    if (n) ck(cudaMalloc(&ptr, n * sizeof(T)), "cudaMalloc");
-  }
-  explicit DevBuf(const std::vector<T>& h) : DevBuf(h.size()) {
-    if (n) ck(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), "upload");
-  }
-  ~DevBuf() { cudaFree(ptr); }
-  DevBuf(const DevBuf&) = delete;
-  DevBuf& operator=(const DevBuf&) = delete;
-  void poison() {
-    if (n) ck(cudaMemset(ptr, 0xff, n * sizeof(T)), "cudaMemset");  // bf16 0xffff and float 0xffffffff: NaN
-  }
-  std::vector<T> get() const {
-    std::vector<T> h(n);
-    if (n) ck(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), "download");
-    return h;
-  }
-};
-
-bool have_gpu() { return cuda_device_count() > 0; }
-#define REQUIRE_GPU() \
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device visible: GPU test skipped"
+// Outputs are filled with this byte before every run: bf16 0xffff and float 0xffffffff are NaN.
+constexpr unsigned char kPoisonByte = 0xff;
 
 // One problem: lengths, heads, layout. Strides and offsets are in elements; 0 = contiguous.
 struct Case {
@@ -265,15 +236,14 @@ Gpu run_gpu(const Case& c, const Data& x, int reps, ::testing::AssertionResult* 
   Gpu first;
   *same = ::testing::AssertionSuccess();
   auto check_same = [&](const std::vector<bf16>& o_raw, const std::vector<float>& l, const char* what) {
-    if (std::memcmp(o_raw.data(), first.o_raw.data(), o_raw.size() * sizeof(bf16)) != 0 ||
-        std::memcmp(l.data(), first.lse.data(), l.size() * sizeof(float)) != 0)
+    if (!bitwise_equal(o_raw, first.o_raw) || !bitwise_equal(l, first.lse))
       *same = ::testing::AssertionFailure() << what << " differs bitwise from the first run";
   };
   for (int rep = 0; rep < reps; ++rep) {
-    o.poison();
-    lse.poison();
+    o.poison(kPoisonByte);
+    lse.poison(kPoisonByte);
     dense_attention_forward(p, ex);
-    ck(cudaDeviceSynchronize(), "dense_attention_forward kernel");
+    cuda_check(cudaDeviceSynchronize(), "dense_attention_forward kernel");
     if (rep == 0) {
       first.o_raw = o.get();
       first.lse = lse.get();
@@ -295,10 +265,10 @@ Gpu run_gpu(const Case& c, const Data& x, int reps, ::testing::AssertionResult* 
   const cuda::DenseSchedule other = cuda::kDenseDefaultSchedule == cuda::DenseSchedule::overlap
                                         ? cuda::DenseSchedule::pingpong
                                         : cuda::DenseSchedule::overlap;
-  o.poison();
-  lse.poison();
+  o.poison(kPoisonByte);
+  lse.poison(kPoisonByte);
   if (c.n_q() > 0) cuda::run_dense_fwd(r, nullptr, other);
-  ck(cudaDeviceSynchronize(), "dense forward kernel (other schedule)");
+  cuda_check(cudaDeviceSynchronize(), "dense forward kernel (other schedule)");
   check_same(o.get(), lse.get(), "the other schedule");
 
   first.o.resize(size_t(c.n_q() * c.h_q * c.d));

@@ -17,17 +17,14 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test_util.h"
 #include "test_util.h"
-
-#ifdef MSA_WITH_CUDA
-#include <cuda_runtime.h>
-#endif
 
 namespace msa::test {
 namespace {
 
 TEST(CudaIndexTopk, BadArgumentsThrowBeforeLaunch) {
-  if (!cuda_compiled()) GTEST_SKIP() << "built without the CUDA backend";
+  REQUIRE_CUDA_BUILD();
   IndexTopkParams p;
   p.seq.n_q = p.seq.n_k = 8;
   p.h_kv = 1;
@@ -54,36 +51,8 @@ TEST(CudaIndexTopk, GpuTests) { GTEST_SKIP() << "built without the CUDA backend:
 
 #else
 
-void ck(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
-
-template <class T>
-struct DevBuf {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DevBuf(size_t n_) : n(n_) {
-    if (n) ck(cudaMalloc(&ptr, n * sizeof(T)), "cudaMalloc");
-  }
-  DevBuf(const std::vector<T>& h) : DevBuf(h.size()) {
-    if (n) ck(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), "upload");
-  }
-  ~DevBuf() { cudaFree(ptr); }
-  DevBuf(const DevBuf&) = delete;
-  DevBuf& operator=(const DevBuf&) = delete;
-  void poison() {
-    if (n) ck(cudaMemset(ptr, 0x7f, n * sizeof(T)), "cudaMemset");  // int 0x7f7f7f7f, float 3.4e38
-  }
-  std::vector<T> get() const {
-    std::vector<T> h(n);
-    if (n) ck(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), "download");
-    return h;
-  }
-};
-
-bool have_gpu() { return cuda_device_count() > 0; }
-#define REQUIRE_GPU() \
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device visible: GPU test skipped"
+// Outputs are filled with this byte before every run: int 0x7f7f7f7f, float 3.4e38.
+constexpr unsigned char kPoisonByte = 0x7f;
 
 // One problem: lengths, layout and the logical data (doubles exactly representable in bf16).
 struct Case {
@@ -223,20 +192,18 @@ Out run_gpu(const Case& c, bool want_bs, bool want_lse, int reps = 1, bool* dete
   ex.backend = Backend::cuda;
   Out first, o;
   for (int rep = 0; rep < reps; ++rep) {
-    idx.poison();
-    bs.poison();
-    lse.poison();
+    idx.poison(kPoisonByte);
+    bs.poison(kPoisonByte);
+    lse.poison(kPoisonByte);
     index_topk(p, ex);
-    ck(cudaDeviceSynchronize(), "index_topk kernel");
+    cuda_check(cudaDeviceSynchronize(), "index_topk kernel");
     o.idx = idx.get();
     o.bs = bs.get();
     o.lse = lse.get();
     if (rep == 0) {
       first = o;
     } else if (deterministic) {
-      const bool same = o.idx == first.idx &&
-                        std::memcmp(o.bs.data(), first.bs.data(), o.bs.size() * sizeof(float)) == 0 &&
-                        std::memcmp(o.lse.data(), first.lse.data(), o.lse.size() * sizeof(float)) == 0;
+      const bool same = o.idx == first.idx && bitwise_equal(o.bs, first.bs) && bitwise_equal(o.lse, first.lse);
       if (!same) *deterministic = false;
     }
   }
@@ -524,7 +491,7 @@ TEST(CudaIndexTopk, ManyHeadsAndOptionalOutputs) {
   Out full = run_gpu(d, true, true), bare = run_gpu(d, false, false), only_lse = run_gpu(d, false, true);
   EXPECT_EQ(full.idx, bare.idx);
   EXPECT_EQ(full.idx, only_lse.idx);
-  EXPECT_EQ(0, std::memcmp(full.lse.data(), only_lse.lse.data(), full.lse.size() * sizeof(float)));
+  EXPECT_TRUE(bitwise_equal(only_lse.lse, full.lse));
 }
 
 TEST(CudaIndexTopk, TwentyRunsBitwiseIdentical) {
@@ -563,9 +530,9 @@ TEST(CudaIndexTopk, GarbageVarlenStaysInBounds) {
     p.index_lse = lse.ptr;
     Exec ex;
     ex.backend = Backend::cuda;
-    idx.poison();
+    idx.poison(kPoisonByte);
     index_topk(p, ex);
-    ck(cudaDeviceSynchronize(), "index_topk kernel");
+    cuda_check(cudaDeviceSynchronize(), "index_topk kernel");
     for (int32_t b : idx.get()) EXPECT_TRUE(b >= -1 && b < int32_t((c.n_k() + c.bk - 1) / c.bk)) << b;
   }
 }
