@@ -17,57 +17,13 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.h"
 #include "cuda/dense_fwd.h"
 #include "msa/msa.h"
 
 namespace {
 
-void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "CUDA error in %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(2);
-  }
-}
-
-__device__ __forceinline__ uint64_t mix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-// Standard normal bf16 values from a counter hash (never zeros: zeros run faster than data).
-__global__ void fill_normal(__nv_bfloat16* x, int64_t n, uint64_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const uint64_t h = mix64(seed ^ mix64(uint64_t(i)));
-    const float u1 = (float(h >> 40) + 0.5f) * (1.f / 16777216.f);
-    const float u2 = (float(h & 0xffffff) + 0.5f) * (1.f / 16777216.f);
-    x[i] = __float2bfloat16(sqrtf(-2.f * logf(u1)) * cospif(2.f * u2));
-  }
-}
-
-template <class F>
-float median_ms(F&& fn, int warmup, int iters) {
-  cudaEvent_t a, b;
-  ok(cudaEventCreate(&a), "event");
-  ok(cudaEventCreate(&b), "event");
-  for (int i = 0; i < warmup; ++i) fn();
-  ok(cudaDeviceSynchronize(), "warm-up");
-  std::vector<float> t;
-  for (int i = 0; i < iters; ++i) {
-    ok(cudaEventRecord(a), "record");
-    fn();
-    ok(cudaEventRecord(b), "record");
-    ok(cudaEventSynchronize(b), "sync");
-    float ms = 0;
-    ok(cudaEventElapsedTime(&ms, a, b), "elapsed");
-    t.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
+using namespace msa::bench;
 
 struct Shape {
   int64_t n, h_q, h_kv, d;
@@ -82,9 +38,9 @@ void run_shape(const Shape& s, int iters) {
   ok(cudaMalloc(&v, nkv * 2), "malloc v");
   ok(cudaMalloc(&o, nq * 2), "malloc o");
   ok(cudaMalloc(&lse, s.n * s.h_q * 4), "malloc lse");
-  fill_normal<<<4096, 256>>>(q, nq, 1);
-  fill_normal<<<4096, 256>>>(k, nkv, 2);
-  fill_normal<<<4096, 256>>>(v, nkv, 3);
+  fill_normal_bf16<<<4096, 256>>>(q, nq, 1);
+  fill_normal_bf16<<<4096, 256>>>(k, nkv, 2);
+  fill_normal_bf16<<<4096, 256>>>(v, nkv, 3);
   ok(cudaGetLastError(), "fill");
 
   msa::AttentionParams p;
@@ -110,7 +66,7 @@ void run_shape(const Shape& s, int iters) {
   std::vector<float> lse_first;
   for (auto sched : {msa::cuda::DenseSchedule::overlap, msa::cuda::DenseSchedule::pingpong}) {
     const bool pp = sched == msa::cuda::DenseSchedule::pingpong;
-    const float ms = median_ms([&] { msa::cuda::run_dense_fwd(p, nullptr, sched); }, 2, iters);
+    const float ms = median_ms([&](int) { msa::cuda::run_dense_fwd(p, nullptr, sched); }, 2, iters);
     ok(cudaGetLastError(), "dense forward");
     std::vector<uint16_t> oh(static_cast<size_t>(nq));
     std::vector<float> lh(static_cast<size_t>(s.n * s.h_q));
@@ -150,8 +106,7 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  cudaDeviceProp prop;
-  ok(cudaGetDeviceProperties(&prop, 0), "device properties");
+  const cudaDeviceProp prop = device_props();
   std::printf("bench_dense: %s, %d SMs; causal, one sequence, bf16; median of %d runs after 2 warm-ups\n",
               prop.name, prop.multiProcessorCount, iters);
   std::printf("| n | h_q | h_kv | d | schedule | ms | TFLOP/s | bitwise = overlap |\n");

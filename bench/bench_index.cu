@@ -9,64 +9,18 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "bench_util.h"
 #include "msa/msa.h"
 
 namespace {
 
-void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "CUDA error in %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(2);
-  }
-}
-
-__device__ __forceinline__ uint64_t mix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-// Standard normal bf16 values from a counter hash (never zeros: zeros run faster than data).
-__global__ void fill_bf16(__nv_bfloat16* x, int64_t n, uint64_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const uint64_t h = mix64(seed ^ mix64(uint64_t(i)));
-    const float u1 = (float(h >> 40) + 0.5f) * (1.f / 16777216.f);
-    const float u2 = (float(h & 0xffffff) + 0.5f) * (1.f / 16777216.f);
-    x[i] = __float2bfloat16(sqrtf(-2.f * logf(u1)) * cospif(2.f * u2));
-  }
-}
-
-template <class F>
-float median_ms(F&& fn, int warmup, int iters) {
-  cudaEvent_t a, b;
-  ok(cudaEventCreate(&a), "event");
-  ok(cudaEventCreate(&b), "event");
-  for (int i = 0; i < warmup; ++i) fn();
-  ok(cudaDeviceSynchronize(), "warm-up");
-  std::vector<float> t;
-  for (int i = 0; i < iters; ++i) {
-    ok(cudaEventRecord(a), "record");
-    fn();
-    ok(cudaEventRecord(b), "record");
-    ok(cudaEventSynchronize(b), "sync");
-    float ms = 0;
-    ok(cudaEventElapsedTime(&ms, a, b), "elapsed");
-    t.push_back(ms);
-  }
-  ok(cudaGetLastError(), "timed runs");
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
+using namespace msa::bench;
 
 float gemm_ceiling_tflops(int iters) {
   const int n = 8192;
@@ -74,13 +28,13 @@ float gemm_ceiling_tflops(int iters) {
   ok(cudaMalloc(&a, size_t(n) * n * 2), "malloc");
   ok(cudaMalloc(&b, size_t(n) * n * 2), "malloc");
   ok(cudaMalloc(&c, size_t(n) * n * 2), "malloc");
-  fill_bf16<<<1024, 256>>>(a, int64_t(n) * n, 1);
-  fill_bf16<<<1024, 256>>>(b, int64_t(n) * n, 2);
+  fill_normal_bf16<<<1024, 256>>>(a, int64_t(n) * n, 1);
+  fill_normal_bf16<<<1024, 256>>>(b, int64_t(n) * n, 2);
   cublasHandle_t h;
   if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) return 0.f;
   const float alpha = 1.f, beta = 0.f;
   float ms = median_ms(
-      [&] {
+      [&](int) {
         cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a, CUDA_R_16BF, n, b, CUDA_R_16BF, n, &beta, c,
                      CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
       },
@@ -105,8 +59,7 @@ int main(int argc, char** argv) {
     std::printf("bench_index: no CUDA device\n");
     return 0;
   }
-  cudaDeviceProp prop;
-  ok(cudaGetDeviceProperties(&prop, 0), "props");
+  const cudaDeviceProp prop = device_props();
   std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
   std::printf("cuBLAS bf16 GEMM 8192^3: %.0f TFLOP/s\n", gemm_ceiling_tflops(iters));
 
@@ -125,8 +78,8 @@ int main(int argc, char** argv) {
     const int64_t n_blocks = (n + bk - 1) / bk;
     const bool with_bs = n <= 32768;
     if (with_bs) ok(cudaMalloc(&bs, size_t(n * h_kv * n_blocks) * 4), "malloc bs");
-    fill_bf16<<<1024, 256>>>(q, n * h_kv * d, 11);
-    fill_bf16<<<1024, 256>>>(k, n * d, 12);
+    fill_normal_bf16<<<1024, 256>>>(q, n * h_kv * d, 11);
+    fill_normal_bf16<<<1024, 256>>>(k, n * d, 12);
     ok(cudaDeviceSynchronize(), "fill");
     const double flops = double(h_kv) * d * 2 * (double(n) * (n + 1) / 2);
     struct Variant {
@@ -155,7 +108,7 @@ int main(int argc, char** argv) {
       p.n_blocks = v.bs ? n_blocks : 0;
       msa::Exec ex;
       ex.backend = msa::Backend::cuda;
-      const float ms = median_ms([&] { msa::index_topk(p, ex); }, 2, iters);
+      const float ms = median_ms([&](int) { msa::index_topk(p, ex); }, 2, iters);
       std::printf("%-8lld %-24s %10.3f %10.1f\n", (long long)n, v.name, ms, flops / (ms * 1e-3) / 1e12);
     }
     cudaFree(q);

@@ -14,36 +14,19 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.h"
 #include "msa/msa.h"
 
 namespace {
 
-void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "CUDA error in %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(2);
-  }
-}
-
-__device__ __forceinline__ uint64_t mix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
+using namespace msa::bench;
 
 // kind 0: standard normal (Box-Muller on a counter hash); kind 1: one of 8 values (ties everywhere).
 __global__ void fill_kernel(float* x, int64_t n, uint64_t seed, int kind) {
   const float pool[8] = {1.5f, -0.5f, 0.f, -2.f, 7.f, 3.25f, -1.f, 0.75f};
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    uint64_t h = mix64(seed ^ mix64(uint64_t(i)));
-    if (kind == 1) {
-      x[i] = pool[h & 7];
-    } else {
-      float u1 = (float(h >> 40) + 0.5f) * (1.f / 16777216.f);
-      float u2 = (float(h & 0xffffff) + 0.5f) * (1.f / 16777216.f);
-      x[i] = sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);
-    }
+    const uint64_t h = hash_at(seed, i);
+    x[i] = kind == 1 ? pool[h & 7] : normal_from_hash(h);
   }
 }
 
@@ -71,32 +54,6 @@ struct Result {
   double median_ms = 0, min_ms = 0, bytes = 0;
   int64_t checked_rows = 0, bad_rows = 0;
 };
-
-double median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  size_t m = v.size() / 2;
-  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
-}
-
-// Times fn (which launches on stream 0 given the iteration number) with one event pair per
-// iteration, queued back to back so no launch gap enters a measurement.
-template <class F>
-std::vector<float> time_it(F fn, int warmup, int iters) {
-  for (int i = 0; i < warmup; ++i) fn(i);
-  ok(cudaDeviceSynchronize(), "warm-up");
-  std::vector<cudaEvent_t> ev(2 * size_t(iters));
-  for (auto& e : ev) ok(cudaEventCreate(&e), "cudaEventCreate");
-  for (int i = 0; i < iters; ++i) {
-    ok(cudaEventRecord(ev[2 * i], 0), "record");
-    fn(i);
-    ok(cudaEventRecord(ev[2 * i + 1], 0), "record");
-  }
-  ok(cudaDeviceSynchronize(), "timed runs");
-  std::vector<float> ms(static_cast<size_t>(iters));
-  for (int i = 0; i < iters; ++i) ok(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]), "elapsed");
-  for (auto& e : ev) cudaEventDestroy(e);
-  return ms;
-}
 
 Result run_config(const Config& c, int iters) {
   Result r;
@@ -136,7 +93,7 @@ Result run_config(const Config& c, int iters) {
   msa::Exec ex;
   ex.backend = msa::Backend::cuda;
 
-  auto ms = time_it(
+  auto ms = time_queued_ms(
       [&](int i) {
         p.scores = sets[size_t(i % n_sets)];
         msa::block_topk(p, ex);
@@ -199,8 +156,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "no CUDA device visible\n");
     return 1;
   }
-  cudaDeviceProp prop;
-  ok(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  const cudaDeviceProp prop = device_props();
   int clock_khz = 0, mem_khz = 0;
   cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0);
   cudaDeviceGetAttribute(&mem_khz, cudaDevAttrMemoryClockRate, 0);
@@ -227,10 +183,10 @@ int main(int argc, char** argv) {
   ok(cudaMalloc(&fb, floor_bytes), "cudaMalloc");
   ok(cudaMalloc(&sink, 4), "cudaMalloc");
   fill_kernel<<<2048, 256>>>(fa, int64_t(R * N), 1, 0);
-  auto read_ms = median(time_it(
+  auto read_ms = median(time_queued_ms(
       [&](int) { read_kernel<<<prop.multiProcessorCount * 8, 512>>>(reinterpret_cast<const float4*>(fa), int64_t(R * N / 4), sink); },
       5, iters));
-  auto copy_ms = median(time_it([&](int) { cudaMemcpyAsync(fb, fa, floor_bytes, cudaMemcpyDeviceToDevice, 0); }, 5, iters));
+  auto copy_ms = median(time_queued_ms([&](int) { cudaMemcpyAsync(fb, fa, floor_bytes, cudaMemcpyDeviceToDevice, 0); }, 5, iters));
   ok(cudaGetLastError(), "floor kernels");
   cudaFree(fa);
   cudaFree(fb);
