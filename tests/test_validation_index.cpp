@@ -91,9 +91,30 @@ TEST(ValidationIndexTopk, DtypeAndBackend) {
   expect_index_error([](IndexCall& c) { c.p.dtype = DType(7); }, {"msa::index_topk", "dtype = 7"});
   expect_index_error([](IndexCall& c) { c.ex.num_threads = -1; }, {"msa::index_topk", "num_threads = -1"});
   expect_index_error([](IndexCall& c) { c.ex.backend = Backend(5); }, {"msa::index_topk", "backend = 5"});
-  if (cuda_compiled()) GTEST_SKIP() << "the cuda-backend message depends on which kernels this build has";
+  if (!cuda_compiled()) {
+    expect_index_error([](IndexCall& c) { c.ex.backend = Backend::cuda; },
+                       {"msa::index_topk", "backend = cuda", "no CUDA backend"});
+    return;
+  }
+  // A CUDA build rejects on the host, before any launch, what its kernels cannot take (the call's
+  // pointers are host memory here, so reaching a launch would be a bug of its own).
   expect_index_error([](IndexCall& c) { c.ex.backend = Backend::cuda; },
-                     {"msa::index_topk", "backend = cuda", "no CUDA backend"});
+                     {"msa::index_topk", "dtype = float32, expected bfloat16 on the cuda backend"});
+  expect_index_error(
+      [](IndexCall& c) {
+        c.ex.backend = Backend::cuda;
+        c.p.dtype = DType::bf16;
+        c.p.d_idx = 96;
+      },
+      {"msa::index_topk", "d_idx = 96, expected one of {64, 128}"});
+  expect_index_error(
+      [](IndexCall& c) {
+        c.ex.backend = Backend::cuda;
+        c.p.dtype = DType::bf16;
+        c.p.d_idx = 64;
+        c.p.bk = 32;
+      },
+      {"msa::index_topk", "bk = 32, expected one of {64, 128}"});
 }
 
 TEST(ValidationIndexTopk, PointersAndStrides) {
