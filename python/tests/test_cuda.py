@@ -1,0 +1,165 @@
+# The msa operators on CUDA tensors against the same operators on the CPU (the reference backend),
+# bfloat16 inputs, the shapes the kernels take (d, d_idx, bk in {64, 128}). Skipped, with the
+# reason shown by pytest -rs, where no CUDA device is visible or the library has no CUDA support.
+# Operations without a CUDA kernel yet (the backward passes, the KL) must raise an error naming
+# the operation instead of falling back to the CPU; once a kernel lands they are compared instead.
+import pytest
+import torch
+
+import msa_torch
+import reference as ref
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device visible: the CUDA operators were not compared with the CPU",
+                allow_module_level=True)
+if not torch._C._dispatch_has_kernel_for_dispatch_key("msa::dense_attention_fwd", "CUDA"):
+    pytest.skip("libmsa_torch was built without CUDA (no nvcc, or MSA_WITH_CUDA=OFF): CUDA operators not tested",
+                allow_module_level=True)
+
+# (name, lens_q, lens_k): a long single sequence, a varlen batch with a tiny and an empty-ish
+# sequence, and chunks at the end of their sequences.
+LAYOUTS = [("single", [1029], [1029]), ("varlen", [1, 300, 700], [1, 300, 700]), ("chunks", [7, 130], [500, 900])]
+
+
+def make(layout, d, d_idx, seed, h_q=8, h_kv=2):
+    _, lens_q, lens_k = layout
+    g = torch.Generator().manual_seed(seed)
+    cu_q, cu_k = (None, None) if len(lens_q) == 1 else ref.make_seq(lens_q, lens_k)
+    n_q, n_k = sum(lens_q), sum(lens_k)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+    return dict(q=randn(n_q, h_q, d), k=randn(n_k, h_kv, d), v=randn(n_k, h_kv, d), q_idx=randn(n_q, h_kv, d_idx),
+                k_idx=randn(n_k, d_idx), cu_q=cu_q, cu_k=cu_k)
+
+
+def to_cuda(x):
+    return {name: (t.cuda() if isinstance(t, torch.Tensor) else t) for name, t in x.items()}
+
+
+def assert_close_rows(actual, expected, what, ulps=4):
+    """bfloat16 outputs: within a few bfloat16 ulps (2^-8 relative) of each row's largest value."""
+    a, e = actual.double().cpu(), expected.double().cpu()
+    row_scale = e.abs().amax(dim=-1, keepdim=True).clamp_min(1e-3)
+    err = (a - e).abs() / row_scale
+    worst = int(err.argmax())
+    idx = torch.unravel_index(torch.tensor(worst), err.shape)
+    assert float(err.max()) <= ulps * 2.0**-8, (
+        f"{what}: worst relative error {float(err.max()):.3e} at {tuple(int(i) for i in idx)}: "
+        f"{float(a.flatten()[worst])} vs {float(e.flatten()[worst])}")
+
+
+@pytest.mark.parametrize("bk", [64, 128])
+@pytest.mark.parametrize("d_idx", [64, 128])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x[0])
+def test_index_topk_cuda_matches_cpu(layout, d_idx, bk):
+    x = make(layout, 64, d_idx, seed=1)
+    topk = 8
+    args = dict(bk=bk, topk=topk, return_block_scores=True, return_index_lse=True)
+    cpu_idx, cpu_scores, cpu_lse = msa_torch.index_topk(x["q_idx"], x["k_idx"], x["cu_q"], x["cu_k"], **args)
+    y = to_cuda(x)
+    idx, scores, lse = msa_torch.index_topk(y["q_idx"], y["k_idx"], y["cu_q"], y["cu_k"], **args)
+    assert idx.is_cuda and idx.dtype == torch.int32 and idx.shape == cpu_idx.shape
+    scores, idx = scores.cpu(), idx.cpu()
+    finite = torch.isfinite(cpu_scores)
+    assert torch.equal(finite, torch.isfinite(scores)), "block_scores: -inf (invisible blocks) misplaced"
+    # float32 accumulation of exact bfloat16 products against double accumulation.
+    tol = 1e-5 * cpu_scores[finite].abs().max()
+    assert float((scores[finite] - cpu_scores[finite]).abs().max()) <= tol
+    # Selections are sets; where they differ (near-ties), the chosen blocks must score the same.
+    differ = (idx != cpu_idx).any(dim=2).nonzero()
+    for i, r in differ.tolist():
+        got = sorted(float(cpu_scores[i, r, b]) for b in idx[i, r] if b >= 0)
+        want = sorted(float(cpu_scores[i, r, b]) for b in cpu_idx[i, r] if b >= 0)
+        assert len(got) == len(want) and all(abs(a - b) <= tol for a, b in zip(got, want)), (i, r)
+    torch.testing.assert_close(lse.cpu(), cpu_lse, rtol=1e-4, atol=1e-4)
+
+
+def test_block_topk_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(1000, 300, generator=g)
+    row_blocks = torch.randint(0, 301, (1000,), generator=g, dtype=torch.int32)
+    for force_last in (True, False):
+        want = msa_torch.block_topk(scores, 16, force_last, row_blocks)
+        got = msa_torch.block_topk(scores.cuda(), 16, force_last, row_blocks.cuda())
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x[0])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_attention_forward_cuda_matches_cpu(sparse, layout, d):
+    x = make(layout, d, 64, seed=3)
+    bk = 64
+    sel = msa_torch.index_topk(x["q_idx"], x["k_idx"], x["cu_q"], x["cu_k"], bk=bk, topk=8)[0] if sparse else None
+    y = to_cuda(x)
+    if sparse:
+        want = msa_torch.sparse_attention(x["q"], x["k"], x["v"], sel, x["cu_q"], x["cu_k"], bk=bk, return_lse=True)
+        got = msa_torch.sparse_attention(y["q"], y["k"], y["v"], sel.cuda(), y["cu_q"], y["cu_k"], bk=bk,
+                                         return_lse=True)
+    else:
+        want = msa_torch.dense_attention(x["q"], x["k"], x["v"], x["cu_q"], x["cu_k"], return_lse=True)
+        got = msa_torch.dense_attention(y["q"], y["k"], y["v"], y["cu_q"], y["cu_k"], return_lse=True)
+    assert got[0].is_cuda and got[0].dtype == torch.bfloat16
+    assert_close_rows(got[0], want[0], "o")
+    torch.testing.assert_close(got[1].cpu(), want[1], rtol=0, atol=1e-3)
+
+
+def test_forward_runs_on_the_current_stream_and_device_guard():
+    x = to_cuda(make(LAYOUTS[1], 64, 64, seed=4))
+    want = msa_torch.dense_attention(x["q"], x["k"], x["v"], x["cu_q"], x["cu_k"])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = msa_torch.dense_attention(x["q"], x["k"], x["v"], x["cu_q"], x["cu_k"])
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(got, want)
+
+
+def test_mixed_devices_are_rejected():
+    x = to_cuda(make(LAYOUTS[1], 64, 64, seed=5))
+    with pytest.raises(ValueError, match=r"^msa::dense_attention_fwd: cu_seqlens_q is on cpu, expected cuda:0 like q"):
+        msa_torch.dense_attention(x["q"], x["k"], x["v"], x["cu_q"].cpu(), x["cu_k"])
+    with pytest.raises(ValueError, match=r"^msa::index_topk: k_idx is on cpu, expected cuda:0 like q_idx"):
+        msa_torch.index_topk(x["q_idx"], x["k_idx"].cpu(), x["cu_q"], x["cu_k"], bk=64, topk=8)
+
+
+def no_kernel_yet_or_matches(run_cuda, run_cpu, op):
+    """An operation with no CUDA kernel raises an error naming it; one with a kernel matches the CPU."""
+    try:
+        got = run_cuda()
+    except ValueError as e:
+        assert str(e).startswith(f"msa::{op}: backend = cuda") and "no CUDA kernel" in str(e), str(e)
+        return
+    for a, b in zip(got, run_cpu()):
+        assert_close_rows(a.float(), b.float(), op)
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_attention_backward_on_cuda(sparse):
+    x = make(LAYOUTS[1], 64, 64, seed=6)
+    bk = 64
+    sel = msa_torch.index_topk(x["q_idx"], x["k_idx"], x["cu_q"], x["cu_k"], bk=bk, topk=8)[0]
+
+    def grads(t):
+        leaves = [t[n].clone().requires_grad_(True) for n in ("q", "k", "v")]
+        if sparse:
+            o = msa_torch.sparse_attention(*leaves, sel.to(leaves[0].device), t["cu_q"], t["cu_k"], bk=bk)
+        else:
+            o = msa_torch.dense_attention(*leaves, t["cu_q"], t["cu_k"])
+        o.float().square().sum().backward()
+        return [leaf.grad for leaf in leaves]
+
+    no_kernel_yet_or_matches(lambda: grads(to_cuda(x)), lambda: grads(x),
+                             "sparse_attention_backward" if sparse else "dense_attention_backward")
+
+
+def test_kl_on_cuda():
+    x = make(LAYOUTS[1], 64, 64, seed=7)
+
+    def loss(t):
+        return [msa_torch.index_kl_loss(t["q"], t["k"], t["q_idx"], t["k_idx"], None, cu_seqlens_q=t["cu_q"],
+                                        cu_seqlens_k=t["cu_k"])]
+
+    no_kernel_yet_or_matches(lambda: loss(to_cuda(x)), lambda: loss(x), "index_kl_loss")
