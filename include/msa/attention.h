@@ -54,4 +54,12 @@ void sparse_attention_backward(const AttentionBwdParams& p, const Exec& ex = {})
 void dense_attention_forward(const AttentionParams& p, const Exec& ex = {});
 void dense_attention_backward(const AttentionBwdParams& p, const Exec& ex = {});
 
+// The one exact reason for an MSA layer to run dense attention: when no query can see more than
+// topk blocks (the longest key sequence holds at most topk * bk tokens), index_topk keeps every
+// visible block, so the sparse forward over its selection computes dense causal attention, and a
+// layer may call dense_attention_forward and skip the index branch. Choosing dense because it is
+// faster at some length changes the function (all keys instead of the selected blocks) and is
+// left to the caller; docs/prefill_bench.md shows where that happens on an H100.
+constexpr bool prefer_dense(int64_t max_len_k, int64_t bk, int64_t topk) { return max_len_k <= topk * bk; }
+
 }  // namespace msa

@@ -1,6 +1,7 @@
 // sparse_fwd.cu — host side of the CUDA sparse attention forward: layout checks that pick the load
-// paths, the stream-ordered workspace (schedule, partials), the schedule, the flat dispatch of
-// phase 1 over the compiled (d, bk) configurations, and the combine (phase 2).
+// paths, the passes over the queries with their stream-ordered workspace (schedule, partials), the
+// schedule, the flat dispatch of phase 1 over the compiled (d, bk) configurations, and the combine
+// (phase 2).
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -55,12 +56,9 @@ int log2_exact(int64_t g) {
   return l;
 }
 
-}  // namespace
-
-void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream, const SparseFwdOptions& opt) {
-  const char* fn = "msa::sparse_attention_forward: ";
-  // Zero strides and scale get their documented defaults here too, so that a direct caller (the
-  // benchmark) cannot hand the kernels stride-0 tensors.
+// Zero strides and scale get their documented defaults here too, so that a direct caller (the
+// benchmark) cannot hand the kernels stride-0 tensors.
+AttentionParams resolved(const AttentionParams& p0) {
   AttentionParams p = p0;
   auto contiguous = [](int64_t& tok, int64_t& head, int64_t h, int64_t d) {
     if (head == 0) head = d;
@@ -71,46 +69,87 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
   contiguous(p.stride_v_tok, p.stride_v_head, p.h_kv, p.d);
   contiguous(p.stride_o_tok, p.stride_o_head, p.h_q, p.d);
   if (p.scale == 0.f) p.scale = float(1.0 / std::sqrt(double(p.d)));
-  const int d = int(p.d), bk = int(p.bk), topk = int(p.topk);
-  const int64_t n_q = p.seq.n_q, n_k = p.seq.n_k, g = p.h_q / p.h_kv;
-  const int64_t n_e = n_q * p.h_kv * p.topk;
-  // Entry ids, sorted positions and item starts are 32-bit.
+  return p;
+}
+
+// Pass size, work-item size and the workspace map; one function so that the call and
+// sparse_fwd_workspace_bytes agree.
+struct Plan {
+  int64_t pass = 0;  // query rows per pass (the last one may be shorter)
+  int64_t chunk = 0;
+  bool q_vec = false;
+  SparseScheduleParams sp;  // the fields every pass shares
+  size_t sched_bytes = 0, po_bytes = 0, pl_bytes = 0, q_bytes = 0;
+  size_t total() const { return sched_bytes + po_bytes + pl_bytes + q_bytes; }
+};
+
+Plan make_plan(const AttentionParams& p, const SparseFwdOptions& opt) {
+  const char* fn = "msa::sparse_attention_forward: ";
+  const int64_t n_q = p.seq.n_q, g = p.h_q / p.h_kv, topk = p.topk, d = p.d;
+  Plan plan;
+  const int64_t pass = opt.pass_queries > 0 ? opt.pass_queries : std::max<int64_t>(1, kSpPassRows / (p.h_q * topk));
+  plan.pass = std::min(pass, n_q);
+  // Entry ids, sorted positions and item starts are 32-bit (per pass).
+  const int64_t n_e = plan.pass * p.h_kv * topk;
   if (n_e >= INT32_MAX)
-    throw Error(std::string(fn) + "n_q * h_kv * topk = " + std::to_string(n_e) +
-                " selection entries, expected fewer than 2^31 on the cuda backend");
+    throw Error(std::string(fn) + std::to_string(plan.pass) + " queries per pass * h_kv * topk = " +
+                std::to_string(n_e) + " selection entries, expected fewer than 2^31 on the cuda backend");
   if (n_q * p.h_q >= (int64_t(1) << 40))
     throw Error(std::string(fn) + "n_q * h_q = " + std::to_string(n_q * p.h_q) +
                 " rows, too many for the cuda backend");
 
-  const int queries_per_tile = int(kSpRows / g);
-  int64_t chunk = opt.chunk_queries > 0 ? opt.chunk_queries : int64_t(kSpChunkFactor) * topk * bk;
-  chunk = std::min<int64_t>((chunk + queries_per_tile - 1) / queries_per_tile * queries_per_tile, INT32_MAX / 2);
+  const int64_t queries_per_tile = kSpRows / g;
+  int64_t chunk = opt.chunk_queries > 0 ? opt.chunk_queries : int64_t(kSpChunkFactor) * topk * p.bk;
+  plan.chunk = std::min<int64_t>((chunk + queries_per_tile - 1) / queries_per_tile * queries_per_tile, INT32_MAX / 2);
 
-  SparseScheduleParams sp;
-  sp.n_q = n_q;
-  sp.n_k = n_k;
+  SparseScheduleParams& sp = plan.sp;
+  sp.n_q_all = n_q;
+  sp.n_k = p.seq.n_k;
   sp.batch = p.seq.batch;
   sp.cu_q = p.seq.cu_seqlens_q;
   sp.cu_k = p.seq.cu_seqlens_k;
   sp.q_pos = p.seq.q_pos;
-  sp.topk_idx = p.topk_idx;
   sp.h_kv = int(p.h_kv);
-  sp.topk = topk;
-  sp.bk = bk;
-  sp.bk_shift = log2_exact(bk);
-  sp.chunk = int(chunk);
+  sp.topk = int(topk);
+  sp.bk = int(p.bk);
+  sp.bk_shift = log2_exact(p.bk);
+  sp.chunk = int(plan.chunk);
 
-  const bool q_vec = aligned16(p.q) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0;
-  const size_t sched_bytes = align256(sparse_schedule_bytes(sp));
-  const size_t n_partial = size_t(n_q) * p.h_q * topk;
-  const size_t po_bytes = align256(n_partial * d * (opt.partial_f32 ? 4 : 2));
-  const size_t pl_bytes = align256(n_partial * 4);
-  const size_t q_bytes = q_vec ? 0 : align256(size_t(n_q) * p.h_q * d * 2);
+  // CUB's temporary storage need not grow monotonically with the length: size for both pass lengths.
+  SparseScheduleParams full = sp, tail = sp;
+  full.n_q = plan.pass;
+  tail.n_q = n_q % plan.pass == 0 ? plan.pass : n_q % plan.pass;
+  plan.sched_bytes = align256(std::max(sparse_schedule_bytes(full), sparse_schedule_bytes(tail)));
+  plan.q_vec = aligned16(p.q) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0;
+  const size_t n_partial = size_t(plan.pass) * p.h_q * topk;
+  plan.po_bytes = align256(n_partial * d * (opt.partial_f32 ? 4 : 2));
+  plan.pl_bytes = align256(n_partial * 4);
+  plan.q_bytes = plan.q_vec ? 0 : align256(size_t(plan.pass) * p.h_q * d * 2);
+  return plan;
+}
+
+}  // namespace
+
+size_t sparse_fwd_workspace_bytes(const AttentionParams& p0, const SparseFwdOptions& opt) {
+  if (p0.seq.n_q == 0) return 0;
+  return make_plan(resolved(p0), opt).total();
+}
+
+void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream, const SparseFwdOptions& opt) {
+  const char* fn = "msa::sparse_attention_forward: ";
+  const AttentionParams p = resolved(p0);
+  const int d = int(p.d), bk = int(p.bk), topk = int(p.topk);
+  const int64_t n_q = p.seq.n_q, g = p.h_q / p.h_kv;
+  if (!((d == 64 || d == 128) && (bk == 64 || bk == 128)))
+    throw Error(std::string(fn) + "no CUDA kernel for d = " + std::to_string(d) + ", bk = " + std::to_string(bk) +
+                " (compiled: d in {64, 128}, bk in {64, 128})");
+  Plan plan = make_plan(p, opt);
 
   ScratchGuard ws;
   ws.stream = stream;
-  check_cuda(cudaMallocAsync(&ws.ptr, sched_bytes + po_bytes + pl_bytes + q_bytes, stream), "cudaMallocAsync");
+  check_cuda(cudaMallocAsync(&ws.ptr, plan.total(), stream), "cudaMallocAsync");
   uint8_t* base = static_cast<uint8_t*>(ws.ptr);
+  uint16_t* packed_q = plan.q_vec ? nullptr : reinterpret_cast<uint16_t*>(base + plan.sched_bytes + plan.po_bytes + plan.pl_bytes);
 
   int device = 0, num_sms = 0, smem_optin = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
@@ -118,23 +157,8 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
   check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "cudaDeviceGetAttribute");
 
-  const SparseSchedule sched = build_sparse_schedule(sp, base, sched_bytes, stream);
-  if (opt.after_schedule) check_cuda(cudaEventRecord(opt.after_schedule, stream), "cudaEventRecord");
-
+  // The fields every pass shares; the query-side pointers move to each pass's first row below.
   SparseFwdKernelParams kp;
-  kp.q = static_cast<const uint16_t*>(p.q);
-  kp.stride_q_tok = p.stride_q_tok;
-  kp.stride_q_head = p.stride_q_head;
-  if (!q_vec) {
-    uint16_t* packed = reinterpret_cast<uint16_t*>(base + sched_bytes + po_bytes + pl_bytes);
-    const int64_t total = n_q * p.h_q * d;
-    const unsigned blocks = unsigned(std::min<int64_t>((total + 255) / 256, 8192));
-    repack_q_kernel<<<blocks, 256, 0, stream>>>(kp.q, p.stride_q_tok, p.stride_q_head, packed, n_q, p.h_q, d);
-    check_cuda(cudaGetLastError(), "repack launch");
-    kp.q = packed;
-    kp.stride_q_head = d;
-    kp.stride_q_tok = p.h_q * d;
-  }
   kp.k = static_cast<const uint16_t*>(p.k);
   kp.stride_k_tok = p.stride_k_tok;
   kp.stride_k_head = p.stride_k_head;
@@ -143,8 +167,7 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
   kp.stride_v_head = p.stride_v_head;
   kp.kv_vec = aligned16(p.k) && aligned16(p.v) && p.stride_k_tok % 8 == 0 && p.stride_k_head % 8 == 0 &&
               p.stride_v_tok % 8 == 0 && p.stride_v_head % 8 == 0;
-  kp.n_q = n_q;
-  kp.n_k = n_k;
+  kp.n_k = p.seq.n_k;
   kp.h_q = int(p.h_q);
   kp.h_kv = int(p.h_kv);
   kp.g = int(g);
@@ -152,51 +175,77 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
   kp.topk = topk;
   kp.bk_shift = log2_exact(bk);
   kp.scale_log2 = p.scale * 1.4426950408889634f;
-  kp.qinfo = sched.qinfo;
-  kp.keys = sched.keys;
-  kp.entries = sched.entries;
-  kp.lims = sched.lims;
-  kp.item_start = sched.item_start;
-  kp.counters = sched.counters;
-  kp.partial_o = base + sched_bytes;
-  kp.partial_lse = reinterpret_cast<float*>(base + sched_bytes + po_bytes);
+  kp.partial_o = base + plan.sched_bytes;
+  kp.partial_lse = reinterpret_cast<float*>(base + plan.sched_bytes + plan.po_bytes);
   kp.partial_f32 = opt.partial_f32 ? 1 : 0;
-  kp.topk_idx = p.topk_idx;
-  kp.o = static_cast<uint16_t*>(p.o);
   kp.stride_o_tok = p.stride_o_tok;
   kp.stride_o_head = p.stride_o_head;
   kp.o_vec = aligned16(p.o) && p.stride_o_tok % 8 == 0 && p.stride_o_head % 8 == 0;
-  kp.lse = p.lse;
 
-  // Phase 1: persistent CTAs, one per SM (its shared memory allows no second), never more than
-  // there can be items.
-  const int grid = int(std::min<int64_t>(num_sms, n_e));
-  if (d == 64 && bk == 64)
-    launch_sparse_phase1<64, 64>(kp, grid, smem_optin, stream);
-  else if (d == 64 && bk == 128)
-    launch_sparse_phase1<64, 128>(kp, grid, smem_optin, stream);
-  else if (d == 128 && bk == 64)
-    launch_sparse_phase1<128, 64>(kp, grid, smem_optin, stream);
-  else if (d == 128 && bk == 128)
-    launch_sparse_phase1<128, 128>(kp, grid, smem_optin, stream);
-  else
-    throw Error(std::string(fn) + "no CUDA kernel for d = " + std::to_string(d) + ", bk = " + std::to_string(bk) +
-                " (compiled: d in {64, 128}, bk in {64, 128})");
-  if (opt.after_phase1) check_cuda(cudaEventRecord(opt.after_phase1, stream), "cudaEventRecord");
+  // Passes run one after the other on the stream and share the workspace. A pass is a plain
+  // sub-problem: its rows of q, o, lse and topk_idx, with positions from the whole call's varlen
+  // arrays (the schedule reads them at packed row q0 + i); K and V are untouched.
+  for (int64_t q0 = 0; q0 < n_q; q0 += plan.pass) {
+    const int64_t len = std::min(plan.pass, n_q - q0);
+    const int32_t* topk_idx = p.topk_idx + q0 * p.h_kv * topk;
+    SparseScheduleParams sp = plan.sp;
+    sp.q0 = q0;
+    sp.n_q = len;
+    sp.topk_idx = topk_idx;
+    const SparseSchedule sched = build_sparse_schedule(sp, base, plan.sched_bytes, stream);
+    if (opt.after_schedule) check_cuda(cudaEventRecord(opt.after_schedule, stream), "cudaEventRecord");
 
-  // Phase 2.
-  const int64_t threads = n_q * p.h_q * (d / 8);
-  const unsigned blocks =
-      unsigned(std::min<int64_t>((threads + kSpCombineThreads - 1) / kSpCombineThreads, int64_t(num_sms) * 64));
-  if (d == 64 && !opt.partial_f32)
-    sparse_fwd_combine_kernel<64, false><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
-  else if (d == 64)
-    sparse_fwd_combine_kernel<64, true><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
-  else if (!opt.partial_f32)
-    sparse_fwd_combine_kernel<128, false><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
-  else
-    sparse_fwd_combine_kernel<128, true><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
-  check_cuda(cudaGetLastError(), "combine launch");
+    const uint16_t* q = static_cast<const uint16_t*>(p.q) + q0 * p.stride_q_tok;
+    kp.q = q;
+    kp.stride_q_tok = p.stride_q_tok;
+    kp.stride_q_head = p.stride_q_head;
+    if (!plan.q_vec) {
+      const int64_t total = len * p.h_q * d;
+      const unsigned blocks = unsigned(std::min<int64_t>((total + 255) / 256, 8192));
+      repack_q_kernel<<<blocks, 256, 0, stream>>>(q, p.stride_q_tok, p.stride_q_head, packed_q, len, p.h_q, d);
+      check_cuda(cudaGetLastError(), "repack launch");
+      kp.q = packed_q;
+      kp.stride_q_head = d;
+      kp.stride_q_tok = p.h_q * d;
+    }
+    kp.n_q = len;
+    kp.qinfo = sched.qinfo;
+    kp.keys = sched.keys;
+    kp.entries = sched.entries;
+    kp.lims = sched.lims;
+    kp.item_start = sched.item_start;
+    kp.counters = sched.counters;
+    kp.topk_idx = topk_idx;
+    kp.o = static_cast<uint16_t*>(p.o) + q0 * p.stride_o_tok;
+    kp.lse = p.lse + q0 * p.h_q;
+
+    // Phase 1: persistent CTAs, one per SM (its shared memory allows no second), never more than
+    // there can be items.
+    const int grid = int(std::min<int64_t>(num_sms, len * p.h_kv * topk));
+    if (d == 64 && bk == 64)
+      launch_sparse_phase1<64, 64>(kp, grid, smem_optin, stream);
+    else if (d == 64 && bk == 128)
+      launch_sparse_phase1<64, 128>(kp, grid, smem_optin, stream);
+    else if (d == 128 && bk == 64)
+      launch_sparse_phase1<128, 64>(kp, grid, smem_optin, stream);
+    else
+      launch_sparse_phase1<128, 128>(kp, grid, smem_optin, stream);
+    if (opt.after_phase1) check_cuda(cudaEventRecord(opt.after_phase1, stream), "cudaEventRecord");
+
+    // Phase 2.
+    const int64_t threads = len * p.h_q * (d / 8);
+    const unsigned blocks =
+        unsigned(std::min<int64_t>((threads + kSpCombineThreads - 1) / kSpCombineThreads, int64_t(num_sms) * 64));
+    if (d == 64 && !opt.partial_f32)
+      sparse_fwd_combine_kernel<64, false><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
+    else if (d == 64)
+      sparse_fwd_combine_kernel<64, true><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
+    else if (!opt.partial_f32)
+      sparse_fwd_combine_kernel<128, false><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
+    else
+      sparse_fwd_combine_kernel<128, true><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
+    check_cuda(cudaGetLastError(), "combine launch");
+  }
 }
 
 }  // namespace msa::cuda

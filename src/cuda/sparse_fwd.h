@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "msa/attention.h"
@@ -15,6 +16,8 @@ namespace msa::cuda {
 struct SparseFwdOptions {
   bool partial_f32 = false;              // per-slot partial o in float32 instead of bfloat16 (2x partial bytes)
   int64_t chunk_queries = 0;             // most queries per work item; 0: kSpChunkFactor * topk * bk
+  int64_t pass_queries = 0;              // most query rows per pass; 0: max(1, kSpPassRows / (h_q * topk))
+  // Recorded in every pass, so with several passes they mark the last pass's stages.
   cudaEvent_t after_schedule = nullptr;  // recorded on the stream after the schedule kernels, when set
   cudaEvent_t after_phase1 = nullptr;    // recorded after phase 1 (before the combine), when set
 };
@@ -23,10 +26,17 @@ struct SparseFwdOptions {
 // {64, 128}, g = h_q / h_kv in {1, 2, 4, 8, 16}, 1 <= topk <= 32, bf16, n_q > 0). Every pointer,
 // the varlen arrays and topk_idx included, is device memory; their contents are never read on the
 // host, and the kernels skip invalid, out-of-range or invisible block ids and clamp positions so
-// that no access leaves the tensors. Workspace (the schedule and the per-slot partials,
-// n_q * h_q * topk * (2 d + 4) bytes with bf16 partials) is taken with cudaMallocAsync on the
-// stream and given back with cudaFreeAsync before returning. Asynchronous on stream; throws
-// msa::Error for shapes the kernels cannot index and std::runtime_error for CUDA failures.
+// that no access leaves the tensors. The queries run in passes of contiguous packed rows (each
+// with its own schedule, phase 1 and combine; the keys are the same for all), so the workspace
+// (the pass's schedule and per-slot partials, about pass * h_q * topk * (2 d + 4) bytes with bf16
+// partials) is bounded by kSpPassRows, not by n_q; it is taken once with cudaMallocAsync on the
+// stream and given back with cudaFreeAsync before returning. The outputs are bitwise the same for
+// any pass size. Asynchronous on stream; throws msa::Error for shapes the kernels cannot index and
+// std::runtime_error for CUDA failures.
 void run_sparse_attention_forward(const AttentionParams& p, cudaStream_t stream, const SparseFwdOptions& opt = {});
+
+// Bytes of workspace run_sparse_attention_forward takes for p (shapes only; strides as the call
+// would resolve them). Queries CUB, so it needs the current device.
+size_t sparse_fwd_workspace_bytes(const AttentionParams& p, const SparseFwdOptions& opt = {});
 
 }  // namespace msa::cuda

@@ -1,7 +1,7 @@
 // sparse_schedule.cu — the reverse index (query -> blocks becomes (kv head, block) -> queries) and
 // the chunked work items of the CUDA sparse attention forward, built on the stream without any
-// host synchronisation: per-query positions, one sort key per selection entry, a stable CUB radix
-// sort, then bucket heads, chunk heads and their compaction by two scans.
+// host synchronisation: per-query positions, per-group counts, one sort key per selection entry, a
+// stable CUB radix sort, then bucket heads, chunk heads and their compaction by two scans.
 #include <algorithm>
 #include <cub/cub.cuh>
 #include <stdexcept>
@@ -42,38 +42,59 @@ __device__ __forceinline__ int64_t find_seq(const int32_t* cu, int64_t batch, in
   return lo;
 }
 
-// qinfo[i] = {k0, p}. Offsets are clamped into [0, n] and positions into [-1, len_k), so garbage
-// varlen contents give garbage attention but never an access outside the tensors: every key row a
-// valid entry can touch is k0 + j with 0 <= j <= p < len_k, inside [0, n_k).
+// qinfo[i] = {k0, p} for the pass's query i (packed row q0 + i). Offsets are clamped into [0, n]
+// and positions into [-1, len_k), so garbage varlen contents give garbage attention but never an
+// access outside the tensors: every key row a valid entry can touch is k0 + j with
+// 0 <= j <= p < len_k, inside [0, n_k).
 __global__ void query_info_kernel(SparseScheduleParams p, int2* qinfo) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.n_q; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = p.cu_q ? find_seq(p.cu_q, p.batch, i) : 0;
-    const int64_t q_lo = p.cu_q ? clamp64(p.cu_q[b], 0, p.n_q) : 0;
-    const int64_t q_hi = p.cu_q ? clamp64(p.cu_q[b + 1], q_lo, p.n_q) : p.n_q;
+    const int64_t row = p.q0 + i;
+    const int64_t b = p.cu_q ? find_seq(p.cu_q, p.batch, row) : 0;
+    const int64_t q_lo = p.cu_q ? clamp64(p.cu_q[b], 0, p.n_q_all) : 0;
+    const int64_t q_hi = p.cu_q ? clamp64(p.cu_q[b + 1], q_lo, p.n_q_all) : p.n_q_all;
     const int32_t* cuk = p.cu_k ? p.cu_k : p.cu_q;
     const int64_t k_lo = cuk ? clamp64(cuk[b], 0, p.n_k) : 0;
     const int64_t k_hi = cuk ? clamp64(cuk[b + 1], k_lo, p.n_k) : p.n_k;
     const int64_t len_k = k_hi - k_lo;
-    int64_t pos = p.q_pos ? int64_t(p.q_pos[i]) : len_k - (q_hi - q_lo) + (i - q_lo);
+    int64_t pos = p.q_pos ? int64_t(p.q_pos[row]) : len_k - (q_hi - q_lo) + (row - q_lo);
     if (pos >= len_k) pos = len_k - 1;
     if (pos < 0) pos = -1;
     qinfo[i] = make_int2(int(k_lo), int(pos));
   }
 }
 
-// One sort key per entry: its group (kv head, first key row of the block); invalid entries get
-// the largest key so they sort behind every valid one.
-__global__ void entry_keys_kernel(SparseScheduleParams p, const int2* qinfo, int64_t n_e, uint64_t* keys,
-                                  uint32_t* vals) {
+// The group of entry e: (kv head, first key row of the block) as r * n_k + row, or h_kv * n_k
+// (`invalid`) for an entry that is skipped.
+__device__ __forceinline__ uint64_t entry_group(const SparseScheduleParams& p, const int2* qinfo, int64_t e,
+                                                uint64_t invalid) {
+  const int64_t row = e / p.topk;  // i * h_kv + r
+  const int64_t i = row / p.h_kv, r = row - i * p.h_kv;
+  const int32_t b = p.topk_idx[e];
+  const int2 qi = qinfo[i];
+  if (!sp_entry_valid(b, qi.y, p.bk_shift)) return invalid;
+  return uint64_t(r) * uint64_t(p.n_k) + uint64_t(qi.x + int64_t(b) * p.bk);
+}
+
+// Queries per group (the counts are exact, so the order they give is deterministic).
+__global__ void group_counts_kernel(SparseScheduleParams p, const int2* qinfo, int64_t n_e, int32_t* counts) {
   const uint64_t invalid = uint64_t(p.h_kv) * uint64_t(p.n_k);
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n_e; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = e / p.topk;  // i * h_kv + r
-    const int64_t i = row / p.h_kv, r = row - i * p.h_kv;
-    const int32_t b = p.topk_idx[e];
-    const int2 qi = qinfo[i];
-    uint64_t key = invalid;
-    if (sp_entry_valid(b, qi.y, p.bk_shift)) key = uint64_t(r) * uint64_t(p.n_k) + uint64_t(qi.x + int64_t(b) * p.bk);
-    keys[e] = key;
+    const uint64_t grp = entry_group(p, qinfo, e, invalid);
+    if (grp < invalid) atomicAdd(counts + grp, 1);
+  }
+}
+
+// One sort key per entry: above the group, the complement of its number of full work items
+// (capped at heavy_max), so groups with more full items sort first and the rest keep the group
+// order; invalid entries get the largest key so they sort behind every valid one.
+__global__ void entry_keys_kernel(SparseScheduleParams p, const int2* qinfo, const int32_t* counts, int64_t n_e,
+                                  int group_bits, uint64_t heavy_max, uint64_t* keys, uint32_t* vals) {
+  const uint64_t invalid = uint64_t(p.h_kv) * uint64_t(p.n_k);
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n_e; e += int64_t(gridDim.x) * blockDim.x) {
+    const uint64_t grp = entry_group(p, qinfo, e, invalid);
+    uint64_t rank = heavy_max;
+    if (grp < invalid) rank -= min(uint64_t(counts[grp] / p.chunk), heavy_max);
+    keys[e] = (rank << group_bits) | grp;
     vals[e] = uint32_t(e);
   }
 }
@@ -102,11 +123,14 @@ __global__ void item_flags_kernel(const uint64_t* keys, const int32_t* group_sta
     flags[e] = keys[e] < invalid && (int32_t(e) - group_start[e]) % chunk == 0 ? 1 : 0;
 }
 
-__global__ void item_scatter_kernel(const int32_t* flags, const int32_t* slot, int64_t n_e, int32_t* item_start,
-                                    int32_t* counters) {
+// Also drops the order rank from the sorted keys (nothing after this reads it): phase 1 decodes
+// the kv head and block from a plain group key.
+__global__ void item_scatter_kernel(const int32_t* flags, const int32_t* slot, int64_t n_e, uint64_t group_mask,
+                                    int32_t* item_start, int32_t* counters, uint64_t* keys) {
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n_e; e += int64_t(gridDim.x) * blockDim.x) {
     if (flags[e]) item_start[slot[e]] = int32_t(e);
     if (e + 1 == n_e) counters[1] = slot[e] + flags[e];
+    keys[e] &= group_mask;
   }
 }
 
@@ -122,15 +146,30 @@ int key_bits(uint64_t invalid) {
   return bits;
 }
 
+// Bits of the sort key: the group (room for `invalid` = h_kv * n_k) and, above it, the order rank
+// (0 .. heavy_max, heavy_max = 2^rank_bits - 1 >= the most full items a group can have).
+struct KeyBits {
+  int group = 1, rank = 1;
+  uint64_t heavy_max() const { return (uint64_t(1) << rank) - 1; }
+  int end() const { return group + rank; }
+};
+
+KeyBits sort_key_bits(const SparseScheduleParams& p) {
+  KeyBits kb;
+  kb.group = key_bits(uint64_t(p.h_kv) * uint64_t(p.n_k));
+  kb.rank = key_bits(uint64_t(p.n_q / std::max(p.chunk, 1)));
+  return kb;
+}
+
 // Workspace map: the fixed arrays, then CUB's temporary storage.
 struct Layout {
-  size_t qinfo, keys_a, keys_b, vals_a, vals_b, lims, items, counters, temp, temp_bytes, total;
+  size_t qinfo, keys_a, keys_b, vals_a, vals_b, lims, items, counts, counters, temp, temp_bytes, total;
 };
 
 Layout layout(const SparseScheduleParams& p) {
   const int64_t n_e = p.n_q * p.h_kv * p.topk;
   const int n = int(n_e);
-  const int end_bit = key_bits(uint64_t(p.h_kv) * uint64_t(p.n_k));
+  const int end_bit = sort_key_bits(p).end();
   size_t sort_bytes = 0, max_bytes = 0, sum_bytes = 0;
   check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const uint64_t*>(nullptr),
                                              static_cast<uint64_t*>(nullptr), static_cast<const uint32_t*>(nullptr),
@@ -156,6 +195,7 @@ Layout layout(const SparseScheduleParams& p) {
   l.vals_b = take(size_t(n_e) * 4);
   l.lims = take(size_t(n_e) * 4);
   l.items = take(size_t(n_e) * 4);
+  l.counts = take(size_t(p.h_kv) * size_t(p.n_k) * 4);  // one counter per possible group key
   l.counters = take(16);
   l.temp_bytes = std::max({sort_bytes, max_bytes, sum_bytes, size_t(1)});
   l.temp = take(l.temp_bytes);
@@ -173,8 +213,9 @@ SparseSchedule build_sparse_schedule(const SparseScheduleParams& p, void* ws, si
   uint8_t* base = static_cast<uint8_t*>(ws);
   const int64_t n_e = p.n_q * p.h_kv * p.topk;
   const int n = int(n_e);
-  const uint64_t invalid = uint64_t(p.h_kv) * uint64_t(p.n_k);
-  const int end_bit = key_bits(invalid);
+  const KeyBits kb = sort_key_bits(p);
+  // The largest sort key (an invalid entry); every valid one is smaller.
+  const uint64_t invalid = (kb.heavy_max() << kb.group) | (uint64_t(p.h_kv) * uint64_t(p.n_k));
 
   SparseSchedule s;
   s.qinfo = reinterpret_cast<int2*>(base + l.qinfo);
@@ -185,6 +226,7 @@ SparseSchedule build_sparse_schedule(const SparseScheduleParams& p, void* ws, si
   s.lims = reinterpret_cast<int32_t*>(base + l.lims);
   s.item_start = reinterpret_cast<int32_t*>(base + l.items);
   s.counters = reinterpret_cast<int32_t*>(base + l.counters);
+  int32_t* counts = reinterpret_cast<int32_t*>(base + l.counts);
   void* temp = base + l.temp;
   size_t temp_bytes = l.temp_bytes;
   // After the sort the unsorted keys and values are dead: their space holds the scans' arrays.
@@ -194,12 +236,16 @@ SparseSchedule build_sparse_schedule(const SparseScheduleParams& p, void* ws, si
   int32_t* slot = head;  // the heads are dead once the group starts exist
 
   check_cuda(cudaMemsetAsync(s.counters, 0, 16, stream), "cudaMemsetAsync");
+  check_cuda(cudaMemsetAsync(counts, 0, size_t(p.h_kv) * size_t(p.n_k) * 4, stream), "cudaMemsetAsync");
   query_info_kernel<<<grid_for(p.n_q), kThreads, 0, stream>>>(p, s.qinfo);
   check_cuda(cudaGetLastError(), "query_info_kernel launch");
-  entry_keys_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(p, s.qinfo, n_e, keys_a, vals_a);
+  group_counts_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(p, s.qinfo, n_e, counts);
+  check_cuda(cudaGetLastError(), "group_counts_kernel launch");
+  entry_keys_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(p, s.qinfo, counts, n_e, kb.group, kb.heavy_max(), keys_a,
+                                                            vals_a);
   check_cuda(cudaGetLastError(), "entry_keys_kernel launch");
   check_cuda(
-      cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_a, s.keys, vals_a, s.entries, n, 0, end_bit, stream),
+      cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_a, s.keys, vals_a, s.entries, n, 0, kb.end(), stream),
       "cub radix sort");
   group_heads_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(s.keys, s.entries, s.qinfo, uint32_t(p.h_kv * p.topk), n_e,
                                                              invalid, head, s.lims, s.counters);
@@ -210,7 +256,8 @@ SparseSchedule build_sparse_schedule(const SparseScheduleParams& p, void* ws, si
   check_cuda(cudaGetLastError(), "item_flags_kernel launch");
   temp_bytes = l.temp_bytes;
   check_cuda(cub::DeviceScan::ExclusiveSum(temp, temp_bytes, flags, slot, n, stream), "cub sum scan");
-  item_scatter_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(flags, slot, n_e, s.item_start, s.counters);
+  item_scatter_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(flags, slot, n_e, (uint64_t(1) << kb.group) - 1,
+                                                              s.item_start, s.counters, s.keys);
   check_cuda(cudaGetLastError(), "item_scatter_kernel launch");
   return s;
 }

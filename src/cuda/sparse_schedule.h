@@ -1,7 +1,8 @@
 // sparse_schedule.h — the reverse index and work schedule of the CUDA sparse attention forward
 // (internal, CUDA sources only): per query its key offset and position, the (query, slot) entries
 // of the selection grouped by (kv head, kv block) in query order (a CSR built by a stable sort),
-// and the work items (chunks of at most `chunk` entries of one group) that phase 1 walks.
+// and the work items (chunks of at most `chunk` entries of one group) that phase 1 walks. Built
+// for one pass: a contiguous range of packed query rows (sparse_tiles.h, kSpPassRows).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,22 +13,28 @@
 namespace msa::cuda {
 
 struct SparseScheduleParams {
-  int64_t n_q = 0, n_k = 0, batch = 1;
+  int64_t n_q = 0;       // query rows of this pass
+  int64_t q0 = 0;        // packed row of the pass's first query
+  int64_t n_q_all = 0;   // packed query rows of the call (what cu_q and q_pos describe)
+  int64_t n_k = 0, batch = 1;
   const int32_t* cu_q = nullptr;      // [batch+1] device, or null (one sequence)
   const int32_t* cu_k = nullptr;      // [batch+1] device, or null (then cu_q)
-  const int32_t* q_pos = nullptr;     // [n_q] device, or null (bottom-right aligned)
-  const int32_t* topk_idx = nullptr;  // [n_q, h_kv, topk] device, any contents
+  const int32_t* q_pos = nullptr;     // [n_q_all] device, or null (bottom-right aligned)
+  const int32_t* topk_idx = nullptr;  // [n_q, h_kv, topk] device, the pass's rows, any contents
   int h_kv = 1, topk = 1, bk = 128;
   int bk_shift = 7;  // log2(bk): bk is a power of two
   int chunk = 1;     // most entries (queries) per work item
 };
 
 // Views into the workspace, valid once build_sparse_schedule's work has run on the stream.
-// An entry id is e = (i * h_kv + r) * topk + s: query i, kv head r, slot s of its selection row.
+// An entry id is e = (i * h_kv + r) * topk + s: query i of the pass, kv head r, slot s of its
+// selection row. Groups chosen by at least `chunk` queries come first (the more full work items,
+// the earlier), the others in key order: phase 1 takes items in this order, so the long items of
+// hot blocks (the sink) start first instead of finishing last.
 struct SparseSchedule {
   int2* qinfo = nullptr;        // [n_q] {first key row k0 of the query's sequence, position p}; p = -1: sees nothing
-  uint64_t* keys = nullptr;     // [n_e] sorted group keys r * n_k + (first key row of the block); invalid = h_kv * n_k
-  uint32_t* entries = nullptr;  // [n_e] entry ids in key order, ascending e within a key (valid ones first)
+  uint64_t* keys = nullptr;     // [n_e] group key r * n_k + (first key row of the block) of each sorted entry; invalid = h_kv * n_k
+  uint32_t* entries = nullptr;  // [n_e] entry ids in group order, ascending e within a group (valid ones first)
   int32_t* lims = nullptr;      // [n_e] per sorted valid entry: its query's last visible key row k0 + p
   int32_t* item_start = nullptr;  // [n_e] first sorted position of each work item
   int32_t* counters = nullptr;    // [4] n_valid, n_items, phase-1 work counter (0), spare

@@ -1,7 +1,10 @@
 // sparse_tiles.h — compile-time tile shapes of the CUDA sparse attention forward (sparse_fwd.cuh,
 // sparse_schedule.cu), each with the reason for its value. kSpRows and kSpWarpgroups fix the
-// register and shared-memory layouts; kSpChunkFactor and kSpCombineThreads only move speed.
+// register and shared-memory layouts; kSpChunkFactor and kSpCombineThreads only move speed;
+// kSpPassRows bounds the workspace.
 #pragma once
+
+#include <cstdint>
 
 namespace msa::cuda {
 
@@ -24,6 +27,16 @@ constexpr int kSpQStages = 3;
 // into chunks of at most that many queries (rounded up to whole tiles), so hot blocks (the sink)
 // spread over several CTAs. 2 follows the paper; speed only.
 constexpr int kSpChunkFactor = 2;
+
+// The forward walks the packed queries in passes of at most kSpPassRows / (h_q * topk) query rows
+// (at least one); the schedule, phase 1 and the combine run per pass over one reused workspace.
+// The per-slot partials, n_q * h_q * topk * (2 d + 4) bytes, are what grows with the prompt: 34 GB
+// for 128K queries at the M3 shape (h_q = 64, topk = 16, d = 128), more than the GPU at 512K. A
+// pass of 2^24 (query, head, slot) rows keeps them at 4.4 GB (16384 queries at the M3 shape), the
+// schedule at ~35 MB, and still gives phase 1 about a million entries to spread over the SMs.
+// Results do not depend on it (every (query, head) row is computed the same way in any pass);
+// smaller passes cost a little speed (launches, the work tail of each pass).
+constexpr int64_t kSpPassRows = int64_t(1) << 24;
 
 // Threads of the combine (phase 2) kernel per block; each (query, head) row uses d / 8 threads
 // (one 16-byte column chunk each). Speed only.

@@ -1,8 +1,9 @@
-// The subcommands of the msa command-line tool (info, check, demo) and their options.
+// The subcommands of the msa command-line tool (info, check, demo, bench) and their options.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "msa/common.h"
 
@@ -22,10 +23,24 @@ struct DemoOptions {
   int threads = 0;  // 0: all hardware threads
 };
 
+// `msa bench prefill` (GPU only; bench.cpp, compiled in CUDA builds).
+struct BenchOptions {
+  std::vector<int64_t> ns = {8192, 32768, 131072, 524288, 1048576};
+  std::vector<std::string> selections = {"random", "planted"};
+  int iters = 5;          // most timed runs per measurement (median reported)
+  double budget_s = 20;   // rough time cap per measurement; longer calls run fewer times
+  uint64_t seed = 1;
+  bool block_topk = true;
+  std::string out;        // file prefix: writes out.json and out.md; empty: print only
+  std::string commit;     // recorded as the measured commit; empty: the one seen at configure time
+  std::string command;    // the command line, recorded in the outputs
+};
+
 // Each returns the process exit code: 0 ok, 1 a check failed, 2 the request cannot run here.
 int run_info();
 int run_check(const CheckOptions& o);
 int run_demo(const DemoOptions& o);
+int run_bench_prefill(const BenchOptions& o);
 
 // printf into a std::string.
 std::string strf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -1,4 +1,5 @@
-// The msa command-line tool: `msa info`, `msa check` and `msa demo` (argument parsing and info).
+// The msa command-line tool: `msa info`, `msa check`, `msa demo` and `msa bench` (argument parsing
+// and info).
 #include <CLI/CLI.hpp>
 #include <cstdarg>
 #include <cstdio>
@@ -72,6 +73,30 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 4096))
       ->capture_default_str();
 
+  BenchOptions bench;
+  auto* cmd_bench = app.add_subcommand("bench", "GPU benchmarks (CUDA builds with a GPU)");
+  cmd_bench->require_subcommand(1);
+  auto* cmd_prefill = cmd_bench->add_subcommand(
+      "prefill", "One MSA layer at the M3 shape: index_topk, sparse and dense forward, block_topk");
+  cmd_prefill->add_option("--n", bench.ns, "Sequence lengths, comma separated")
+      ->delimiter(',')
+      ->check(CLI::Range(int64_t(256), int64_t(1) << 22))
+      ->capture_default_str();
+  cmd_prefill->add_option("--selections", bench.selections, "Index inputs: random (Gaussian), planted (sink + local)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"random", "planted"}))
+      ->capture_default_str();
+  cmd_prefill->add_option("--iters", bench.iters, "Most timed runs per measurement (median reported)")
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
+  cmd_prefill->add_option("--budget-s", bench.budget_s, "Rough seconds per measurement; slower calls run fewer times")
+      ->check(CLI::Range(0.1, 3600.0))
+      ->capture_default_str();
+  cmd_prefill->add_option("--seed", bench.seed, "Seed of the random inputs")->capture_default_str();
+  cmd_prefill->add_flag("!--no-block-topk", bench.block_topk, "Skip the standalone block_topk measurement");
+  cmd_prefill->add_option("--out", bench.out, "Write OUT.json and OUT.md");
+  cmd_prefill->add_option("--commit", bench.commit, "Commit to record (default: the one seen at configure time)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -91,6 +116,21 @@ int main(int argc, char** argv) {
       return run_check(check);
     }
     if (app.got_subcommand("demo")) return run_demo(demo);
+    if (app.got_subcommand("bench")) {
+#ifdef MSA_WITH_CUDA
+      bench.command = "msa";
+      for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        bench.command += a.find_first_of(" \t'\"") == std::string::npos ? " " + a : " '" + a + "'";
+      }
+      return run_bench_prefill(bench);
+#else
+      std::fprintf(stderr,
+                   "msa bench: this build of msa has no CUDA backend (configure with -DMSA_WITH_CUDA=ON and a CUDA "
+                   "toolkit); the benchmarks run on a GPU only\n");
+      return 2;
+#endif
+    }
   } catch (const msa::Error& e) {
     std::fprintf(stderr, "msa: %s\n", e.what());
     return 1;

@@ -1,0 +1,278 @@
+// Tests of the query passes of the CUDA sparse attention forward (src/cuda/sparse_fwd.cu): the
+// forward run in passes of a few query rows (forced through the internal pass_queries option) must
+// give the same bits as the public call, on varlen batches with chunked queries, explicit
+// positions, misaligned q (repacked per pass), hot blocks split into many work items and garbage
+// selection entries; and the workspace must stay bounded for a million-token prompt.
+// GPU tests skip with a message when no device is visible.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "test_util.h"
+
+#ifdef MSA_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include "cuda/sparse_fwd.h"
+#endif
+
+namespace msa::test {
+namespace {
+
+#ifndef MSA_WITH_CUDA
+
+TEST(CudaSparsePasses, GpuTests) { GTEST_SKIP() << "built without the CUDA backend: no GPU tests"; }
+
+#else
+
+void ck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+template <class T>
+struct Dev {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit Dev(size_t n_) : n(n_) {
+    if (n) ck(cudaMalloc(&ptr, n * sizeof(T)), "cudaMalloc");
+  }
+  explicit Dev(const std::vector<T>& h) : Dev(h.size()) {
+    if (n) ck(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), "upload");
+  }
+  ~Dev() { cudaFree(ptr); }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  std::vector<T> get() const {
+    std::vector<T> h(n);
+    if (n) ck(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), "download");
+    return h;
+  }
+};
+
+#define REQUIRE_GPU() \
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible: GPU test skipped"
+
+// One problem on the device: bf16 q (optionally at an odd offset and head stride, which makes the
+// forward repack q per pass), k, v, a selection and the varlen arrays.
+struct Problem {
+  int64_t h_q, h_kv, d, bk, topk;
+  std::vector<int32_t> cu_q, cu_k, q_pos;  // q_pos empty: bottom-right aligned
+  int64_t q_off = 0, q_pad_head = 0;
+  std::vector<uint16_t> q, k, v;
+  std::vector<int32_t> idx;
+  int64_t n_q() const { return cu_q.back(); }
+  int64_t n_k() const { return cu_k.back(); }
+  int64_t stride_q_head() const { return d + q_pad_head; }
+  int64_t stride_q_tok() const { return h_q * stride_q_head(); }
+};
+
+std::vector<uint16_t> random_bf16(std::mt19937_64& rng, size_t n, double sigma) {
+  std::normal_distribution<double> dist(0.0, sigma);
+  std::vector<uint16_t> out(n);
+  for (auto& x : out) x = float_to_bf16(float(dist(rng))).bits;
+  return out;
+}
+
+// Visible blocks per (query, group): block `hot` in every row that sees it, the own block mostly,
+// then a random number of random others in random order; every 9th row carries a garbage entry
+// (out of range, negative or invisible), which the kernels must skip the same way in every pass.
+Problem make_problem(uint64_t seed, const std::vector<int32_t>& lens_q, const std::vector<int32_t>& lens_k,
+                     int64_t h_q, int64_t h_kv, int64_t d, int64_t bk, int64_t topk, bool explicit_pos) {
+  std::mt19937_64 rng(seed);
+  Problem P{h_q, h_kv, d, bk, topk, cu_from_lengths(lens_q), cu_from_lengths(lens_k), {}, 0, 0, {}, {}, {}, {}};
+  const int64_t n_q = P.n_q();
+  std::vector<int64_t> pos(n_q);
+  for (size_t b = 0; b + 1 < P.cu_q.size(); ++b) {
+    const int64_t len_q = P.cu_q[b + 1] - P.cu_q[b], len_k = P.cu_k[b + 1] - P.cu_k[b];
+    for (int64_t t = 0; t < len_q; ++t)
+      pos[P.cu_q[b] + t] = explicit_pos ? int64_t(rng() % uint64_t(std::max<int64_t>(len_k, 1))) : len_k - len_q + t;
+  }
+  if (explicit_pos) P.q_pos.assign(pos.begin(), pos.end());
+  P.k = random_bf16(rng, P.n_k() * h_kv * d, 1.0);
+  P.v = random_bf16(rng, P.n_k() * h_kv * d, 1.0);
+  P.idx.assign(n_q * h_kv * topk, -1);
+  const int32_t hot = 0;
+  for (int64_t i = 0; i < n_q; ++i) {
+    const int32_t own = int32_t(pos[i] / bk);
+    for (int64_t r = 0; r < h_kv; ++r) {
+      std::vector<int32_t> row = {hot};
+      if (own != hot && rng() % 8 != 0) row.push_back(own);
+      std::vector<int32_t> cand;
+      for (int32_t b = 1; b < own; ++b) cand.push_back(b);
+      std::shuffle(cand.begin(), cand.end(), rng);
+      const int64_t room = std::min<int64_t>(topk - int64_t(row.size()), int64_t(cand.size()));
+      const int64_t c = room > 0 ? int64_t(rng() % uint64_t(room + 1)) : 0;
+      row.insert(row.end(), cand.begin(), cand.begin() + c);
+      std::shuffle(row.begin(), row.end(), rng);
+      const int64_t row_id = i * h_kv + r;
+      std::copy(row.begin(), row.end(), P.idx.begin() + row_id * topk);
+      if (row_id % 9 == 0) {
+        const int32_t garbage[] = {own + 1, -5, 1 << 30};
+        P.idx[row_id * topk + (row_id / 9) % topk] = garbage[(row_id / 9) % 3];
+      }
+    }
+  }
+  return P;
+}
+
+void fill_q(Problem& P, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  P.q.assign(size_t(P.q_off + std::max<int64_t>(P.n_q(), 1) * P.stride_q_tok()), 0x7fc0);  // gaps hold NaN
+  std::normal_distribution<double> dist(0.0, 2.0);
+  for (int64_t t = 0; t < P.n_q(); ++t)
+    for (int64_t h = 0; h < P.h_q; ++h)
+      for (int64_t c = 0; c < P.d; ++c)
+        P.q[P.q_off + t * P.stride_q_tok() + h * P.stride_q_head() + c] = float_to_bf16(float(dist(rng))).bits;
+}
+
+struct Out {
+  std::vector<uint16_t> o;
+  std::vector<float> lse;
+};
+
+// pass_queries < 0: the public call (whatever the library picks); otherwise the internal entry
+// with that pass size (0: the default) and work items of at most chunk queries (0: default).
+Out run(const Problem& P, int64_t pass_queries, int64_t chunk = 0) {
+  Dev<uint16_t> q(P.q), k(P.k), v(P.v), o(size_t(P.n_q() * P.h_q * P.d));
+  Dev<float> lse(size_t(P.n_q() * P.h_q));
+  Dev<int32_t> idx(P.idx), cu_q(P.cu_q), cu_k(P.cu_k), q_pos(P.q_pos);
+  ck(cudaMemset(o.ptr, 0xff, o.n * 2), "cudaMemset");  // NaN: an unwritten output cannot match
+  ck(cudaMemset(lse.ptr, 0xff, lse.n * 4), "cudaMemset");
+  AttentionParams a;
+  a.seq.n_q = P.n_q();
+  a.seq.n_k = P.n_k();
+  a.seq.batch = int64_t(P.cu_q.size()) - 1;
+  a.seq.cu_seqlens_q = cu_q.ptr;
+  a.seq.cu_seqlens_k = cu_k.ptr;
+  a.seq.q_pos = P.q_pos.empty() ? nullptr : q_pos.ptr;
+  a.h_q = P.h_q;
+  a.h_kv = P.h_kv;
+  a.d = P.d;
+  a.bk = P.bk;
+  a.topk = P.topk;
+  a.dtype = DType::bf16;
+  a.q = q.ptr + P.q_off;
+  a.stride_q_head = P.stride_q_head();
+  a.stride_q_tok = P.stride_q_tok();
+  a.k = k.ptr;
+  a.v = v.ptr;
+  a.o = o.ptr;
+  a.lse = lse.ptr;
+  a.topk_idx = idx.ptr;
+  if (pass_queries < 0) {
+    Exec ex;
+    ex.backend = Backend::cuda;
+    sparse_attention_forward(a, ex);
+  } else {
+    cuda::SparseFwdOptions opt;
+    opt.pass_queries = pass_queries;
+    opt.chunk_queries = chunk;
+    cuda::run_sparse_attention_forward(a, nullptr, opt);
+  }
+  ck(cudaDeviceSynchronize(), "sparse forward");
+  return {o.get(), lse.get()};
+}
+
+::testing::AssertionResult same_bits(const Out& got, const Out& ref, const std::string& what) {
+  for (size_t e = 0; e < ref.o.size(); ++e)
+    if (got.o[e] != ref.o[e])
+      return ::testing::AssertionFailure() << what << ": o differs at element " << e << " (bits " << got.o[e]
+                                           << " vs " << ref.o[e] << ")";
+  if (std::memcmp(got.lse.data(), ref.lse.data(), ref.lse.size() * 4) != 0) {
+    size_t e = 0;
+    while (std::memcmp(&got.lse[e], &ref.lse[e], 4) == 0) ++e;
+    return ::testing::AssertionFailure() << what << ": lse differs at row " << e << " (" << got.lse[e] << " vs "
+                                         << ref.lse[e] << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// The reference must itself be a real result: every o finite, every lse finite or -inf (a row
+// whose entries are all skipped), and some rows attended.
+::testing::AssertionResult written(const Out& ref) {
+  for (size_t e = 0; e < ref.o.size(); ++e)
+    if (!std::isfinite(bf16_to_float(bf16{ref.o[e]}))) return ::testing::AssertionFailure() << "o[" << e << "] unwritten";
+  int64_t finite = 0;
+  for (float x : ref.lse) {
+    if (std::isnan(x) || x == INFINITY) return ::testing::AssertionFailure() << "lse unwritten";
+    finite += std::isfinite(x) ? 1 : 0;
+  }
+  if (finite == 0) return ::testing::AssertionFailure() << "no row attended anything";
+  return ::testing::AssertionSuccess();
+}
+
+void expect_passes_match(const Problem& P, std::initializer_list<int64_t> passes, int64_t chunk = 0) {
+  const Out ref = run(P, -1);
+  ASSERT_TRUE(written(ref));
+  // The default pass (one pass at these sizes) with the same work items as the forced ones.
+  const Out one = run(P, 0, chunk);
+  EXPECT_TRUE(same_bits(one, ref, "one pass, chunk " + std::to_string(chunk)));
+  for (int64_t pass : passes) {
+    const Out got = run(P, pass, chunk);
+    EXPECT_TRUE(same_bits(got, ref, "pass " + std::to_string(pass) + ", chunk " + std::to_string(chunk)));
+  }
+}
+
+TEST(CudaSparsePasses, VarlenChunkedQueriesBitwiseAsOnePass) {
+  REQUIRE_GPU();
+  // Queries are the tails of longer key sequences (chunked prefill, decode with one query), with an
+  // empty sequence; pass boundaries fall inside sequences and between them.
+  Problem P = make_problem(11, {100, 0, 37, 1, 300}, {1000, 5, 37, 513, 300}, 8, 2, 128, 64, 8, false);
+  fill_q(P, 12);
+  expect_passes_match(P, {1, 3, 64, 129, 437, 1000});
+  // Work items of 8 queries: the hot block becomes many full items, so the heavy-first order of
+  // the groups differs from pass to pass; the bits must not.
+  expect_passes_match(P, {1, 50, 129}, 8);
+}
+
+TEST(CudaSparsePasses, ExplicitPositionsAndLargeGroupBitwiseAsOnePass) {
+  REQUIRE_GPU();
+  Problem P = make_problem(21, {250, 90}, {900, 300}, 16, 1, 64, 128, 4, true);
+  fill_q(P, 22);
+  expect_passes_match(P, {1, 5, 17, 256});
+}
+
+TEST(CudaSparsePasses, MisalignedQRepackedPerPassBitwiseAsOnePass) {
+  REQUIRE_GPU();
+  Problem P = make_problem(31, {200, 130}, {200, 130}, 8, 2, 128, 128, 4, false);
+  P.q_off = 1;
+  P.q_pad_head = 3;
+  fill_q(P, 32);
+  expect_passes_match(P, {7, 100});
+}
+
+TEST(CudaSparsePasses, WorkspaceBoundedForAMillionTokens) {
+  REQUIRE_GPU();
+  // The M3 shape: the partials alone would be n * h_q * topk * (2 d + 4) = 279 GB at 1M tokens
+  // without passes; with them the workspace is one pass's, the same at 128K and at 1M.
+  AttentionParams a;
+  a.h_q = 64;
+  a.h_kv = 4;
+  a.d = 128;
+  a.bk = 128;
+  a.topk = 16;
+  a.dtype = DType::bf16;
+  auto bytes = [&](int64_t n, int64_t pass) {
+    a.seq.n_q = a.seq.n_k = n;
+    cuda::SparseFwdOptions opt;
+    opt.pass_queries = pass;
+    return double(cuda::sparse_fwd_workspace_bytes(a, opt));
+  };
+  const double m1 = bytes(int64_t(1) << 20, 0), k128 = bytes(int64_t(1) << 17, 0);
+  const double per_query = 64.0 * 16 * (2 * 128 + 4);
+  EXPECT_LT(m1, 16384 * per_query + 128e6) << "workspace at 1M tokens: " << m1 / 1e9 << " GB";
+  EXPECT_GT(m1, 16384 * per_query) << "the default pass should be 16384 queries at this shape";
+  // Only the per-group counters (h_kv * n_k) grow with the keys.
+  EXPECT_LT(m1 - k128, 4.0 * 4 * (int64_t(1) << 20) + 1e6);
+  EXPECT_LT(bytes(int64_t(1) << 20, 1), 1e8);
+  EXPECT_LT(bytes(4096, 0), 4096 * per_query + 16e6);
+}
+
+#endif  // MSA_WITH_CUDA
+
+}  // namespace
+}  // namespace msa::test
