@@ -59,8 +59,8 @@ std::tuple<Tensor, Tensor, Tensor> dense_attention_bwd(const Tensor& do_, const 
 // prefix (no topk_idx); lse / index_lse are optional saved statistics of the same support.
 Tensor index_kl_loss(const Tensor& q, const Tensor& k, const Tensor& q_idx, const Tensor& k_idx,
                      const OptTensor& topk_idx, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
-                     const OptTensor& q_pos, const OptTensor& lse, const OptTensor& index_lse, int64_t bk,
-                     double scale, double index_scale);
+                     const OptTensor& q_pos, const OptTensor& lse, const OptTensor& index_lse, int64_t bk, double scale,
+                     double index_scale);
 // (dq_idx, dk_idx) of lambda * L_KL; lambda_ is a 1-element tensor (the incoming gradient), 1 when
 // absent. dk_idx has the shape of k_idx.
 std::tuple<Tensor, Tensor> index_kl_bwd(const Tensor& q, const Tensor& k, const Tensor& q_idx, const Tensor& k_idx,

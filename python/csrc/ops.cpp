@@ -2,12 +2,12 @@
 // per operator that checks its tensors, fills the core params struct and calls the core API on
 // the backend of the tensors' device (registered for the CPU and, with CUDA, the CUDA key).
 // msa::Error from the core becomes c10::ValueError with the same message.
-#include "msa_torch.h"
-
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
+
+#include "msa_torch.h"
 #ifdef MSA_TORCH_CUDA
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -38,13 +38,20 @@ std::string shape_str(at::IntArrayRef s) {
 
 std::string dtype_str(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return "float32";
-    case at::kBFloat16: return "bfloat16";
-    case at::kDouble: return "float64";
-    case at::kHalf: return "float16";
-    case at::kInt: return "int32";
-    case at::kLong: return "int64";
-    default: return c10::toString(t);
+    case at::kFloat:
+      return "float32";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kDouble:
+      return "float64";
+    case at::kHalf:
+      return "float16";
+    case at::kInt:
+      return "int32";
+    case at::kLong:
+      return "int64";
+    default:
+      return c10::toString(t);
   }
 }
 
@@ -61,12 +68,15 @@ auto core(F&& f) -> decltype(f()) {
 
 msa::DType float_dtype(const char* fn, const char* name, const Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return msa::DType::f32;
-    case at::kBFloat16: return msa::DType::bf16;
-    case at::kDouble: return msa::DType::f64;
+    case at::kFloat:
+      return msa::DType::f32;
+    case at::kBFloat16:
+      return msa::DType::bf16;
+    case at::kDouble:
+      return msa::DType::f64;
     default:
-      fail(fn, std::string(name) + " dtype = " + dtype_str(t.scalar_type()) +
-                   ", expected float32, bfloat16 or float64");
+      fail(fn,
+           std::string(name) + " dtype = " + dtype_str(t.scalar_type()) + ", expected float32, bfloat16 or float64");
   }
 }
 
@@ -77,8 +87,8 @@ void check_dtype(const char* fn, const char* name, const Tensor& t, at::ScalarTy
 
 void check_device(const char* fn, const char* name, const Tensor& t, const Tensor& ref, const char* ref_name) {
   if (t.device() != ref.device())
-    fail(fn, std::string(name) + " is on " + t.device().str() + ", expected " + ref.device().str() + " like " +
-                 ref_name);
+    fail(fn,
+         std::string(name) + " is on " + t.device().str() + ", expected " + ref.device().str() + " like " + ref_name);
 }
 
 // want: expected sizes, -1 for "any"; layout names the dims, e.g. "[n_k, h_kv, d]".
@@ -266,9 +276,8 @@ std::tuple<Tensor, Tensor> attention_fwd(const char* fn, const Tensor& q, const 
 
 std::tuple<Tensor, Tensor, Tensor> attention_bwd(const char* fn, const Tensor& do_, const Tensor& q, const Tensor& k,
                                                  const Tensor& v, const Tensor& o, const Tensor& lse,
-                                                 const Tensor* topk_idx, const OptTensor& cu_q,
-                                                 const OptTensor& cu_k, const OptTensor& q_pos, int64_t bk,
-                                                 double scale) {
+                                                 const Tensor* topk_idx, const OptTensor& cu_q, const OptTensor& cu_k,
+                                                 const OptTensor& q_pos, int64_t bk, double scale) {
   Attn a = attention_inputs(fn, q, k, v);
   for (auto [t, name] : {std::pair{&do_, "do_"}, std::pair{&o, "o"}}) {
     check_device(fn, name, *t, q, "q");
@@ -396,7 +405,8 @@ std::tuple<Tensor, Tensor, Tensor> index_topk(const Tensor& q_idx, const Tensor&
   Tensor topk_idx = at::empty({n_q, h_kv, std::max<int64_t>(topk, 0)}, q_idx.options().dtype(at::kInt));
   const int64_t n_blocks = bk > 0 ? (max_seqlen_k.value_or(n_k) + bk - 1) / bk : 0;
   // Outputs not asked for are empty: the schema has no optional returns.
-  Tensor block_scores = at::empty(return_block_scores ? std::vector<int64_t>{n_q, h_kv, n_blocks} : std::vector<int64_t>{0}, f32);
+  Tensor block_scores =
+      at::empty(return_block_scores ? std::vector<int64_t>{n_q, h_kv, n_blocks} : std::vector<int64_t>{0}, f32);
   Tensor index_lse = at::empty(return_index_lse ? std::vector<int64_t>{n_q, h_kv} : std::vector<int64_t>{0}, f32);
   p.seq = s.v;
   p.h_kv = h_kv;
@@ -477,8 +487,8 @@ std::tuple<Tensor, Tensor, Tensor> dense_attention_bwd(const Tensor& do_, const 
 
 Tensor index_kl_loss(const Tensor& q, const Tensor& k, const Tensor& q_idx, const Tensor& k_idx,
                      const OptTensor& topk_idx, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
-                     const OptTensor& q_pos, const OptTensor& lse, const OptTensor& index_lse, int64_t bk,
-                     double scale, double index_scale) {
+                     const OptTensor& q_pos, const OptTensor& lse, const OptTensor& index_lse, int64_t bk, double scale,
+                     double index_scale) {
   const char* fn = "index_kl_loss";
   c10::DeviceGuard guard(q.device());
   KL kl = kl_inputs(fn, q, k, q_idx, k_idx, topk_idx, cu_seqlens_q, cu_seqlens_k, q_pos, lse, index_lse, bk, scale,
@@ -595,15 +605,15 @@ TORCH_LIBRARY(msa, m) {
 }
 
 // One implementation serves both devices: the core picks the kernel (or says it has none).
-#define MSA_TORCH_IMPLS(m)                                          \
-  m.impl("index_topk", TORCH_FN(msa_torch::index_topk));            \
-  m.impl("block_topk", TORCH_FN(msa_torch::block_topk));            \
+#define MSA_TORCH_IMPLS(m)                                                   \
+  m.impl("index_topk", TORCH_FN(msa_torch::index_topk));                     \
+  m.impl("block_topk", TORCH_FN(msa_torch::block_topk));                     \
   m.impl("sparse_attention_fwd", TORCH_FN(msa_torch::sparse_attention_fwd)); \
   m.impl("sparse_attention_bwd", TORCH_FN(msa_torch::sparse_attention_bwd)); \
   m.impl("dense_attention_fwd", TORCH_FN(msa_torch::dense_attention_fwd));   \
   m.impl("dense_attention_bwd", TORCH_FN(msa_torch::dense_attention_bwd));   \
-  m.impl("index_kl_loss", TORCH_FN(msa_torch::index_kl_loss));      \
-  m.impl("index_kl_bwd", TORCH_FN(msa_torch::index_kl_bwd));        \
+  m.impl("index_kl_loss", TORCH_FN(msa_torch::index_kl_loss));               \
+  m.impl("index_kl_bwd", TORCH_FN(msa_torch::index_kl_bwd));                 \
   m.impl("selection_recall", TORCH_FN(msa_torch::selection_recall))
 
 TORCH_LIBRARY_IMPL(msa, CPU, m) { MSA_TORCH_IMPLS(m); }

@@ -1,7 +1,5 @@
 // The C++ face of the torch layer (python/csrc/msa_torch.h) without Python: the functions called
 // directly on at::Tensor, and the same operators through the dispatcher (torch.ops.msa.* from C++).
-#include "msa_torch.h"
-
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/allclose.h>
 #include <ATen/ops/arange.h>
@@ -13,6 +11,8 @@
 
 #include <cmath>
 #include <string>
+
+#include "msa_torch.h"
 
 namespace {
 
@@ -50,10 +50,9 @@ TEST(TorchCppApi, DispatcherCallMatchesDirectCall) {
   at::Tensor q = randn({9, 2, 8}), k = randn({9, 1, 8}), v = randn({9, 1, 8});
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("msa::dense_attention_fwd", "")
-                .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                          const std::optional<at::Tensor>&,
-                                                          const std::optional<at::Tensor>&,
-                                                          const std::optional<at::Tensor>&, double)>();
+                .typed<std::tuple<at::Tensor, at::Tensor>(
+                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double)>();
   auto [o1, lse1] = op.call(q, k, v, {}, {}, {}, 0.0);
   auto [o2, lse2] = msa_torch::dense_attention_fwd(q, k, v, {}, {}, {}, 0.0);
   EXPECT_TRUE(at::equal(o1, o2));
@@ -86,7 +85,8 @@ TEST(TorchCppApi, BadArgumentsThrowValueErrorNamingThem) {
     msa_torch::index_topk(q_idx, k_idx.to(at::kFloat), {}, {}, {}, 128, 4, 0.0, false, false, std::nullopt);
     FAIL() << "mixed dtypes were accepted";
   } catch (const c10::ValueError& e) {
-    EXPECT_EQ(std::string(e.what_without_backtrace()), "msa::index_topk: k_idx dtype = float32, expected float64 like q_idx");
+    EXPECT_EQ(std::string(e.what_without_backtrace()),
+              "msa::index_topk: k_idx dtype = float32, expected float64 like q_idx");
   }
 }
 
