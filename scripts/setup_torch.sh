@@ -47,6 +47,9 @@ managed=$("$py" -c 'import sys, sysconfig, os
 in_venv = sys.prefix != sys.base_prefix
 marker = os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
 print(int(not in_venv and os.path.exists(marker)))')
+if [[ $managed == 1 && -n ${MSA_PYTHON:-} ]]; then
+  die "MSA_PYTHON=$MSA_PYTHON is managed by the system (PEP 668): point MSA_PYTHON at a virtual environment, or unset it to use $root/.venv"
+fi
 if [[ $managed == 1 ]]; then
   say "$py is managed by the system: using the virtual environment $root/.venv"
   if [[ ! -x $root/.venv/bin/python ]]; then
