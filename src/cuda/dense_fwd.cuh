@@ -173,7 +173,11 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], float (&m)[2], floa
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float ms = mx == -INFINITY ? 0.f : mx * scale_log2;
-    alpha[i] = ex2_approx(m[i] * scale_log2 - ms);
+    // An unchanged max must rescale by exactly 1: nvcc contracts m * c - ms into fma(m, c, -ms),
+    // the rounding residual of m * c (up to ~2^-22) rather than 0, and that same 2^residual then
+    // scaled l and O on every later key tile. o cancels it; lse drifted linearly with the number of
+    // key tiles (9e-4 at 1M keys, found by msa bench prefill's float64 check).
+    alpha[i] = mx == m[i] && mx != -INFINITY ? 1.f : ex2_approx(m[i] * scale_log2 - ms);
     m[i] = mx;
     float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
