@@ -5,41 +5,21 @@
 #include <algorithm>
 #include <cub/cub.cuh>
 #include <stdexcept>
-#include <string>
 
+#include "common.cuh"
+#include "host.h"
 #include "sparse_schedule.h"
 
 namespace msa::cuda {
 namespace {
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("msa::sparse_attention_forward: ") + what + ": " + cudaGetErrorString(e));
-}
+constexpr const char* kOp = "sparse_attention_forward";
 
 constexpr int kThreads = 256;
 
 // Grid of a grid-stride loop over n elements: enough blocks to fill the GPU, no more.
 unsigned grid_for(int64_t n) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 8192)));
-}
-
-__device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
-  return v < lo ? lo : (v > hi ? hi : v);
-}
-
-// Largest b in [0, batch) with cu[b] <= tok (the last of several empty sequences sharing an
-// offset owns the token). Safe for any contents of cu.
-__device__ __forceinline__ int64_t find_seq(const int32_t* cu, int64_t batch, int64_t tok) {
-  int64_t lo = 0, hi = batch - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) >> 1;
-    if (cu[mid] <= tok)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
 }
 
 // qinfo[i] = {k0, p} for the pass's query i (packed row q0 + i). Offsets are clamped into [0, n]
@@ -171,14 +151,17 @@ Layout layout(const SparseScheduleParams& p) {
   const int n = int(n_e);
   const int end_bit = sort_key_bits(p).end();
   size_t sort_bytes = 0, max_bytes = 0, sum_bytes = 0;
-  check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const uint64_t*>(nullptr),
+  check_cuda(kOp,
+             cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const uint64_t*>(nullptr),
                                              static_cast<uint64_t*>(nullptr), static_cast<const uint32_t*>(nullptr),
                                              static_cast<uint32_t*>(nullptr), n, 0, end_bit),
              "cub radix sort (size query)");
-  check_cuda(cub::DeviceScan::InclusiveScan(nullptr, max_bytes, static_cast<const int32_t*>(nullptr),
+  check_cuda(kOp,
+             cub::DeviceScan::InclusiveScan(nullptr, max_bytes, static_cast<const int32_t*>(nullptr),
                                             static_cast<int32_t*>(nullptr), MaxOp{}, n),
              "cub max scan (size query)");
-  check_cuda(cub::DeviceScan::ExclusiveSum(nullptr, sum_bytes, static_cast<const int32_t*>(nullptr),
+  check_cuda(kOp,
+             cub::DeviceScan::ExclusiveSum(nullptr, sum_bytes, static_cast<const int32_t*>(nullptr),
                                            static_cast<int32_t*>(nullptr), n),
              "cub sum scan (size query)");
   Layout l{};
@@ -235,30 +218,31 @@ SparseSchedule build_sparse_schedule(const SparseScheduleParams& p, void* ws, si
   int32_t* flags = reinterpret_cast<int32_t*>(vals_a);
   int32_t* slot = head;  // the heads are dead once the group starts exist
 
-  check_cuda(cudaMemsetAsync(s.counters, 0, 16, stream), "cudaMemsetAsync");
-  check_cuda(cudaMemsetAsync(counts, 0, size_t(p.h_kv) * size_t(p.n_k) * 4, stream), "cudaMemsetAsync");
+  check_cuda(kOp, cudaMemsetAsync(s.counters, 0, 16, stream), "cudaMemsetAsync");
+  check_cuda(kOp, cudaMemsetAsync(counts, 0, size_t(p.h_kv) * size_t(p.n_k) * 4, stream), "cudaMemsetAsync");
   query_info_kernel<<<grid_for(p.n_q), kThreads, 0, stream>>>(p, s.qinfo);
-  check_cuda(cudaGetLastError(), "query_info_kernel launch");
+  check_cuda(kOp, cudaGetLastError(), "query_info_kernel launch");
   group_counts_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(p, s.qinfo, n_e, counts);
-  check_cuda(cudaGetLastError(), "group_counts_kernel launch");
+  check_cuda(kOp, cudaGetLastError(), "group_counts_kernel launch");
   entry_keys_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(p, s.qinfo, counts, n_e, kb.group, kb.heavy_max(), keys_a,
                                                             vals_a);
-  check_cuda(cudaGetLastError(), "entry_keys_kernel launch");
+  check_cuda(kOp, cudaGetLastError(), "entry_keys_kernel launch");
   check_cuda(
-      cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_a, s.keys, vals_a, s.entries, n, 0, kb.end(), stream),
+      kOp, cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_a, s.keys, vals_a, s.entries, n, 0, kb.end(), stream),
       "cub radix sort");
   group_heads_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(s.keys, s.entries, s.qinfo, uint32_t(p.h_kv * p.topk), n_e,
                                                              invalid, head, s.lims, s.counters);
-  check_cuda(cudaGetLastError(), "group_heads_kernel launch");
+  check_cuda(kOp, cudaGetLastError(), "group_heads_kernel launch");
   temp_bytes = l.temp_bytes;
-  check_cuda(cub::DeviceScan::InclusiveScan(temp, temp_bytes, head, group_start, MaxOp{}, n, stream), "cub max scan");
+  check_cuda(kOp, cub::DeviceScan::InclusiveScan(temp, temp_bytes, head, group_start, MaxOp{}, n, stream),
+             "cub max scan");
   item_flags_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(s.keys, group_start, n_e, invalid, p.chunk, flags);
-  check_cuda(cudaGetLastError(), "item_flags_kernel launch");
+  check_cuda(kOp, cudaGetLastError(), "item_flags_kernel launch");
   temp_bytes = l.temp_bytes;
-  check_cuda(cub::DeviceScan::ExclusiveSum(temp, temp_bytes, flags, slot, n, stream), "cub sum scan");
+  check_cuda(kOp, cub::DeviceScan::ExclusiveSum(temp, temp_bytes, flags, slot, n, stream), "cub sum scan");
   item_scatter_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(flags, slot, n_e, (uint64_t(1) << kb.group) - 1,
                                                               s.item_start, s.counters, s.keys);
-  check_cuda(cudaGetLastError(), "item_scatter_kernel launch");
+  check_cuda(kOp, cudaGetLastError(), "item_scatter_kernel launch");
   return s;
 }
 
