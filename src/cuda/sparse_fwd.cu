@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "host.h"
 #include "msa/common.h"
 #include "sparse_fwd.cuh"
 #include "sparse_fwd.h"
@@ -21,12 +22,7 @@ extern template void launch_sparse_phase1<128, 128>(const SparseFwdKernelParams&
 
 namespace {
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("msa::sparse_attention_forward: ") + what + ": " + cudaGetErrorString(e));
-}
-
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+constexpr const char* kOp = "sparse_attention_forward";
 
 size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
@@ -40,15 +36,6 @@ __global__ void repack_q_kernel(const uint16_t* src, int64_t stride_tok, int64_t
     dst[e] = src[(row / h) * stride_tok + (row % h) * stride_head + c];
   }
 }
-
-// Frees the stream-ordered workspace once the work queued before it is done, also on a throw.
-struct ScratchGuard {
-  void* ptr = nullptr;
-  cudaStream_t stream = nullptr;
-  ~ScratchGuard() {
-    if (ptr) cudaFreeAsync(ptr, stream);
-  }
-};
 
 int log2_exact(int64_t g) {
   int l = 0;
@@ -120,7 +107,7 @@ Plan make_plan(const AttentionParams& p, const SparseFwdOptions& opt) {
   full.n_q = plan.pass;
   tail.n_q = n_q % plan.pass == 0 ? plan.pass : n_q % plan.pass;
   plan.sched_bytes = align256(std::max(sparse_schedule_bytes(full), sparse_schedule_bytes(tail)));
-  plan.q_vec = aligned16(p.q) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0;
+  plan.q_vec = is_aligned(p.q, 16) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0;
   const size_t n_partial = size_t(plan.pass) * p.h_q * topk;
   plan.po_bytes = align256(n_partial * d * (opt.partial_f32 ? 4 : 2));
   plan.pl_bytes = align256(n_partial * 4);
@@ -147,14 +134,14 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
 
   ScratchGuard ws;
   ws.stream = stream;
-  check_cuda(cudaMallocAsync(&ws.ptr, plan.total(), stream), "cudaMallocAsync");
+  check_cuda(kOp, cudaMallocAsync(&ws.ptr, plan.total(), stream), "cudaMallocAsync");
   uint8_t* base = static_cast<uint8_t*>(ws.ptr);
   uint16_t* packed_q = plan.q_vec ? nullptr : reinterpret_cast<uint16_t*>(base + plan.sched_bytes + plan.po_bytes + plan.pl_bytes);
 
   int device = 0, num_sms = 0, smem_optin = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+  check_cuda(kOp, cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(kOp, cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  check_cuda(kOp, cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "cudaDeviceGetAttribute");
 
   // The fields every pass shares; the query-side pointers move to each pass's first row below.
@@ -165,7 +152,7 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
   kp.v = static_cast<const uint16_t*>(p.v);
   kp.stride_v_tok = p.stride_v_tok;
   kp.stride_v_head = p.stride_v_head;
-  kp.kv_vec = aligned16(p.k) && aligned16(p.v) && p.stride_k_tok % 8 == 0 && p.stride_k_head % 8 == 0 &&
+  kp.kv_vec = is_aligned(p.k, 16) && is_aligned(p.v, 16) && p.stride_k_tok % 8 == 0 && p.stride_k_head % 8 == 0 &&
               p.stride_v_tok % 8 == 0 && p.stride_v_head % 8 == 0;
   kp.n_k = p.seq.n_k;
   kp.h_q = int(p.h_q);
@@ -180,7 +167,7 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
   kp.partial_f32 = opt.partial_f32 ? 1 : 0;
   kp.stride_o_tok = p.stride_o_tok;
   kp.stride_o_head = p.stride_o_head;
-  kp.o_vec = aligned16(p.o) && p.stride_o_tok % 8 == 0 && p.stride_o_head % 8 == 0;
+  kp.o_vec = is_aligned(p.o, 16) && p.stride_o_tok % 8 == 0 && p.stride_o_head % 8 == 0;
 
   // Passes run one after the other on the stream and share the workspace. A pass is a plain
   // sub-problem: its rows of q, o, lse and topk_idx, with positions from the whole call's varlen
@@ -193,7 +180,7 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
     sp.n_q = len;
     sp.topk_idx = topk_idx;
     const SparseSchedule sched = build_sparse_schedule(sp, base, plan.sched_bytes, stream);
-    if (opt.after_schedule) check_cuda(cudaEventRecord(opt.after_schedule, stream), "cudaEventRecord");
+    if (opt.after_schedule) check_cuda(kOp, cudaEventRecord(opt.after_schedule, stream), "cudaEventRecord");
 
     const uint16_t* q = static_cast<const uint16_t*>(p.q) + q0 * p.stride_q_tok;
     kp.q = q;
@@ -203,7 +190,7 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
       const int64_t total = len * p.h_q * d;
       const unsigned blocks = unsigned(std::min<int64_t>((total + 255) / 256, 8192));
       repack_q_kernel<<<blocks, 256, 0, stream>>>(q, p.stride_q_tok, p.stride_q_head, packed_q, len, p.h_q, d);
-      check_cuda(cudaGetLastError(), "repack launch");
+      check_cuda(kOp, cudaGetLastError(), "repack launch");
       kp.q = packed_q;
       kp.stride_q_head = d;
       kp.stride_q_tok = p.h_q * d;
@@ -230,7 +217,7 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
       launch_sparse_phase1<128, 64>(kp, grid, smem_optin, stream);
     else
       launch_sparse_phase1<128, 128>(kp, grid, smem_optin, stream);
-    if (opt.after_phase1) check_cuda(cudaEventRecord(opt.after_phase1, stream), "cudaEventRecord");
+    if (opt.after_phase1) check_cuda(kOp, cudaEventRecord(opt.after_phase1, stream), "cudaEventRecord");
 
     // Phase 2.
     const int64_t threads = len * p.h_q * (d / 8);
@@ -244,7 +231,7 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
       sparse_fwd_combine_kernel<128, false><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
     else
       sparse_fwd_combine_kernel<128, true><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
-    check_cuda(cudaGetLastError(), "combine launch");
+    check_cuda(kOp, cudaGetLastError(), "combine launch");
   }
 }
 
