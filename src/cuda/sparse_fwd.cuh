@@ -12,6 +12,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.cuh"
+#include "hopper.cuh"
+#include "host.h"
 #include "sparse_schedule.h"
 #include "sparse_tiles.h"
 
@@ -73,13 +76,11 @@ __host__ __device__ inline SpSmemLayout sp_smem_layout(int d, int bk) {
 
 namespace sp_detail {
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Generic-proxy writes (st.shared, cp.async) become visible to wgmma, which reads through the
-// async proxy.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+using hopper::ex2_approx;
+using hopper::fence_proxy_async;
+using hopper::sw128_desc;
+using hopper::wgmma_commit;
+using hopper::wgmma_fence;
 
 // 16-byte global -> shared copy; src_bytes = 0 writes zeros (rows past the item's entries).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
@@ -105,71 +106,15 @@ __device__ __forceinline__ void wg_barrier(int wg) {
     asm volatile("bar.sync 3, 128;" ::: "memory");
 }
 
-// wgmma shared-memory descriptor of a K-major operand in the 128-byte swizzle: rows of 128 bytes,
-// 8-row core groups 1024 bytes apart (stride byte offset), leading offset unused in this mode.
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
-
 // Byte offset of element (row, col) in a K-major SW128 tile of `rows` rows: [cols / 64] atoms of
 // [rows][128 bytes], 16-byte chunk c of a row stored at chunk c ^ (row % 8).
 __device__ __forceinline__ uint32_t sw128_offset(int rows, int row, int col) {
   return uint32_t((col >> 6) * rows * 128 + row * 128 + ((((col & 63) >> 3) ^ (row & 7)) << 4) + ((col & 7) << 1));
 }
 
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-
-// Pins accumulators relative to the (volatile) wgmma instructions, so the compiler neither reads
-// them before the wait nor writes them while a wgmma owns them.
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// D[64 x 64] (+)= A[64 x 16] * B[64 x 16]^T, both operands K-major in shared memory (SW128).
-__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
-      "%24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-
-// D[64 x 128] (+)= A[64 x 16] * B[128 x 16]^T, both operands K-major in shared memory (SW128).
-__device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
-      "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "
-      "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
-        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
-        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
-        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-
+// The register-A forms stay here: hopper.cuh's read B MN-major (imm-trans-b = 1), these read the
+// K-major V^T tile (imm-trans-b = 0).
+//
 // D[64 x 64] (+)= A[64 x 16] * B[64 x 16]^T, A from registers (the m16n8k16 A-fragment layout per
 // warp), B K-major in shared memory (SW128).
 __device__ __forceinline__ void wgmma_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db, int scale_d) {
@@ -216,9 +161,9 @@ __device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const uint32_t (&a
 template <int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
   if constexpr (N == 64)
-    wgmma_ss_n64(d, da, db, scale_d);
+    hopper::wgmma_m64n64k16(d, da, db, scale_d);
   else
-    wgmma_ss_n128(d, da, db, scale_d);
+    hopper::wgmma_m64n128k16(d, da, db, scale_d);
 }
 template <int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d) {
@@ -228,11 +173,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
     wgmma_rs_n128(d, a, db, scale_d);
 }
 
-__device__ __forceinline__ float ex2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 __device__ __forceinline__ float lg2_approx(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -331,7 +271,7 @@ __device__ __forceinline__ void issue_q(const SparseFwdKernelParams& p, uint32_t
 // S = Q K^T of one 64-row tile on wgmma (both operands in shared memory); committed, not waited.
 template <int D, int BK>
 __device__ __forceinline__ void issue_scores(float (&s)[BK / 2], uint32_t sq, uint32_t sk) {
-  fence_regs(s);
+  hopper::fence_acc(s);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
@@ -349,8 +289,8 @@ template <int D, int BK>
 __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, float (&s)[BK / 2], uint32_t svt,
                                             uint8_t* stage, const int64_t* meta_base, const int* meta_lim,
                                             int64_t kstart, int wg, int warp_in_wg, int lane) {
-  wgmma_wait0();
-  fence_regs(s);
+  hopper::wgmma_wait<0>();
+  hopper::fence_acc(s);
 
   // This thread's rows (wgmma accumulator layout): row0 = 16 w + lane / 4 and row0 + 8; it holds
   // columns 8 j + 2 (lane % 4) + {0, 1} of each in s[4 j + 2 i + {0, 1}].
@@ -408,7 +348,7 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
     pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
   }
   float o[D / 2];
-  fence_regs(o);
+  hopper::fence_acc(o);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < BK / 16; ++kk) {
@@ -416,8 +356,8 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
     wgmma_rs<D>(o, pa[kk], sw128_desc(b), kk > 0 ? 1 : 0);
   }
   wgmma_commit();
-  wgmma_wait0();
-  fence_regs(o);
+  hopper::wgmma_wait<0>();
+  hopper::fence_acc(o);
 
   // lse = scale * max + ln(sum exp(scale * (s - max))), from base-2 terms.
 #pragma unroll
@@ -652,15 +592,11 @@ void launch_sparse_phase1(const SparseFwdKernelParams& kp, int grid, int smem_op
     throw std::runtime_error("msa::sparse_attention_forward: phase 1 needs " + std::to_string(bytes) +
                              " bytes of shared memory per block, the device has " + std::to_string(smem_optin));
   auto kernel = sparse_fwd_phase1_kernel<D, BK>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("msa::sparse_attention_forward: cudaFuncSetAttribute failed: ") +
-                             cudaGetErrorString(err));
+  check_cuda("sparse_attention_forward",
+             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+             "cudaFuncSetAttribute failed");
   kernel<<<dim3(unsigned(grid)), dim3(kSpThreads), bytes, stream>>>(kp);
-  err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("msa::sparse_attention_forward: phase 1 launch failed: ") +
-                             cudaGetErrorString(err));
+  check_cuda("sparse_attention_forward", cudaGetLastError(), "phase 1 launch failed");
 }
 
 }  // namespace msa::cuda
