@@ -16,17 +16,14 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test_util.h"
 #include "test_util.h"
-
-#ifdef MSA_WITH_CUDA
-#include <cuda_runtime.h>
-#endif
 
 namespace msa::test {
 namespace {
 
 TEST(CudaSparseFwd, BadArgumentsThrowBeforeLaunch) {
-  if (!cuda_compiled()) GTEST_SKIP() << "built without the CUDA backend";
+  REQUIRE_CUDA_BUILD();
   // Pointers are never dereferenced on the host for the cuda backend: dummies are enough.
   int32_t dummy[4] = {0, 0, 0, 0};
   AttentionParams p;
@@ -64,38 +61,6 @@ TEST(CudaSparseFwd, GpuTests) { GTEST_SKIP() << "built without the CUDA backend:
 #else
 
 constexpr double kU = 1.0 / 256;  // bf16 unit roundoff, 2^-8
-
-void ck(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
-
-template <class T>
-struct DevBuf {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DevBuf(size_t n_) : n(n_) {
-    if (n) ck(cudaMalloc(&ptr, n * sizeof(T)), "cudaMalloc");
-  }
-  explicit DevBuf(const std::vector<T>& h) : DevBuf(h.size()) {
-    if (n) ck(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), "upload");
-  }
-  ~DevBuf() { cudaFree(ptr); }
-  DevBuf(const DevBuf&) = delete;
-  DevBuf& operator=(const DevBuf&) = delete;
-  // All-ones bytes: NaN as bf16 and as float, so an unwritten output cannot pass.
-  void poison() {
-    if (n) ck(cudaMemset(ptr, 0xff, n * sizeof(T)), "cudaMemset");
-  }
-  std::vector<T> get() const {
-    std::vector<T> h(n);
-    if (n) ck(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), "download");
-    return h;
-  }
-};
-
-bool have_gpu() { return cuda_device_count() > 0; }
-#define REQUIRE_GPU() \
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device visible: GPU test skipped"
 
 // One problem: lengths, heads, the selection and the logical data (doubles exact in bf16).
 struct Problem {
@@ -266,8 +231,9 @@ Out run_gpu(const Problem& P, const Layout& L = {}, cudaStream_t stream = nullpt
   DevBuf<float> lse(size_t(n_q * P.h_q));
   DevBuf<int32_t> idx(P.idx), cu_q(P.cu_q), cu_k(P.cu_k);
   DevBuf<int32_t> q_pos(P.q_pos);
-  o.poison();
-  lse.poison();
+  // All-ones bytes: NaN as bf16 and as float, so an unwritten output cannot pass.
+  o.poison(0xff);
+  lse.poison(0xff);
   AttentionParams a = base_params(P);
   if (P.pass_cu) {
     a.seq.cu_seqlens_q = cu_q.ptr;
@@ -290,8 +256,8 @@ Out run_gpu(const Problem& P, const Layout& L = {}, cudaStream_t stream = nullpt
   ex.backend = Backend::cuda;
   ex.stream = stream;
   sparse_attention_forward(a, ex);
-  ck(cudaStreamSynchronize(stream), "sparse_attention_forward");
-  ck(cudaGetLastError(), "sparse_attention_forward");
+  cuda_check(cudaStreamSynchronize(stream), "sparse_attention_forward");
+  cuda_check(cudaGetLastError(), "sparse_attention_forward");
   Out out;
   const std::vector<uint16_t> ob = o.get();
   out.o_bits.resize(n_q * P.h_q * d);
@@ -491,7 +457,7 @@ TEST(CudaSparseFwd, TwentyRunsBitwiseIdentical) {
   Problem P = make_problem(900, {2000, 333}, {2000, 333}, 32, 2, 128, 64, 8);
   select_random(P, 901, true, 0);
   cudaStream_t stream;
-  ck(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
   const Out first = run_gpu(P, {}, stream);
   EXPECT_TRUE(compare(P, first, cpu_reference(P), describe(P)));
   for (int run = 1; run < 20; ++run) {
@@ -499,7 +465,7 @@ TEST(CudaSparseFwd, TwentyRunsBitwiseIdentical) {
     ASSERT_EQ(0, std::memcmp(again.o_bits.data(), first.o_bits.data(), first.o_bits.size() * 2)) << "run " << run;
     ASSERT_EQ(0, std::memcmp(again.lse_raw.data(), first.lse_raw.data(), first.lse_raw.size() * 4)) << "run " << run;
   }
-  ck(cudaStreamDestroy(stream), "cudaStreamDestroy");
+  cuda_check(cudaStreamDestroy(stream), "cudaStreamDestroy");
 }
 
 TEST(CudaSparseFwd, GarbageContentsStayInBounds) {

@@ -12,11 +12,10 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test_util.h"
 #include "test_util.h"
 
 #ifdef MSA_WITH_CUDA
-#include <cuda_runtime.h>
-
 #include "cuda/sparse_fwd.h"
 #endif
 
@@ -28,33 +27,6 @@ namespace {
 TEST(CudaSparsePasses, GpuTests) { GTEST_SKIP() << "built without the CUDA backend: no GPU tests"; }
 
 #else
-
-void ck(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
-
-template <class T>
-struct Dev {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit Dev(size_t n_) : n(n_) {
-    if (n) ck(cudaMalloc(&ptr, n * sizeof(T)), "cudaMalloc");
-  }
-  explicit Dev(const std::vector<T>& h) : Dev(h.size()) {
-    if (n) ck(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), "upload");
-  }
-  ~Dev() { cudaFree(ptr); }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-  std::vector<T> get() const {
-    std::vector<T> h(n);
-    if (n) ck(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), "download");
-    return h;
-  }
-};
-
-#define REQUIRE_GPU() \
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible: GPU test skipped"
 
 // One problem on the device: bf16 q (optionally at an odd offset and head stride, which makes the
 // forward repack q per pass), k, v, a selection and the varlen arrays.
@@ -137,11 +109,11 @@ struct Out {
 // pass_queries < 0: the public call (whatever the library picks); otherwise the internal entry
 // with that pass size (0: the default) and work items of at most chunk queries (0: default).
 Out run(const Problem& P, int64_t pass_queries, int64_t chunk = 0) {
-  Dev<uint16_t> q(P.q), k(P.k), v(P.v), o(size_t(P.n_q() * P.h_q * P.d));
-  Dev<float> lse(size_t(P.n_q() * P.h_q));
-  Dev<int32_t> idx(P.idx), cu_q(P.cu_q), cu_k(P.cu_k), q_pos(P.q_pos);
-  ck(cudaMemset(o.ptr, 0xff, o.n * 2), "cudaMemset");  // NaN: an unwritten output cannot match
-  ck(cudaMemset(lse.ptr, 0xff, lse.n * 4), "cudaMemset");
+  DevBuf<uint16_t> q(P.q), k(P.k), v(P.v), o(size_t(P.n_q() * P.h_q * P.d));
+  DevBuf<float> lse(size_t(P.n_q() * P.h_q));
+  DevBuf<int32_t> idx(P.idx), cu_q(P.cu_q), cu_k(P.cu_k), q_pos(P.q_pos);
+  o.poison(0xff);  // NaN: an unwritten output cannot match
+  lse.poison(0xff);
   AttentionParams a;
   a.seq.n_q = P.n_q();
   a.seq.n_k = P.n_k();
@@ -173,7 +145,7 @@ Out run(const Problem& P, int64_t pass_queries, int64_t chunk = 0) {
     opt.chunk_queries = chunk;
     cuda::run_sparse_attention_forward(a, nullptr, opt);
   }
-  ck(cudaDeviceSynchronize(), "sparse forward");
+  cuda_check(cudaDeviceSynchronize(), "sparse forward");
   return {o.get(), lse.get()};
 }
 
