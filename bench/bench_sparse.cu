@@ -20,29 +20,21 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.h"
 #include "cuda/sparse_fwd.h"
 #include "msa/msa.h"
 
 namespace {
 
-void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "CUDA error in %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(2);
-  }
-}
+using msa::bench::mix64;
+using msa::bench::ok;
 
-__host__ __device__ inline uint64_t mix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-// Standard normal bf16 values from a counter hash (never zeros: zeros run faster than data).
+// sigma * standard normal bf16 values of stream seed. Not bench_util.h's normal_from_hash: there
+// sigma would multiply the product sqrt * cos instead of sqrt first, which changes the kernel's
+// machine code.
 __global__ void fill_normal(__nv_bfloat16* x, int64_t n, uint64_t seed, float sigma) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const uint64_t h = mix64(seed ^ mix64(uint64_t(i)));
+    const uint64_t h = msa::bench::hash_at(seed, i);
     const float u1 = (float(h >> 40) + 0.5f) * (1.f / 16777216.f);
     const float u2 = (float(h & 0xffffff) + 0.5f) * (1.f / 16777216.f);
     x[i] = __float2bfloat16(sigma * sqrtf(-2.f * logf(u1)) * cospif(2.f * u2));
