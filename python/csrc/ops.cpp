@@ -195,6 +195,31 @@ Tensor selection(const char* fn, const Tensor& topk_idx, const Tensor& ref, cons
   return topk_idx.contiguous();
 }
 
+// Points a params slot and its strides at a [tok, head, ...] tensor already passed through rows().
+template <class Ptr>
+void bind3(const Tensor& t, Ptr*& ptr, int64_t& stride_tok, int64_t& stride_head) {
+  ptr = t.data_ptr();
+  stride_tok = t.stride(0);
+  stride_head = t.stride(1);
+}
+
+// The same for a [tok, ...] tensor with one shared head (the index keys).
+template <class Ptr>
+void bind2(const Tensor& t, Ptr*& ptr, int64_t& stride_tok) {
+  ptr = t.data_ptr();
+  stride_tok = t.stride(0);
+}
+
+// Binds the block selection of a sparse call; sel keeps the int32 tensor alive.
+template <class P>
+void bind_selection(const char* fn, P& p, Tensor& sel, const Tensor& topk_idx, const Tensor& ref, const char* ref_name,
+                    int64_t n_q, int64_t h_kv, int64_t bk) {
+  sel = selection(fn, topk_idx, ref, ref_name, n_q, h_kv);
+  p.topk_idx = sel.data_ptr<int32_t>();
+  p.topk = sel.size(2);
+  p.bk = bk;
+}
+
 Tensor stats(const char* fn, const char* name, const Tensor& t, const Tensor& ref, const char* ref_name, int64_t n_q,
              int64_t h, const char* layout) {
   check_device(fn, name, t, ref, ref_name);
@@ -239,15 +264,9 @@ msa::AttentionParams attention_params(const Attn& a, const Seq& s, double scale)
   p.d = a.d;
   p.scale = float(scale);
   p.dtype = a.dtype;
-  p.q = a.q.data_ptr();
-  p.stride_q_tok = a.q.stride(0);
-  p.stride_q_head = a.q.stride(1);
-  p.k = a.k.data_ptr();
-  p.stride_k_tok = a.k.stride(0);
-  p.stride_k_head = a.k.stride(1);
-  p.v = a.v.data_ptr();
-  p.stride_v_tok = a.v.stride(0);
-  p.stride_v_head = a.v.stride(1);
+  bind3(a.q, p.q, p.stride_q_tok, p.stride_q_head);
+  bind3(a.k, p.k, p.stride_k_tok, p.stride_k_head);
+  bind3(a.v, p.v, p.stride_v_tok, p.stride_v_head);
   return p;
 }
 
@@ -260,10 +279,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const char* fn, const Tensor& q, const 
   msa::AttentionParams p = attention_params(a, s, scale);
   Tensor sel;
   if (topk_idx) {
-    sel = selection(fn, *topk_idx, q, "q", a.n_q, a.h_kv);
-    p.topk_idx = sel.data_ptr<int32_t>();
-    p.topk = sel.size(2);
-    p.bk = bk;
+    bind_selection(fn, p, sel, *topk_idx, q, "q", a.n_q, a.h_kv, bk);
   }
   Tensor o = at::empty({a.n_q, a.h_q, a.d}, q.options());
   Tensor lse = at::empty({a.n_q, a.h_q}, q.options().dtype(at::kFloat));
@@ -291,19 +307,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const char* fn, const Tensor& d
   static_cast<msa::AttentionParams&>(p) = attention_params(a, s, scale);
   Tensor sel;
   if (topk_idx) {
-    sel = selection(fn, *topk_idx, q, "q", a.n_q, a.h_kv);
-    p.topk_idx = sel.data_ptr<int32_t>();
-    p.topk = sel.size(2);
-    p.bk = bk;
+    bind_selection(fn, p, sel, *topk_idx, q, "q", a.n_q, a.h_kv, bk);
   }
   Tensor o_r = rows(o), do_r = rows(do_);
-  p.o = o_r.data_ptr();
-  p.stride_o_tok = o_r.stride(0);
-  p.stride_o_head = o_r.stride(1);
+  bind3(o_r, p.o, p.stride_o_tok, p.stride_o_head);
   p.lse = lse_c.data_ptr<float>();
-  p.do_ = do_r.data_ptr();
-  p.stride_do_tok = do_r.stride(0);
-  p.stride_do_head = do_r.stride(1);
+  bind3(do_r, p.do_, p.stride_do_tok, p.stride_do_head);
   Tensor dq = at::empty({a.n_q, a.h_q, a.d}, q.options());
   Tensor dk = at::empty({a.n_k, a.h_kv, a.d}, q.options());
   Tensor dv = at::empty({a.n_k, a.h_kv, a.d}, q.options());
@@ -352,22 +361,12 @@ KL kl_inputs(const char* fn, const Tensor& q, const Tensor& k, const Tensor& q_i
   p.d_idx = d_idx;
   p.scale = float(scale);
   p.index_scale = float(index_scale);
-  p.q = kl.q.data_ptr();
-  p.stride_q_tok = kl.q.stride(0);
-  p.stride_q_head = kl.q.stride(1);
-  p.k = kl.k.data_ptr();
-  p.stride_k_tok = kl.k.stride(0);
-  p.stride_k_head = kl.k.stride(1);
-  p.q_idx = kl.q_idx.data_ptr();
-  p.stride_q_idx_tok = kl.q_idx.stride(0);
-  p.stride_q_idx_head = kl.q_idx.stride(1);
-  p.k_idx = kl.k_idx.data_ptr();
-  p.stride_k_idx_tok = kl.k_idx.stride(0);
+  bind3(kl.q, p.q, p.stride_q_tok, p.stride_q_head);
+  bind3(kl.k, p.k, p.stride_k_tok, p.stride_k_head);
+  bind3(kl.q_idx, p.q_idx, p.stride_q_idx_tok, p.stride_q_idx_head);
+  bind2(kl.k_idx, p.k_idx, p.stride_k_idx_tok);
   if (topk_idx.has_value()) {
-    kl.sel = selection(fn, *topk_idx, q, "q", n_q, h_kv);
-    p.topk_idx = kl.sel.data_ptr<int32_t>();
-    p.topk = kl.sel.size(2);
-    p.bk = bk;
+    bind_selection(fn, p, kl.sel, *topk_idx, q, "q", n_q, h_kv, bk);
   }
   if (lse.has_value()) {
     kl.lse = stats(fn, "lse", *lse, q, "q", n_q, h_q, "[n_q, h_q]");
@@ -414,11 +413,8 @@ std::tuple<Tensor, Tensor, Tensor> index_topk(const Tensor& q_idx, const Tensor&
   p.bk = bk;
   p.topk = topk;
   p.index_scale = float(index_scale);
-  p.q_idx = q2.data_ptr();
-  p.stride_q_idx_tok = q2.stride(0);
-  p.stride_q_idx_head = q2.stride(1);
-  p.k_idx = k2.data_ptr();
-  p.stride_k_idx_tok = k2.stride(0);
+  bind3(q2, p.q_idx, p.stride_q_idx_tok, p.stride_q_idx_head);
+  bind2(k2, p.k_idx, p.stride_k_idx_tok);
   p.topk_idx = topk_idx.data_ptr<int32_t>();
   if (return_block_scores) {
     p.block_scores = block_scores.data_ptr<float>();
@@ -545,12 +541,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selection_recall(const Tensor& q, con
   p.bk = bk;
   p.topk = sel.size(2);
   p.scale = float(scale);
-  p.q = q2.data_ptr();
-  p.stride_q_tok = q2.stride(0);
-  p.stride_q_head = q2.stride(1);
-  p.k = k2.data_ptr();
-  p.stride_k_tok = k2.stride(0);
-  p.stride_k_head = k2.stride(1);
+  bind3(q2, p.q, p.stride_q_tok, p.stride_q_head);
+  bind3(k2, p.k, p.stride_k_tok, p.stride_k_head);
   p.topk_idx = sel.data_ptr<int32_t>();
   auto f32 = q.options().dtype(at::kFloat);
   Tensor block_rows = at::empty({q.size(0), p.h_kv}, f32), score_rows = at::empty({q.size(0), p.h_kv}, f32);
