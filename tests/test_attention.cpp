@@ -6,6 +6,7 @@
 #include <limits>
 #include <numeric>
 
+#include "attention_case.h"
 #include "test_util.h"
 
 namespace msa::test {
@@ -13,35 +14,7 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// One attention problem with contiguous inputs kept as doubles (already rounded to dtype, so a
-// reference computed from them sees exactly what the library sees).
-struct Problem {
-  int64_t h_q = 4, h_kv = 2, d = 16;
-  int64_t bk = 64, topk = 0;  // topk == 0: dense
-  DType dtype = DType::f32;
-  std::vector<int32_t> cu_q, cu_k;  // [batch+1]
-  std::vector<int32_t> q_pos;       // [n_q]; empty: bottom-right aligned
-  std::vector<double> q, k, v;      // [n_q, h_q, d], [n_k, h_kv, d], [n_k, h_kv, d]
-  std::vector<int32_t> idx;         // [n_q, h_kv, topk] when sparse
-
-  int64_t n_q() const { return cu_q.back(); }
-  int64_t n_k() const { return cu_k.back(); }
-  int64_t batch() const { return int64_t(cu_q.size()) - 1; }
-  int64_t g() const { return h_q / h_kv; }
-  int64_t seq(int64_t i) const {
-    int64_t b = 0;
-    while (cu_q[b + 1] <= i) ++b;
-    return b;
-  }
-  int64_t len_k(int64_t b) const { return cu_k[b + 1] - cu_k[b]; }
-  int64_t pos(int64_t i) const {
-    if (!q_pos.empty()) return q_pos[i];
-    int64_t b = seq(i);
-    return len_k(b) - (cu_q[b + 1] - cu_q[b]) + (i - cu_q[b]);
-  }
-  // The scale the library uses by default: 1/sqrt(d) rounded to float.
-  double scale() const { return double(float(1.0 / std::sqrt(double(d)))); }
-};
+using Problem = AttentionCase;
 
 // Self-attention problem over sequences of the given lengths (queries = keys).
 Problem make_problem(uint64_t seed, const std::vector<int32_t>& lens, int64_t h_q, int64_t h_kv, int64_t d, DType t) {
@@ -96,41 +69,18 @@ struct Result {
   std::vector<double> o, lse;
 };
 
-AttentionParams params(const Problem& P) {
-  AttentionParams a;
-  a.seq.n_q = P.n_q();
-  a.seq.n_k = P.n_k();
-  a.seq.batch = P.batch();
-  a.seq.cu_seqlens_q = P.cu_q.data();
-  a.seq.cu_seqlens_k = P.cu_k.data();
-  a.seq.q_pos = P.q_pos.empty() ? nullptr : P.q_pos.data();
-  a.h_q = P.h_q;
-  a.h_kv = P.h_kv;
-  a.d = P.d;
-  a.dtype = P.dtype;
-  a.bk = P.bk;
-  a.topk = P.topk;
-  a.topk_idx = P.topk > 0 ? P.idx.data() : nullptr;
-  return a;
-}
-
 // The library's forward on contiguous buffers; outputs start poisoned so unwritten entries show.
 Result run(const Problem& P, int num_threads = 0) {
   Buf q(P.dtype, P.q), k(P.dtype, P.k), v(P.dtype, P.v), o(P.dtype, P.n_q() * P.h_q * P.d);
   o.poison();
   std::vector<float> lse(P.n_q() * P.h_q, std::nanf(""));
-  AttentionParams a = params(P);
+  AttentionParams a = case_params(P);
   a.q = q.data();
   a.k = k.data();
   a.v = v.data();
   a.o = o.data();
   a.lse = lse.data();
-  Exec ex;
-  ex.num_threads = num_threads;
-  if (P.topk > 0)
-    sparse_attention_forward(a, ex);
-  else
-    dense_attention_forward(a, ex);
+  case_forward(P, a, num_threads);
   return {o.to_double(), std::vector<double>(lse.begin(), lse.end())};
 }
 
@@ -282,7 +232,7 @@ TEST(DenseAttention, ExplicitScale) {
   Problem P = make_problem(210, {90}, 4, 2, 16, DType::f64);
   Result def = run(P);
   // Scores of 3x scale: compare against the naive formula on q scaled by 3 / default scale.
-  AttentionParams a = params(P);
+  AttentionParams a = case_params(P);
   Buf q(P.dtype, P.q), k(P.dtype, P.k), v(P.dtype, P.v), o(P.dtype, P.q.size());
   std::vector<float> lse(P.n_q() * P.h_q);
   a.q = q.data();
@@ -480,7 +430,7 @@ TEST(Strides, NonContiguousEqualsContiguous) {
           v.set(t * 2 * h_kv * d + h * d + c, P.v[(t * h_kv + h) * d + c]);
         }
     std::vector<float> lse(n_q * h_q, std::nanf(""));
-    AttentionParams a = params(P);
+    AttentionParams a = case_params(P);
     a.q = static_cast<const uint8_t*>(q.data()) + d * dtype_size(P.dtype);
     a.stride_q_tok = h_q * 2 * d;
     a.stride_q_head = 2 * d;

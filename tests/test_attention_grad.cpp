@@ -5,31 +5,19 @@
 #include <cmath>
 #include <limits>
 
+#include "attention_case.h"
 #include "test_util.h"
 
 namespace msa::test {
 namespace {
 
-struct Problem {
-  int64_t h_q = 4, h_kv = 2, d = 12;
-  int64_t bk = 8, topk = 0;  // topk == 0: dense
-  DType dtype = DType::f64;
-  std::vector<int32_t> cu_q, cu_k;  // [batch+1]
-  std::vector<int32_t> q_pos;       // [n_q]; empty: bottom-right aligned
-  std::vector<double> q, k, v, w;   // w [n_q, h_q, d]: the loss weights, i.e. do
-  std::vector<int32_t> idx;         // [n_q, h_kv, topk] when sparse
-
-  int64_t n_q() const { return cu_q.back(); }
-  int64_t n_k() const { return cu_k.back(); }
-  int64_t seq(int64_t i) const {
-    int64_t b = 0;
-    while (cu_q[b + 1] <= i) ++b;
-    return b;
-  }
-  int64_t pos(int64_t i) const {
-    if (!q_pos.empty()) return q_pos[i];
-    int64_t b = seq(i);
-    return (cu_k[b + 1] - cu_k[b]) - (cu_q[b + 1] - cu_q[b]) + (i - cu_q[b]);
+// The backward tests' defaults: small d and bk, float64 so finite differences resolve.
+struct Problem : AttentionCase {
+  std::vector<double> w;  // [n_q, h_q, d]: the loss weights, i.e. do
+  Problem() {
+    d = 12;
+    bk = 8;
+    dtype = DType::f64;
   }
 };
 
@@ -66,24 +54,6 @@ void select_random(Problem& P, int64_t topk, uint64_t seed, int32_t none) {
     }
 }
 
-AttentionBwdParams params(const Problem& P) {
-  AttentionBwdParams a;
-  a.seq.n_q = P.n_q();
-  a.seq.n_k = P.n_k();
-  a.seq.batch = int64_t(P.cu_q.size()) - 1;
-  a.seq.cu_seqlens_q = P.cu_q.data();
-  a.seq.cu_seqlens_k = P.cu_k.data();
-  a.seq.q_pos = P.q_pos.empty() ? nullptr : P.q_pos.data();
-  a.h_q = P.h_q;
-  a.h_kv = P.h_kv;
-  a.d = P.d;
-  a.dtype = P.dtype;
-  a.bk = P.bk;
-  a.topk = P.topk;
-  a.topk_idx = P.topk > 0 ? P.idx.data() : nullptr;
-  return a;
-}
-
 struct Forward {
   Buf o;
   std::vector<float> lse;
@@ -92,19 +62,26 @@ struct Forward {
 Forward forward(const Problem& P, int num_threads = 0) {
   Buf q(P.dtype, P.q), k(P.dtype, P.k), v(P.dtype, P.v);
   Forward f{Buf(P.dtype, P.n_q() * P.h_q * P.d), std::vector<float>(P.n_q() * P.h_q)};
-  AttentionParams a = params(P);
+  AttentionParams a = case_params(P);
   a.q = q.data();
   a.k = k.data();
   a.v = v.data();
   a.o = f.o.data();
   a.lse = f.lse.data();
-  Exec ex;
-  ex.num_threads = num_threads;
-  if (P.topk > 0)
-    sparse_attention_forward(a, ex);
-  else
-    dense_attention_forward(a, ex);
+  case_forward(P, a, num_threads);
   return f;
+}
+
+// The backward params of P over its forward f with do = w; the gradients are the caller's.
+AttentionBwdParams bwd_params(const Problem& P, const Buf& q, const Buf& k, const Buf& v, Forward& f, const Buf& w) {
+  AttentionBwdParams a = case_params<AttentionBwdParams>(P);
+  a.q = q.data();
+  a.k = k.data();
+  a.v = v.data();
+  a.o = f.o.data();
+  a.lse = f.lse.data();
+  a.do_ = w.data();
+  return a;
 }
 
 double loss(const Problem& P) {
@@ -129,22 +106,11 @@ Grads backward(const Problem& P, int num_threads = 0) {
   dq.poison();
   dk.poison();
   dv.poison();
-  AttentionBwdParams a = params(P);
-  a.q = q.data();
-  a.k = k.data();
-  a.v = v.data();
-  a.o = f.o.data();
-  a.lse = f.lse.data();
-  a.do_ = w.data();
+  AttentionBwdParams a = bwd_params(P, q, k, v, f, w);
   a.dq = dq.data();
   a.dk = dk.data();
   a.dv = dv.data();
-  Exec ex;
-  ex.num_threads = num_threads;
-  if (P.topk > 0)
-    sparse_attention_backward(a, ex);
-  else
-    dense_attention_backward(a, ex);
+  case_backward(P, a, num_threads);
   Grads g{dq.to_double(), dk.to_double(), dv.to_double()};
   for (float x : f.lse)
     if (std::isfinite(x)) g.max_abs_lse = std::max(g.max_abs_lse, double(std::abs(x)));
@@ -316,13 +282,7 @@ TEST(AttentionGrad, NonContiguousGradients) {
   dv.poison();
   for (int64_t t = 0; t < n; ++t)
     for (int64_t e = 0; e < h_q * d; ++e) w.set(t * (h_q + 1) * d + e, P.w[t * h_q * d + e]);
-  AttentionBwdParams a = params(P);
-  a.q = q.data();
-  a.k = k.data();
-  a.v = v.data();
-  a.o = f.o.data();
-  a.lse = f.lse.data();
-  a.do_ = w.data();
+  AttentionBwdParams a = bwd_params(P, q, k, v, f, w);
   a.stride_do_tok = (h_q + 1) * d;
   a.dq = dq.data();
   a.stride_dq_tok = d;

@@ -141,6 +141,37 @@ bool in_support(const Problem& pb, int64_t i, int64_t r, int64_t j) {
   return false;
 }
 
+// One row's logits scale * q . k_j over the support `in` of a sequence whose keys start at k0,
+// k_stride apart; max_abs takes the largest scale * sum_c |q_c k_c| (for the error bounds).
+struct Logits {
+  std::vector<double> x;  // -inf off the support
+  double lse;
+};
+
+Logits logits(const std::vector<char>& in, const double* q, const double* k0, int64_t k_stride, int64_t dd,
+              double scale, double& max_abs) {
+  const int64_t len = int64_t(in.size());
+  Logits l{std::vector<double>(len, -INFINITY), 0};
+  double m = -INFINITY;
+  for (int64_t j = 0; j < len; ++j) {
+    if (!in[j]) continue;
+    double s = 0, sa = 0;
+    for (int64_t c = 0; c < dd; ++c) {
+      const double a = q[c], kk = k0[j * k_stride + c];
+      s += a * kk;
+      sa += std::abs(a * kk);
+    }
+    l.x[j] = s * scale;
+    max_abs = std::max(max_abs, sa * scale);
+    m = std::max(m, l.x[j]);
+  }
+  double z = 0;
+  for (int64_t j = 0; j < len; ++j)
+    if (in[j]) z += std::exp(l.x[j] - m);
+  l.lse = m + std::log(z);
+  return l;
+}
+
 Ref reference(const Problem& pb, const RefOpts& o = {}) {
   const Shape& sh = pb.sh;
   const int64_t d = sh.d, di = sh.d_idx, g = sh.g;
@@ -162,49 +193,19 @@ Ref reference(const Problem& pb, const RefOpts& o = {}) {
       std::vector<double> P(len, 0.0), Pidx(len, 0.0);
       for (int64_t t = 0; t < g; ++t) {
         const int64_t h = r * g + t;
-        std::vector<double> x(len, -INFINITY);
-        double m = -INFINITY;
-        for (int64_t j = 0; j < len; ++j) {
-          if (!in[j]) continue;
-          double s = 0, sa = 0;
-          for (int64_t c = 0; c < d; ++c) {
-            const double a = pb.q[(i * pb.h_q + h) * d + c], kk = pb.k[((base + j) * sh.h_kv + r) * d + c];
-            s += a * kk;
-            sa += std::abs(a * kk);
-          }
-          x[j] = s * pb.scale;
-          ref.max_abs_t = std::max(ref.max_abs_t, sa * pb.scale);
-          m = std::max(m, x[j]);
-        }
-        double z = 0;
+        const Logits x = logits(in, &pb.q[(i * pb.h_q + h) * d], &pb.k[(base * sh.h_kv + r) * d], sh.h_kv * d, d,
+                                pb.scale, ref.max_abs_t);
+        ref.lse[i * pb.h_q + h] = x.lse;
+        const double lse = o.lse ? double(o.lse[i * pb.h_q + h]) : x.lse;
         for (int64_t j = 0; j < len; ++j)
-          if (in[j]) z += std::exp(x[j] - m);
-        ref.lse[i * pb.h_q + h] = m + std::log(z);
-        const double lse = o.lse ? double(o.lse[i * pb.h_q + h]) : m + std::log(z);
-        for (int64_t j = 0; j < len; ++j)
-          if (in[j]) P[j] += std::exp(x[j] - lse) / double(g);
+          if (in[j]) P[j] += std::exp(x.x[j] - lse) / double(g);
       }
-      std::vector<double> y(len, -INFINITY);
-      double m = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) {
-        if (!in[j]) continue;
-        double s = 0, sa = 0;
-        for (int64_t c = 0; c < di; ++c) {
-          const double a = pb.q_idx[(i * sh.h_kv + r) * di + c], kk = pb.k_idx[(base + j) * di + c];
-          s += a * kk;
-          sa += std::abs(a * kk);
-        }
-        y[j] = s * pb.index_scale;
-        ref.max_abs_s = std::max(ref.max_abs_s, sa * pb.index_scale);
-        m = std::max(m, y[j]);
-      }
-      double z = 0;
+      const Logits y =
+          logits(in, &pb.q_idx[(i * sh.h_kv + r) * di], &pb.k_idx[base * di], di, di, pb.index_scale, ref.max_abs_s);
+      ref.index_lse[i * sh.h_kv + r] = y.lse;
+      const double ilse = o.index_lse ? double(o.index_lse[i * sh.h_kv + r]) : y.lse;
       for (int64_t j = 0; j < len; ++j)
-        if (in[j]) z += std::exp(y[j] - m);
-      ref.index_lse[i * sh.h_kv + r] = m + std::log(z);
-      const double ilse = o.index_lse ? double(o.index_lse[i * sh.h_kv + r]) : m + std::log(z);
-      for (int64_t j = 0; j < len; ++j)
-        if (in[j]) Pidx[j] = std::exp(y[j] - ilse);
+        if (in[j]) Pidx[j] = std::exp(y.x[j] - ilse);
 
       const double c0 = o.lambda / rows;
       for (int64_t j = 0; j < len; ++j) {
