@@ -33,4 +33,33 @@ __device__ __forceinline__ int64_t find_seq(const int32_t* start, int64_t batch,
   return lo;
 }
 
+// The packed query and key rows [q_lo, q_hi), [k_lo, k_hi) of sequence b, clamped into [0, n]:
+// garbage device-side cu_seqlens give garbage rows but never an access outside the tensors.
+// cu_k null: cu_q serves both; both null: a single sequence.
+struct SeqRows {
+  int64_t q_lo, q_hi, k_lo, k_hi;
+};
+
+__device__ __forceinline__ SeqRows seq_rows(const int32_t* cu_q, const int32_t* cu_k, int64_t b, int64_t n_q,
+                                            int64_t n_k) {
+  SeqRows s;
+  s.q_lo = cu_q ? clamp64(cu_q[b], 0, n_q) : 0;
+  s.q_hi = cu_q ? clamp64(cu_q[b + 1], s.q_lo, n_q) : n_q;
+  const int32_t* cuk = cu_k ? cu_k : cu_q;
+  s.k_lo = cuk ? clamp64(cuk[b], 0, n_k) : 0;
+  s.k_hi = cuk ? clamp64(cuk[b + 1], s.k_lo, n_k) : n_k;
+  return s;
+}
+
+// Absolute position of packed query row `row` of a sequence with rows s: q_pos[row] when given,
+// else bottom-right aligned to the keys; clamped into [-1, len_k) (-1: the row sees no key), so
+// every key row it can touch, k_lo + j with 0 <= j <= pos, is inside the tensor.
+__device__ __forceinline__ int64_t query_pos(const int32_t* q_pos, const SeqRows& s, int64_t row) {
+  const int64_t len_k = s.k_hi - s.k_lo;
+  int64_t pos = q_pos ? int64_t(q_pos[row]) : len_k - (s.q_hi - s.q_lo) + (row - s.q_lo);
+  if (pos >= len_k) pos = len_k - 1;
+  if (pos < 0) pos = -1;
+  return pos;
+}
+
 }  // namespace msa::cuda

@@ -237,13 +237,9 @@ __global__ void __launch_bounds__(kDnThreads, 1)
   }
   // Offsets are clamped into [0, n], positions into [-1, len_k): garbage varlen contents give
   // garbage rows but never an access outside the tensors.
-  const int64_t q_lo = p.cu_q ? clamp64(p.cu_q[b], 0, p.n_q) : 0;
-  const int64_t q_hi = p.cu_q ? clamp64(p.cu_q[b + 1], q_lo, p.n_q) : p.n_q;
-  const int32_t* cuk = p.cu_k ? p.cu_k : p.cu_q;
-  const int64_t k_lo = cuk ? clamp64(cuk[b], 0, p.n_k) : 0;
-  const int64_t k_hi = cuk ? clamp64(cuk[b + 1], k_lo, p.n_k) : p.n_k;
-  const int64_t len_k = k_hi - k_lo;
-  const int64_t tok0 = q_lo + t_in * tok_per_tile;
+  const SeqRows sr = seq_rows(p.cu_q, p.cu_k, b, p.n_q, p.n_k);
+  const int64_t q_hi = sr.q_hi, k_lo = sr.k_lo;
+  const int64_t tok0 = sr.q_lo + t_in * tok_per_tile;
 
   const uint32_t s_base = smem_addr(smem);
   const uint32_t sq = s_base + lay.q, sk = s_base + lay.k, sv = s_base + lay.v;
@@ -274,10 +270,7 @@ __global__ void __launch_bounds__(kDnThreads, 1)
     const int64_t tok = tok0 + (tid >> p.log2_g);
     int pos = -1, tk = -1, pmax = -1, pmin = INT_MAX;
     if (tok < q_hi) {
-      int64_t pp = p.q_pos ? int64_t(p.q_pos[tok]) : len_k - (q_hi - q_lo) + (tok - q_lo);
-      if (pp >= len_k) pp = len_k - 1;
-      if (pp < 0) pp = -1;
-      pos = int(pp);
+      pos = int(query_pos(p.q_pos, sr, tok));
       tk = int(tok);
       pmax = pmin = pos;
     }

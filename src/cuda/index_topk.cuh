@@ -327,18 +327,10 @@ __global__ void __launch_bounds__(kIdxThreads, 1)
     if (R < p.n_rows) {
       const int64_t tok = R / p.h_kv;
       const int64_t b = p.cu_q ? find_seq(p.cu_q, p.batch, tok) : 0;
-      const int64_t q_lo = p.cu_q ? clamp64(p.cu_q[b], 0, p.n_q) : 0;
-      const int64_t q_hi = p.cu_q ? clamp64(p.cu_q[b + 1], q_lo, p.n_q) : p.n_q;
-      const int32_t* cuk = p.cu_k ? p.cu_k : p.cu_q;
-      const int64_t k_lo = cuk ? clamp64(cuk[b], 0, p.n_k) : 0;
-      const int64_t k_hi = cuk ? clamp64(cuk[b + 1], k_lo, p.n_k) : p.n_k;
-      const int64_t len_k = k_hi - k_lo;
-      int64_t pp = p.q_pos ? int64_t(p.q_pos[tok]) : len_k - (q_hi - q_lo) + (tok - q_lo);
-      if (pp >= len_k) pp = len_k - 1;
-      if (pp < 0) pp = -1;
+      const SeqRows sr = seq_rows(p.cu_q, p.cu_k, b, p.n_q, p.n_k);
       seq = b;
-      pos = pp;
-      kb = k_lo;
+      pos = query_pos(p.q_pos, sr, tok);
+      kb = sr.k_lo;
     }
     row_seq[tid] = int(seq);
     row_p[tid] = int(pos);

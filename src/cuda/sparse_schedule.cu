@@ -30,16 +30,8 @@ __global__ void query_info_kernel(SparseScheduleParams p, int2* qinfo) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.n_q; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = p.q0 + i;
     const int64_t b = p.cu_q ? find_seq(p.cu_q, p.batch, row) : 0;
-    const int64_t q_lo = p.cu_q ? clamp64(p.cu_q[b], 0, p.n_q_all) : 0;
-    const int64_t q_hi = p.cu_q ? clamp64(p.cu_q[b + 1], q_lo, p.n_q_all) : p.n_q_all;
-    const int32_t* cuk = p.cu_k ? p.cu_k : p.cu_q;
-    const int64_t k_lo = cuk ? clamp64(cuk[b], 0, p.n_k) : 0;
-    const int64_t k_hi = cuk ? clamp64(cuk[b + 1], k_lo, p.n_k) : p.n_k;
-    const int64_t len_k = k_hi - k_lo;
-    int64_t pos = p.q_pos ? int64_t(p.q_pos[row]) : len_k - (q_hi - q_lo) + (row - q_lo);
-    if (pos >= len_k) pos = len_k - 1;
-    if (pos < 0) pos = -1;
-    qinfo[i] = make_int2(int(k_lo), int(pos));
+    const SeqRows sr = seq_rows(p.cu_q, p.cu_k, b, p.n_q_all, p.n_k);
+    qinfo[i] = make_int2(int(sr.k_lo), int(query_pos(p.q_pos, sr, row)));
   }
 }
 
