@@ -7,7 +7,9 @@
 // Cost model: FLOPs = 4 * g * d * sum over (query, group) of |T| (attended tokens); bytes = Q rows
 // gathered once per selected block, the bf16 partial o + lse written and read back, o written.
 //
-//   bench_sparse [--iters N] [--quick]   (--quick: n = 32K only)
+//   bench_sparse [--iters N] [--quick] [--n N] [--pass P1,P2,...]
+//   (--quick: n = 32K only; --pass: the default variant with each query-pass size instead of the
+//   partial/chunk variants)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -167,11 +169,17 @@ void spot_check(const msa::AttentionParams& a, int64_t n, const std::vector<uint
 int main(int argc, char** argv) {
   int iters = 10;
   bool quick = false;
+  int64_t only_n = 0;
+  std::vector<int64_t> passes;
   for (int a = 1; a < argc; ++a) {
     if (!std::strcmp(argv[a], "--iters") && a + 1 < argc)
       iters = std::atoi(argv[++a]);
     else if (!std::strcmp(argv[a], "--quick"))
       quick = true;
+    else if (!std::strcmp(argv[a], "--n") && a + 1 < argc)
+      only_n = std::atoll(argv[++a]);
+    else if (!std::strcmp(argv[a], "--pass") && a + 1 < argc)
+      for (char* t = std::strtok(argv[++a], ","); t; t = std::strtok(nullptr, ",")) passes.push_back(std::atoll(t));
   }
   if (msa::cuda_device_count() == 0) {
     std::printf("no CUDA device\n");
@@ -190,6 +198,7 @@ int main(int argc, char** argv) {
   const int64_t h_q = 64, h_kv = 4, d = 128, bk = 128, topk = 16, g = h_q / h_kv;
   std::vector<int64_t> sizes = {32768};
   if (!quick) sizes.push_back(131072);
+  if (only_n > 0) sizes = {only_n};
   cudaStream_t stream;
   ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
   cudaEvent_t ev[4];
@@ -256,8 +265,13 @@ int main(int argc, char** argv) {
       struct Variant {
         int f32;
         int64_t chunk;
+        int64_t pass = 0;
       };
       std::vector<Variant> variants = {{0, 0}, {1, 0}, {0, 1024}, {0, 16384}};
+      if (!passes.empty()) {
+        variants.clear();
+        for (int64_t p : passes) variants.push_back({0, 0, p});
+      }
       for (const Variant& var : variants) {
         const int f32 = var.f32;
         if (f32 && n > 32768) continue;
@@ -265,10 +279,11 @@ int main(int argc, char** argv) {
         msa::cuda::SparseFwdOptions opt;
         opt.partial_f32 = f32 != 0;
         opt.chunk_queries = var.chunk;
+        opt.pass_queries = var.pass;
         opt.after_schedule = ev[1];
         opt.after_phase1 = ev[2];
         auto call = [&] {
-          if (f32 || var.chunk)
+          if (f32 || var.chunk || var.pass)
             msa::cuda::run_sparse_attention_forward(a, stream, opt);
           else
             msa::sparse_attention_forward(a, ex);  // the public path (its validation included)
@@ -299,8 +314,11 @@ int main(int argc, char** argv) {
         const double ms = median(tot);
         const double pbytes = f32 ? 4.0 : 2.0;
         const double bytes = entries * double(g) * (2.0 * d + 2 * (pbytes * d + 4)) + double(n) * h_q * d * 2;
-        char label[32];
-        std::snprintf(label, sizeof label, "%s/%lld", f32 ? "f32" : "bf16", (long long)(var.chunk ? var.chunk : 4096));
+        char label[48];
+        if (var.pass)
+          std::snprintf(label, sizeof label, "pass%lld", (long long)var.pass);
+        else
+          std::snprintf(label, sizeof label, "%s/%lld", f32 ? "f32" : "bf16", (long long)(var.chunk ? var.chunk : 4096));
         std::printf("%-7lld %-7s %-10s %9.3f %9.3f %9.3f %9.3f %9.1f %8.0f %8.0f %10.3f %9.2e\n", (long long)n,
                     window ? "window" : "random", label, ms, median(sch), median(ph1), median(comb),
                     flops / (ms * 1e-3) / 1e12, bytes / (ms * 1e-3) / 1e9, double(tokens) / double(n * h_kv), o_ratio,

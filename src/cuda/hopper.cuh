@@ -254,4 +254,12 @@ __device__ __forceinline__ float ex2_approx(float x) {
   return y;
 }
 
+// Programmatic dependent launch (sm_90): a kernel launched with the programmatic stream
+// serialization attribute may start while the previous kernel on the stream still runs; it must
+// call grid_dependency_wait() before it reads what that kernel writes (the wait returns once the
+// previous grid has completed and flushed its memory). launch_dependents() lets the dependent grid
+// start early, e.g. when a persistent CTA has no more work. Both are no-ops without the attribute.
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" :::); }
+
 }  // namespace msa::cuda::hopper

@@ -223,15 +223,20 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
     const int64_t threads = len * p.h_q * (d / 8);
     const unsigned blocks =
         unsigned(std::min<int64_t>((threads + kSpCombineThreads - 1) / kSpCombineThreads, int64_t(num_sms) * 64));
-    if (d == 64 && !opt.partial_f32)
-      sparse_fwd_combine_kernel<64, false><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
-    else if (d == 64)
-      sparse_fwd_combine_kernel<64, true><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
-    else if (!opt.partial_f32)
-      sparse_fwd_combine_kernel<128, false><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
-    else
-      sparse_fwd_combine_kernel<128, true><<<blocks, kSpCombineThreads, 0, stream>>>(kp);
-    check_cuda(kOp, cudaGetLastError(), "combine launch");
+    // Programmatic dependent launch: the combine's CTAs start as phase 1's persistent CTAs run out
+    // of items and wait there for its completion, instead of after a full launch gap.
+    auto combine = d == 64 ? (opt.partial_f32 ? sparse_fwd_combine_kernel<64, true> : sparse_fwd_combine_kernel<64, false>)
+                           : (opt.partial_f32 ? sparse_fwd_combine_kernel<128, true> : sparse_fwd_combine_kernel<128, false>);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(kSpCombineThreads);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    check_cuda(kOp, cudaLaunchKernelEx(&cfg, combine, kp), "combine launch");
   }
 }
 

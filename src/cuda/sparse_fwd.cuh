@@ -38,8 +38,10 @@ struct SparseFwdKernelParams {
   const int32_t* lims = nullptr;        // [n_e] last visible key row of each sorted entry's query (schedule)
   const int32_t* item_start = nullptr;  // [n_items] (schedule)
   int32_t* counters = nullptr;          // n_valid, n_items, work counter (schedule)
-  void* partial_o = nullptr;            // [n_q, h_q, topk, d] bf16 or f32; slot rows of invalid entries unwritten
-  float* partial_lse = nullptr;         // [n_q, h_q, topk]
+  // Slot-major per query: a tile writes the g heads of one (query, slot) as one contiguous run
+  // (g rows of o, g floats of lse: whole sectors), instead of g rows topk apart and lone floats.
+  void* partial_o = nullptr;            // [n_q, topk, h_q, d] bf16 or f32; slot rows of invalid entries unwritten
+  float* partial_lse = nullptr;         // [n_q, topk, h_q]
   int partial_f32 = 0;
   const int32_t* topk_idx = nullptr;  // [n_q, h_kv, topk] (combine: which slots are valid)
   uint16_t* o = nullptr;              // [n_q, h_q, d]
@@ -51,7 +53,7 @@ struct SparseFwdKernelParams {
 // Shared-memory map of phase 1, identical on host (sizing) and device. K, V^T and every Q buffer
 // start at multiples of 1024 bytes from a 1024-aligned base, as the 128-byte swizzle needs.
 struct SpSmemLayout {
-  uint32_t k, vt, q, q_bytes, meta_base, meta_lim, misc, total;
+  uint32_t k, vt, q, q_bytes, meta_base, meta_lim, meta_src, misc, total;
 };
 
 __host__ __device__ inline SpSmemLayout sp_smem_layout(int d, int bk) {
@@ -64,10 +66,12 @@ __host__ __device__ inline SpSmemLayout sp_smem_layout(int d, int bk) {
   l.q = off;
   l.q_bytes = uint32_t(kSpRows) * d * 2;
   off += uint32_t(kSpWarpgroups * kSpQStages) * l.q_bytes;
-  l.meta_base = off;  // int64 [warpgroup][stage][kSpRows]: partial row of slot 0 of head 0
+  l.meta_base = off;  // int64 [warpgroup][stage][kSpRows]: partial row of the (query, slot), head 0 of the group
   off += uint32_t(kSpWarpgroups * kSpQStages * kSpRows) * 8;
   l.meta_lim = off;  // int [warpgroup][stage][kSpRows]: last visible key row (-1: padding)
   off += uint32_t(kSpWarpgroups * kSpQStages * kSpRows) * 4;
+  l.meta_src = off;  // int64 [warpgroup][stage][kSpRows]: q offset of the entry's token row (-1: padding)
+  off += uint32_t(kSpWarpgroups * kSpQStages * kSpRows) * 8;
   l.misc = off;
   off += 16;
   l.total = off;
@@ -244,26 +248,44 @@ __device__ __forceinline__ RowSrc load_row_src(const SparseFwdKernelParams& p, i
   return rs;
 }
 
+// Publishes where the entries of a tile start in q (element offset of the query's token row, -1
+// past the item's entries) into the tile's slot of meta_src, for the gather of issue_q. One thread
+// per entry writes (the entry's head-0, first-half thread); the gather reads after a barrier.
+__device__ __forceinline__ void publish_src(const SparseFwdKernelParams& p, int64_t* meta_src, RowSrc rs, int wtid) {
+  const int row = wtid >> 1;
+  if ((wtid & 1) == 0 && (row & (p.g - 1)) == 0) {
+    const uint32_t per_query = uint32_t(p.h_kv) * uint32_t(p.topk);
+    meta_src[row >> p.log2g] = rs.id != 0xffffffffu ? int64_t(rs.id / per_query) * p.stride_q_tok : -1;
+  }
+}
+
 // Issues the cp.async gather of one Q tile into a K-major SW128 tile [kSpRows][D] (rows past the
 // entries zero-filled), and stores the per-entry metadata the softmax and the epilogue need.
+// Consecutive threads copy consecutive 16-byte chunks, so one warp instruction reads 512
+// contiguous bytes of q (whole rows, and the g heads of a query are adjacent rows): every 32-byte
+// sector is fetched from L2 once. (Thread-per-half-row had each instruction touch 32 sectors for
+// 16 bytes each, and fetch every sector twice.) The entries' sources come from meta_src, published
+// a tile earlier; rs is this thread's own entry, for the metadata.
 template <int D>
 __device__ __forceinline__ void issue_q(const SparseFwdKernelParams& p, uint32_t sq, int64_t* meta_base, int* meta_lim,
-                                        RowSrc rs, int r, int wtid) {
-  constexpr int kHalf = D / 16;  // 16-byte chunks per half row
-  const int row = wtid >> 1, half = wtid & 1;
-  const int ent = row >> p.log2g, h = row & (p.g - 1);
-  const bool valid = rs.id != 0xffffffffu;
-  const uint32_t per_query = uint32_t(p.h_kv) * uint32_t(p.topk);
-  const int64_t i = valid ? int64_t(rs.id / per_query) : 0;
-  const uint16_t* src = p.q + i * p.stride_q_tok + int64_t(r * p.g + h) * p.stride_q_head;
+                                        const int64_t* meta_src, RowSrc rs, int r, int wtid) {
+  constexpr int CH = D / 8;  // 16-byte chunks per row
 #pragma unroll
-  for (int k = 0; k < kHalf; ++k) {
-    const int ch = half * kHalf + k;
-    cp_async_16(sq + sw128_offset(kSpRows, row, ch * 8), valid ? static_cast<const void*>(src + ch * 8) : p.q,
-                valid ? 16 : 0);
+  for (int k = 0; k < kSpRows * CH / 128; ++k) {
+    const int c = k * 128 + wtid;
+    const int row = c / CH, ch = c % CH;
+    const int64_t src = meta_src[row >> p.log2g];
+    const int64_t off = src + int64_t(r * p.g + (row & (p.g - 1))) * p.stride_q_head + ch * 8;
+    cp_async_16(sq + sw128_offset(kSpRows, row, ch * 8), src >= 0 ? static_cast<const void*>(p.q + off) : p.q,
+                src >= 0 ? 16 : 0);
   }
-  if (half == 0 && h == 0) {
-    meta_base[ent] = valid ? (i * p.h_q + int64_t(r) * p.g) * p.topk + int64_t(rs.id % uint32_t(p.topk)) : -1;
+  const int row = wtid >> 1;
+  if ((wtid & 1) == 0 && (row & (p.g - 1)) == 0) {
+    const int ent = row >> p.log2g;
+    const bool valid = rs.id != 0xffffffffu;
+    const uint32_t per_query = uint32_t(p.h_kv) * uint32_t(p.topk);
+    const int64_t i = valid ? int64_t(rs.id / per_query) : 0;
+    meta_base[ent] = valid ? (i * p.topk + int64_t(rs.id % uint32_t(p.topk))) * p.h_q + int64_t(r) * p.g : -1;
     meta_lim[ent] = valid ? rs.lim : -1;
   }
 }
@@ -363,7 +385,7 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
 #pragma unroll
   for (int i = 0; i < 2; ++i)
     if (base[i] >= 0 && q4 == 0)
-      __stcs(p.partial_lse + base[i] + int64_t(head[i]) * p.topk,
+      __stcs(p.partial_lse + base[i] + head[i],
              (m[i] * p.scale_log2 + lg2_approx(l[i])) * 0.6931471805599453f);
 
   if (p.partial_f32) {
@@ -372,7 +394,7 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
     for (int i = 0; i < 2; ++i) {
       if (base[i] < 0) continue;
       const float inv = 1.f / l[i];
-      float* dst = static_cast<float*>(p.partial_o) + (base[i] + int64_t(head[i]) * p.topk) * D + 2 * q4;
+      float* dst = static_cast<float*>(p.partial_o) + (base[i] + head[i]) * D + 2 * q4;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
         *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
@@ -404,7 +426,7 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
     const uint4 val = *reinterpret_cast<const uint4*>(stage + sw128_offset(kSpRows, row, ch * 8));
     // Streaming store: the partials are read once, by the combine, long after; L2 is better spent
     // on the Q rows that neighbouring work items gather again.
-    __stcs(reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.partial_o) + (b + int64_t(row & (p.g - 1)) * p.topk) * D +
+    __stcs(reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.partial_o) + (b + (row & (p.g - 1))) * D +
                                     ch * 8),
            val);
   }
@@ -435,6 +457,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
   int* misc = reinterpret_cast<int*>(smem + lay.misc);
   int64_t* meta_base = reinterpret_cast<int64_t*>(smem + lay.meta_base) + wg * kSpQStages * kSpRows;
   int* meta_lim = reinterpret_cast<int*>(smem + lay.meta_lim) + wg * kSpQStages * kSpRows;
+  int64_t* meta_src = reinterpret_cast<int64_t*>(smem + lay.meta_src) + wg * kSpQStages * kSpRows;
   const uint32_t sq = s_base + lay.q + uint32_t(wg * kSpQStages) * lay.q_bytes;
   const int n_valid = p.counters[0];
   const int n_items = p.counters[1];
@@ -448,7 +471,10 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
     if (tid == 0) misc[0] = atomicAdd(p.counters + 2, 1);
     __syncthreads();  // every warpgroup is done with the previous item's K/V; misc[0] is visible
     const int item = __shfl_sync(full, misc[0], 0);
-    if (item >= n_items) break;
+    if (item >= n_items) {
+      hopper::launch_dependents();  // the combine's CTAs may take this SM while others finish
+      break;
+    }
     const int e0 = __shfl_sync(full, p.item_start[item], 0);
     const int e1 = __shfl_sync(full, item + 1 < n_items ? p.item_start[item + 1] : n_valid, 0);
     const uint64_t key = p.keys[e0];
@@ -463,16 +489,28 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
     // runs tiles wg, wg + 3, ...; its local tile j sits in Q stage j % kSpQStages.
     auto first = [&](int tt) { return e0 + tt * queries_per_tile; };
     auto last = [&](int tt) { return min(e1, e0 + (tt + 1) * queries_per_tile); };
+    // Prologue: the sources of the first kSpQStages tiles (local tile j uses stage j % kSpQStages,
+    // for its Q, metadata and meta_src slot), then the gathers of all but the last.
+    RowSrc pro[kSpQStages - 1];
+#pragma unroll
+    for (int u = 0; u < kSpQStages - 1; ++u) {
+      const int tt = wg + u * kSpWarpgroups;
+      pro[u] = load_row_src(p, first(tt), last(tt), wtid);
+    }
+    int t_next = wg + (kSpQStages - 1) * kSpWarpgroups;
+    RowSrc next = load_row_src(p, first(t_next), last(t_next), wtid);
+#pragma unroll
+    for (int u = 0; u < kSpQStages - 1; ++u) publish_src(p, meta_src + u * kSpRows, pro[u], wtid);
+    publish_src(p, meta_src + (kSpQStages - 1) * kSpRows, next, wtid);
+    wg_barrier(wg);
 #pragma unroll
     for (int u = 0; u < kSpQStages - 1; ++u) {
       const int tt = wg + u * kSpWarpgroups;
       if (tt < n_tiles)
-        issue_q<D>(p, sq + u * lay.q_bytes, meta_base + u * kSpRows, meta_lim + u * kSpRows,
-                   load_row_src(p, first(tt), last(tt), wtid), r, wtid);
+        issue_q<D>(p, sq + u * lay.q_bytes, meta_base + u * kSpRows, meta_lim + u * kSpRows, meta_src + u * kSpRows,
+                   pro[u], r, wtid);
       cp_async_commit();
     }
-    int t_next = wg + (kSpQStages - 1) * kSpWarpgroups;
-    RowSrc next = load_row_src(p, first(t_next), last(t_next), wtid);
     int st = 0;
     for (int t = wg; t < n_tiles; t += kSpWarpgroups) {
       cp_async_wait<kSpQStages - 2>();
@@ -485,13 +523,17 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
       // Under the S product: the gather of a later tile (ids loaded a tile ago), and the next ids.
       const int st_next = st == 0 ? kSpQStages - 1 : st - 1;
       if (t_next < n_tiles)
-        issue_q<D>(p, sq + st_next * lay.q_bytes, meta_base + st_next * kSpRows, meta_lim + st_next * kSpRows, next, r,
-                   wtid);
+        issue_q<D>(p, sq + st_next * lay.q_bytes, meta_base + st_next * kSpRows, meta_lim + st_next * kSpRows,
+                   meta_src + st_next * kSpRows, next, r, wtid);
       cp_async_commit();
       t_next += kSpWarpgroups;
       next = load_row_src(p, first(t_next), last(t_next), wtid);
       finish_tile<D, BK>(p, s, svt, smem + lay.q + (wg * kSpQStages + st) * lay.q_bytes, meta_base + st * kSpRows,
                          meta_lim + st * kSpRows, kstart, wg, warp_in_wg, lane);
+      // The new t_next takes this tile's stage. Its meta_src slot was last read by this tile's gather,
+      // long done; the next iteration's barrier publishes it before its gather reads it. Written
+      // after finish_tile, when the load of next has long landed.
+      publish_src(p, meta_src + st * kSpRows, next, wtid);
       st = st + 1 == kSpQStages ? 0 : st + 1;
     }
   }
@@ -508,6 +550,7 @@ __global__ void __launch_bounds__(kSpCombineThreads, 2) sparse_fwd_combine_kerne
   constexpr int kBatch = F32 ? 8 : 16;
   constexpr int kWords = F32 ? 8 : 4;  // 32-bit words per slot and thread
   const int64_t n_rows = p.n_q * p.h_q;
+  hopper::grid_dependency_wait();  // launched as a programmatic dependent of phase 1
   for (int64_t gt = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; gt < n_rows * TPR;
        gt += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = gt / TPR;
@@ -533,7 +576,7 @@ __global__ void __launch_bounds__(kSpCombineThreads, 2) sparse_fwd_combine_kerne
 #pragma unroll
         for (int w = 0; w < kWords; ++w) raw[u][w] = 0;
         if (sp_entry_valid(blk[u], pos, p.bk_shift)) {
-          const int64_t prow = row * p.topk + s0 + u;
+          const int64_t prow = (i * p.topk + s0 + u) * p.h_q + h;
           ls[u] = __ldcs(p.partial_lse + prow);
           const uint4* src = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(p.partial_o) +
                                                             (prow * D + c8 * 8) * (F32 ? 4 : 2));
