@@ -33,7 +33,7 @@ const char* split_name(Split s);
 struct Corpus {
   std::string text;     // every file's bytes, in path order, files separated by "\n\n"
   std::string source;   // where it came from, for logs: a path or "built-in"
-  int64_t valid_begin;  // start of the valid split in text; 0 < valid_begin < text.size()
+  int64_t valid_begin = 0;  // start of the valid split in text; 0 < valid_begin < text.size()
 
   // path_or_empty:
   //   ""          -> the built-in fallback text (a few hundred KB, deterministic, compiled in).
@@ -44,7 +44,7 @@ struct Corpus {
   //                  .html .xml .json .yaml .toml .cfg .ini), found recursively and sorted by path
   //                  (bytewise), concatenated; the last 5% is the valid split.
   // Throws msa::Error when the path does not exist, holds no text, or gives a split shorter
-  // than 4 KiB.
+  // than 1 KiB.
   static Corpus load(const std::string& path_or_empty);
   static Corpus builtin();  // same as load("")
 
@@ -93,7 +93,8 @@ struct Sample {
   // kEos joining its end to its start). A retrieval sample is kBos, haystack with needles, the
   // question, the answer, kEos, filling seq_len + 1 exactly.
   std::vector<int32_t> tokens;
-  // [seq_len]: 1 where target tokens[t + 1] is an answer token (a digit to be recalled), else 0.
+  // [seq_len]: 1 where target tokens[t + 1] belongs to an answer (a recalled value, with the ", "
+  // between values of a multi-value answer; for mqar every value of the recall list), else 0.
   // All zero for text samples. For per-task retrieval loss/accuracy.
   std::vector<uint8_t> answer_mask;
   Task task = Task::text;  // what this sample is
@@ -132,9 +133,11 @@ struct RetrievalCase {
   double depth = 0;         // requested needle depth in [0, 1]: 0 = right after kBos, 1 = just
                             // before the question
   // Token offsets in prompt of the first byte of each needle that the question asks about (for
-  // mqar: the asked-last pair). The first one lies within 64 tokens of
-  // 1 + depth * (haystack length - its length); the others (multivalue/multiquery) are spread
-  // uniformly at random.
+  // mqar: the asked-last pair only), in the order the needles were made: the first is the one
+  // placed at the depth, the others (multivalue, multiquery) at random positions. With
+  // B = context_len - 1 - (question length) the body between kBos and the question and L the
+  // first needle's length, needle_pos[0] lies in [1 + round(depth * (B - L)) - 32, ... + 0]
+  // (moved back by up to 32 bytes to start at a word).
   std::vector<int64_t> needle_pos;
 };
 

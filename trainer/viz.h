@@ -21,13 +21,16 @@ struct Image {
 };
 
 // ---- Selection heat-map -------------------------------------------------------------------------
+constexpr uint8_t kFutureGrey = 224;  // r = g = b of cells wholly in the causal future
 struct HeatmapOptions {
   int64_t q_bin = 0;      // queries per row; 0 = bk (rows are query blocks, so the diagonal is 45°)
   int64_t kb_bin = 1;     // key blocks per column
   int64_t max_cells = 1024;  // rows and columns are coarsened (q_bin, kb_bin doubled) until both
                              // counts are <= this
   int64_t cell_px = 0;    // pixels per cell side; 0 = the largest that keeps the map <= 768 px
-  bool legend = true;     // axis ticks with block numbers and a colour bar (0..1) on the right
+  bool legend = true;     // margins with a caption, axis ticks with block numbers and a colour
+                          // bar (0..1) on the right; false = the cells only, cell (row, col) at
+                          // pixels [col * cell_px, (col + 1) * cell_px) x [row * cell_px, ...)
 };
 
 // The key blocks selected by one KV head for each query of one sequence: x = key block (left =
@@ -49,6 +52,11 @@ struct Series {
   std::string panel;  // series with the same panel share axes; empty = name
   std::vector<double> x, y;  // same length; x ascending (steps); NaN/inf y values are skipped
 };
+
+// Layout of curves(): panel p's plot area is x in [kCurveLeft, width - kCurveRight),
+// y in [p * panel_height + kCurveTop, (p + 1) * panel_height - kCurveBottom); only the lines are
+// drawn there in series colours (the legend swatches are above it, in the top margin).
+constexpr int64_t kCurveLeft = 44, kCurveRight = 8, kCurveTop = 14, kCurveBottom = 14;
 
 struct CurveOptions {
   int64_t width = 640;         // image width in pixels
