@@ -7,9 +7,10 @@
 // Cost model: FLOPs = 4 * g * d * sum over (query, group) of |T| (attended tokens); bytes = Q rows
 // gathered once per selected block, the bf16 partial o + lse written and read back, o written.
 //
-//   bench_sparse [--iters N] [--quick] [--n N] [--pass P1,P2,...]
+//   bench_sparse [--iters N] [--quick] [--n N] [--pass P1,P2,...] [--malloc-ws]
 //   (--quick: n = 32K only; --pass: the default variant with each query-pass size instead of the
-//   partial/chunk variants)
+//   partial/chunk variants; --malloc-ws: run each variant a second time on a workspace from
+//   cudaMalloc passed in, instead of the call's stream-ordered allocation)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -171,11 +172,14 @@ int main(int argc, char** argv) {
   bool quick = false;
   int64_t only_n = 0;
   std::vector<int64_t> passes;
+  bool malloc_ws = false;
   for (int a = 1; a < argc; ++a) {
     if (!std::strcmp(argv[a], "--iters") && a + 1 < argc)
       iters = std::atoi(argv[++a]);
     else if (!std::strcmp(argv[a], "--quick"))
       quick = true;
+    else if (!std::strcmp(argv[a], "--malloc-ws"))
+      malloc_ws = true;
     else if (!std::strcmp(argv[a], "--n") && a + 1 < argc)
       only_n = std::atoll(argv[++a]);
     else if (!std::strcmp(argv[a], "--pass") && a + 1 < argc)
@@ -266,11 +270,16 @@ int main(int argc, char** argv) {
         int f32;
         int64_t chunk;
         int64_t pass = 0;
+        bool ext = false;
       };
       std::vector<Variant> variants = {{0, 0}, {1, 0}, {0, 1024}, {0, 16384}};
       if (!passes.empty()) {
         variants.clear();
         for (int64_t p : passes) variants.push_back({0, 0, p});
+      }
+      if (malloc_ws) {
+        const size_t nv = variants.size();
+        for (size_t u = 0; u < nv; ++u) variants.push_back(variants[u]), variants.back().ext = true;
       }
       for (const Variant& var : variants) {
         const int f32 = var.f32;
@@ -280,10 +289,16 @@ int main(int argc, char** argv) {
         opt.partial_f32 = f32 != 0;
         opt.chunk_queries = var.chunk;
         opt.pass_queries = var.pass;
+        void* ext_ws = nullptr;
+        if (var.ext) {
+          opt.workspace_bytes = msa::cuda::sparse_fwd_workspace_bytes(a, opt);
+          ok(cudaMalloc(&ext_ws, opt.workspace_bytes), "malloc workspace");
+          opt.workspace = ext_ws;
+        }
         opt.after_schedule = ev[1];
         opt.after_phase1 = ev[2];
         auto call = [&] {
-          if (f32 || var.chunk || var.pass)
+          if (f32 || var.chunk || var.pass || var.ext)
             msa::cuda::run_sparse_attention_forward(a, stream, opt);
           else
             msa::sparse_attention_forward(a, ex);  // the public path (its validation included)
@@ -315,8 +330,9 @@ int main(int argc, char** argv) {
         const double pbytes = f32 ? 4.0 : 2.0;
         const double bytes = entries * double(g) * (2.0 * d + 2 * (pbytes * d + 4)) + double(n) * h_q * d * 2;
         char label[48];
+        if (ext_ws) cudaFree(ext_ws);
         if (var.pass)
-          std::snprintf(label, sizeof label, "pass%lld", (long long)var.pass);
+          std::snprintf(label, sizeof label, "pass%lld%s", (long long)var.pass, var.ext ? "/m" : "");
         else
           std::snprintf(label, sizeof label, "%s/%lld", f32 ? "f32" : "bf16", (long long)(var.chunk ? var.chunk : 4096));
         std::printf("%-7lld %-7s %-10s %9.3f %9.3f %9.3f %9.3f %9.1f %8.0f %8.0f %10.3f %9.2e\n", (long long)n,

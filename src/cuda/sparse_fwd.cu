@@ -134,8 +134,15 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
 
   ScratchGuard ws;
   ws.stream = stream;
-  check_cuda(kOp, cudaMallocAsync(&ws.ptr, plan.total(), stream), "cudaMallocAsync");
-  uint8_t* base = static_cast<uint8_t*>(ws.ptr);
+  uint8_t* base = static_cast<uint8_t*>(opt.workspace);
+  if (base) {
+    if (opt.workspace_bytes < plan.total())
+      throw Error(std::string(fn) + "workspace of " + std::to_string(opt.workspace_bytes) + " bytes, this call needs " +
+                  std::to_string(plan.total()));
+  } else {
+    check_cuda(kOp, cudaMallocAsync(&ws.ptr, plan.total(), stream), "cudaMallocAsync");
+    base = static_cast<uint8_t*>(ws.ptr);
+  }
   uint16_t* packed_q = plan.q_vec ? nullptr : reinterpret_cast<uint16_t*>(base + plan.sched_bytes + plan.po_bytes + plan.pl_bytes);
 
   int device = 0, num_sms = 0, smem_optin = 0;

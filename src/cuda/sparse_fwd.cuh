@@ -330,18 +330,27 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
     const int64_t lm = int64_t(meta_lim[ent]) - kstart;  // key column c is visible iff c <= lm
     lim[i] = meta_lim[ent] < 0 ? -1 : int(lm < BK ? lm : BK);
   }
+  // Only the query's own block (and padding rows) needs the causal mask: most warps skip it.
+  // Warp-uniform (a vote), so the accumulator stays in registers either way.
+  if (__any_sync(full, lim[0] < BK - 1 || lim[1] < BK - 1)) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = 8 * j + 2 * q4 + c;
+          float& x = s[4 * j + 2 * i + c];
+          x = col <= lim[i] ? x : -INFINITY;
+        }
+  }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     m[i] = -INFINITY;
 #pragma unroll
     for (int j = 0; j < BK / 8; ++j)
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = 8 * j + 2 * q4 + c;
-        float& x = s[4 * j + 2 * i + c];
-        x = col <= lim[i] ? x : -INFINITY;
-        m[i] = fmaxf(m[i], x);
-      }
+      for (int c = 0; c < 2; ++c) m[i] = fmaxf(m[i], s[4 * j + 2 * i + c]);
     m[i] = fmaxf(m[i], __shfl_xor_sync(full, m[i], 1));
     m[i] = fmaxf(m[i], __shfl_xor_sync(full, m[i], 2));
     // A row with nothing visible (padding) keeps P = 0 instead of exp(-inf + inf) = NaN.

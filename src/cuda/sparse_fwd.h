@@ -17,6 +17,10 @@ struct SparseFwdOptions {
   bool partial_f32 = false;              // per-slot partial o in float32 instead of bfloat16 (2x partial bytes)
   int64_t chunk_queries = 0;             // most queries per work item; 0: kSpChunkFactor * topk * bk
   int64_t pass_queries = 0;              // most query rows per pass; 0: max(1, kSpPassRows / (h_q * topk))
+  // Caller-provided device workspace of at least sparse_fwd_workspace_bytes(p, opt) bytes, used
+  // instead of a stream-ordered allocation inside the call (nullptr: allocate).
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
   // Recorded in every pass, so with several passes they mark the last pass's stages.
   cudaEvent_t after_schedule = nullptr;  // recorded on the stream after the schedule kernels, when set
   cudaEvent_t after_phase1 = nullptr;    // recorded after phase 1 (before the combine), when set
