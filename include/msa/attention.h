@@ -47,6 +47,9 @@ struct AttentionBwdParams : AttentionParams {
   int64_t stride_dk_tok = 0, stride_dk_head = 0;
   void* dv = nullptr;  // [n_k, h_kv, d] out
   int64_t stride_dv_tok = 0, stride_dv_head = 0;
+  // Bitwise-repeatable dq, dk, dv: the same inputs give the same bits on every call (fixed-order
+  // reductions instead of float32 atomics; slower on CUDA). The CPU backend is always deterministic.
+  bool deterministic = false;
 };
 
 void sparse_attention_forward(const AttentionParams& p, const Exec& ex = {});

@@ -1,0 +1,10 @@
+// sparse_bwd_d64.cu — instantiates the CUDA sparse attention backward main kernel for d = 64
+// (bk = 64 and 128), so the configurations compile in parallel.
+#include "sparse_bwd.cuh"
+
+namespace msa::cuda {
+
+template void launch_sparse_bwd<64, 64>(const SparseBwdKernelParams&, int, int64_t, int, cudaStream_t);
+template void launch_sparse_bwd<64, 128>(const SparseBwdKernelParams&, int, int64_t, int, cudaStream_t);
+
+}  // namespace msa::cuda
