@@ -359,6 +359,7 @@ Image curves(const std::vector<Series>& series, const CurveOptions& o) {
     const std::string xl = number(x_lo), xh = number(x_hi);
     text(im, kCurveLeft, top + ph + 3, xl, kBlack);
     text(im, kCurveLeft + pw - text_width(xh), top + ph + 3, xh, kBlack);
+    text(im, kCurveLeft + (pw - text_width("STEP")) / 2, top + ph + 3, "STEP", kAxis);
     // Legend in the top margin: panel title, then a swatch and name per series.
     int64_t lx = kCurveLeft;
     text(im, lx, top - 10, panels[static_cast<size_t>(p)] + (o.log_y ? " (LOG)" : ""), kBlack);
