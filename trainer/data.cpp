@@ -399,10 +399,11 @@ std::string join_list(const std::vector<std::string>& v, const char* last_sep) {
 bool is_boundary(char c) { return c == ' ' || c == '\n'; }
 
 // Moves a haystack offset back (at most 32 bytes, not below `lo`) to just after a space or
-// newline, so that needles do not split words.
+// newline, or to `lo` itself (the haystack start, or the end of the needle placed there), so that
+// needles do not split words.
 int64_t snap(const std::string& hay, int64_t h, int64_t lo) {
-  for (int64_t d = 0; d <= 32 && h - d > lo; ++d) {
-    if (is_boundary(hay[static_cast<size_t>(h - d - 1)])) return h - d;
+  for (int64_t d = 0; d <= 32 && h - d >= lo; ++d) {
+    if (h - d == lo || is_boundary(hay[static_cast<size_t>(h - d - 1)])) return h - d;
   }
   return h;
 }
