@@ -1,5 +1,5 @@
-// The msa command-line tool: `msa info`, `msa check`, `msa demo` and `msa bench` (argument parsing
-// and info).
+// The msa command-line tool: `msa info`, `msa check`, `msa demo`, `msa bench` and, in builds with
+// the trainer, `msa train`, `msa eval`, `msa viz` (argument parsing and info).
 #include <CLI/CLI.hpp>
 #include <cstdarg>
 #include <cstdio>
@@ -7,6 +7,9 @@
 
 #include "cli.h"
 #include "msa/msa.h"
+#ifdef MSA_WITH_TRAINER
+#include "commands.h"  // trainer/: msa train, eval, viz (builds with the torch layer)
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -97,6 +100,15 @@ int main(int argc, char** argv) {
   cmd_prefill->add_option("--out", bench.out, "Write OUT.json and OUT.md");
   cmd_prefill->add_option("--commit", bench.commit, "Commit to record (default: the one seen at configure time)");
 
+#ifdef MSA_WITH_TRAINER
+  msa::train::Commands trainer;
+  msa::train::add_commands(app, trainer);
+#else
+  const char* trainer_cmds[] = {"train", "eval", "viz"};
+  for (const char* name : trainer_cmds)
+    app.add_subcommand(name, "(needs the torch layer: not in this build)")->allow_extras()->prefix_command();
+#endif
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -116,6 +128,18 @@ int main(int argc, char** argv) {
       return run_check(check);
     }
     if (app.got_subcommand("demo")) return run_demo(demo);
+#ifdef MSA_WITH_TRAINER
+    if (int rc = msa::train::dispatch(trainer); rc >= 0) return rc;
+#else
+    for (const char* name : trainer_cmds) {
+      if (!app.got_subcommand(name)) continue;
+      std::fprintf(stderr,
+                   "msa %s: this build has no trainer; install torch (bash scripts/setup_torch.sh) and rebuild with "
+                   "the torch layer (-DMSA_BUILD_TORCH=ON)\n",
+                   name);
+      return 2;
+    }
+#endif
     if (app.got_subcommand("bench")) {
 #ifdef MSA_WITH_CUDA
       bench.command = "msa";

@@ -1,0 +1,101 @@
+// trainer/commands.cpp — command-line options of msa train, msa eval and msa viz (CLI11), built
+// into the msa tool when the trainer is.
+#include "commands.h"
+
+#include <CLI/CLI.hpp>
+
+namespace msa::train {
+
+void add_commands(CLI::App& app, Commands& c) {
+  TrainOptions& t = c.train;
+  auto* tr = app.add_subcommand("train", "Train a small LM: dense, or with MSA (msa-pt from scratch, msa-cpt from dense)");
+  c.train_cmd = tr;
+  tr->add_option("--config", t.config, "Named configuration: tiny (CPU), gpu-40m-16k, gpu-40m-32k")
+      ->check(CLI::IsMember({"tiny", "gpu-40m-16k", "gpu-40m-32k"}))
+      ->capture_default_str();
+  tr->add_option("--route", t.route, "dense | msa-pt (warm-up, then sparse) | msa-cpt (convert --init, warm-up, sparse)")
+      ->check(CLI::IsMember({"dense", "msa-pt", "msa-cpt"}))
+      ->capture_default_str();
+  tr->add_option("--out", t.out, "Run folder: metrics.jsonl, checkpoints, log")->capture_default_str();
+  tr->add_option("--init", t.init, "msa-cpt: the dense checkpoint to start from");
+  tr->add_option("--resume", t.resume, "Continue this run from a checkpoint (exact: data position, optimizer, RNG)");
+  tr->add_option("--corpus", t.corpus, "Text file or folder (default: the built-in text)");
+  tr->add_option("--device", t.device, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  tr->add_option("--seed", t.seed, "Seed of the initialisation and the data order")->capture_default_str();
+  tr->add_option("--threads", t.threads, "CPU threads (0: torch's default); fix it for bitwise reruns")
+      ->check(CLI::Range(0, 4096));
+  tr->add_option("--steps", t.steps, "Optimizer steps (default: the config's)")->check(CLI::PositiveNumber);
+  tr->add_option("--batch", t.batch, "Sequences per step")->check(CLI::PositiveNumber);
+  tr->add_option("--seq-len", t.seq_len, "Tokens per sequence")->check(CLI::Range(int64_t(64), int64_t(1) << 22));
+  tr->add_option("--warmup-tokens", t.warmup_tokens, "T_warm: tokens of indexer warm-up (msa routes)")
+      ->check(CLI::NonNegativeNumber);
+  tr->add_option("--lr", t.lr, "Peak learning rate")->check(CLI::PositiveNumber);
+  tr->add_option("--kl-lambda", t.kl_lambda, "Weight of the KL term")->check(CLI::NonNegativeNumber);
+  tr->add_option("--retrieval-fraction", t.retrieval_fraction, "Share of retrieval documents in the mix")
+      ->check(CLI::Range(0.0, 1.0));
+  tr->add_option("--topk", t.topk, "Blocks kept per (query, group)")->check(CLI::Range(1, 32));
+  tr->add_option("--dense-layers", t.dense_layers, "First L layers stay dense")->check(CLI::NonNegativeNumber);
+  tr->add_option("--log-every", t.log_every, "Steps between metrics lines")->check(CLI::PositiveNumber);
+  tr->add_option("--save-every", t.save_every, "Steps between checkpoints (0: only the final one)")
+      ->check(CLI::NonNegativeNumber);
+  tr->add_option("--valid-samples", t.valid_samples, "Validation sequences at the end")->check(CLI::NonNegativeNumber);
+  tr->add_option("--stop-at", t.stop_at, "Stop with a checkpoint after this step (an interrupted run)")
+      ->check(CLI::PositiveNumber);
+  tr->add_flag("-q,--quiet", t.quiet, "No progress line");
+
+  EvalOptions& e = c.eval;
+  auto* ev = app.add_subcommand("eval", "Validation loss, retrieval accuracy and selection recall of checkpoints, side by side");
+  c.eval_cmd = ev;
+  ev->add_option("checkpoints", e.checkpoints, "Checkpoints (final.ckpt of msa train runs)")->required();
+  ev->add_option("--corpus", e.corpus, "Text file or folder (default: the built-in text)");
+  ev->add_option("--device", e.device, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
+  ev->add_option("--threads", e.threads, "CPU threads (0: torch's default)")->check(CLI::Range(0, 4096));
+  ev->add_option("--valid-samples", e.valid_samples, "Validation sequences")->check(CLI::PositiveNumber)->capture_default_str();
+  ev->add_option("--seq-len", e.seq_len, "Validation length (default: the training length)")
+      ->check(CLI::Range(int64_t(64), int64_t(1) << 22));
+  ev->add_option("--contexts", e.contexts, "Retrieval context lengths (default: seq_len/2, seq_len)")
+      ->delimiter(',')
+      ->check(CLI::Range(int64_t(256), int64_t(1) << 22));
+  ev->add_option("--depths", e.depths, "Needle depths in [0, 1]")->delimiter(',')->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  ev->add_option("--tasks", e.tasks, "Retrieval tasks, comma separated, or all")->capture_default_str();
+  ev->add_option("--cases", e.cases, "Cases per (task, context, depth)")->check(CLI::PositiveNumber)->capture_default_str();
+  ev->add_option("--mode", e.mode, "auto (MSA checkpoints sparse, dense ones dense) | dense | sparse")
+      ->check(CLI::IsMember({"auto", "dense", "sparse"}))
+      ->capture_default_str();
+  ev->add_option("--json", e.json, "Also write the results as JSON here");
+  ev->add_option("--seed", e.seed, "Seed of the retrieval cases")->capture_default_str();
+
+  VizOptions& v = c.viz;
+  auto* vz = app.add_subcommand("viz", "PNG pictures: selected-block heat-map of a checkpoint, metric curves of a run");
+  c.viz_cmd = vz;
+  vz->require_subcommand(1);
+  auto* hm = vz->add_subcommand("heatmap", "Key blocks selected per query for one layer and KV head");
+  hm->add_option("checkpoint", v.input, "An MSA checkpoint")->required();
+  hm->add_option("--out", v.out, "PNG file")->required();
+  hm->add_option("--layer", v.layer, "Layer (default: the first MSA layer)")->check(CLI::NonNegativeNumber);
+  hm->add_option("--group", v.group, "KV head")->check(CLI::NonNegativeNumber)->capture_default_str();
+  hm->add_option("--seq-len", v.seq_len, "Sample length (default: the training length)")
+      ->check(CLI::Range(int64_t(256), int64_t(1) << 22));
+  hm->add_option("--sample", v.sample, "Validation sample index")->check(CLI::NonNegativeNumber);
+  hm->add_option("--task", v.task, "text, or a retrieval task (needle at depth 0.5)")->capture_default_str();
+  hm->add_option("--corpus", v.corpus, "Text file or folder (default: the built-in text)");
+  hm->add_option("--threads", v.threads, "CPU threads (0: torch's default)")->check(CLI::Range(0, 4096));
+  auto* cv = vz->add_subcommand("curves", "Loss / KL / LR curves from a metrics.jsonl");
+  cv->add_option("metrics", v.input, "metrics.jsonl of a run")->required();
+  cv->add_option("--out", v.out, "PNG file")->required();
+  cv->add_option("--keys", v.keys, "Metric keys (default: lm_loss, kl, val_loss, lr)")->delimiter(',');
+}
+
+int dispatch(const Commands& c) {
+  if (c.train_cmd && c.train_cmd->parsed()) return run_train(c.train);
+  if (c.eval_cmd && c.eval_cmd->parsed()) return run_eval(c.eval);
+  if (c.viz_cmd && c.viz_cmd->parsed()) {
+    VizOptions v = c.viz;
+    v.what = c.viz_cmd->get_subcommand("heatmap")->parsed() ? "heatmap" : "curves";
+    return run_viz(v);
+  }
+  return -1;
+}
+
+}  // namespace msa::train

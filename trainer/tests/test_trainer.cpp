@@ -1,0 +1,320 @@
+// Tests of the trainer: autograd wrappers against finite differences (float64, CPU reference),
+// the MSA layer's modes, the LM's shapes, the routes' checkpoints and exact resume.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <functional>
+
+#include "commands.h"
+#include "msa/common.h"
+#include "model.h"
+#include "msa_torch.h"
+#include "ops.h"
+#include "train.h"
+
+namespace {
+
+using at::Tensor;
+using namespace msa::train;
+
+Tensor randn(std::vector<int64_t> shape, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return at::empty(shape, at::kDouble).normal_(0, 1, gen);
+}
+
+// Central differences of f (a scalar function of x) at every coordinate of x, against grad; the
+// tolerance follows from the step: the truncation error is O(eps^2 * f''') and the rounding error
+// O(1e-16 / eps), both far below 1e-6 for these well-scaled inputs.
+void check_fd(const std::function<double()>& f, Tensor x, const Tensor& grad, const char* what) {
+  ASSERT_TRUE(grad.defined()) << what << ": no gradient";
+  const double eps = 1e-5;
+  Tensor flat = x.view({-1});
+  Tensor g = grad.contiguous().view({-1});
+  double worst = 0;
+  int64_t worst_i = -1;
+  for (int64_t i = 0; i < flat.numel(); ++i) {
+    const double x0 = flat[i].item<double>();
+    flat[i] = x0 + eps;
+    const double fp = f();
+    flat[i] = x0 - eps;
+    const double fm = f();
+    flat[i] = x0;
+    const double fd = (fp - fm) / (2 * eps), an = g[i].item<double>();
+    const double err = std::abs(fd - an) / (1.0 + std::abs(fd));
+    if (err > worst) worst = err, worst_i = i;
+  }
+  EXPECT_LT(worst, 1e-6) << what << ": worst element " << worst_i << " analytic " << g[worst_i].item<double>();
+}
+
+// A varlen batch of two sequences (17 and 23 tokens) in blocks of 8: the second sequence's late
+// queries see 3 blocks, so topk 2 drops one.
+struct Case {
+  int64_t n = 40, h_q = 4, h_kv = 2, d = 8, d_idx = 8, bk = 8, topk = 2;
+  Tensor cu = at::tensor(std::vector<int32_t>{0, 17, 40}, at::kInt);
+  Tensor q = randn({40, 4, 8}, 1), k = randn({40, 2, 8}, 2), v = randn({40, 2, 8}, 3);
+  Tensor q_idx = randn({40, 2, 8}, 4), k_idx = randn({40, 8}, 5);
+  Tensor w = randn({40, 4, 8}, 6);  // weights of the scalar test function sum(o * w)
+  Tensor topk_idx() const {
+    return std::get<0>(msa_torch::index_topk(q_idx, k_idx, cu, cu, std::nullopt, bk, topk, 0.0, false, false,
+                                             std::nullopt));
+  }
+};
+
+TEST(Ops, SparseAttentionMatchesFiniteDifferences) {
+  Case c;
+  Tensor sel = c.topk_idx();
+  Tensor q = c.q.clone().requires_grad_(), k = c.k.clone().requires_grad_(), v = c.v.clone().requires_grad_();
+  (sparse_attention(q, k, v, sel, c.cu, c.bk).first * c.w).sum().backward();
+  auto f = [&] {
+    at::NoGradGuard ng;
+    return (std::get<0>(msa_torch::sparse_attention_fwd(q, k, v, sel, c.cu, c.cu, std::nullopt, c.bk, 0.0)) * c.w)
+        .sum()
+        .item<double>();
+  };
+  at::NoGradGuard ng;
+  check_fd(f, q.detach(), q.grad(), "dq");
+  check_fd(f, k.detach(), k.grad(), "dk");
+  check_fd(f, v.detach(), v.grad(), "dv");
+}
+
+TEST(Ops, DenseAttentionMatchesFiniteDifferences) {
+  Case c;
+  Tensor q = c.q.clone().requires_grad_(), k = c.k.clone().requires_grad_(), v = c.v.clone().requires_grad_();
+  auto [o, lse] = dense_attention(q, k, v, c.cu);
+  EXPECT_FALSE(lse.requires_grad());
+  (o * c.w).sum().backward();
+  auto f = [&] {
+    at::NoGradGuard ng;
+    return (std::get<0>(msa_torch::dense_attention_fwd(q, k, v, c.cu, c.cu, std::nullopt, 0.0)) * c.w)
+        .sum()
+        .item<double>();
+  };
+  at::NoGradGuard ng;
+  check_fd(f, q.detach(), q.grad(), "dq");
+  check_fd(f, k.detach(), k.grad(), "dk");
+  check_fd(f, v.detach(), v.grad(), "dv");
+}
+
+TEST(Ops, SparseEqualsDenseWhenTopkCoversEveryBlock) {
+  Case c;
+  Tensor all = std::get<0>(msa_torch::index_topk(c.q_idx, c.k_idx, c.cu, c.cu, std::nullopt, c.bk, 8, 0.0, false,
+                                                 false, std::nullopt));
+  auto [os, ls] = sparse_attention(c.q, c.k, c.v, all, c.cu, c.bk);
+  auto [od, ld] = dense_attention(c.q, c.k, c.v, c.cu);
+  EXPECT_LT((os - od).abs().max().item<double>(), 1e-12);
+  EXPECT_LT((ls - ld).abs().max().item<double>(), 1e-5);  // lse is float32
+}
+
+// The KL's gradient reaches q_idx and k_idx, agrees with finite differences of the loss value, is
+// scaled by the incoming gradient (lambda), and never reaches the teacher's q and k.
+void kl_case(bool sparse) {
+  Case c;
+  std::optional<Tensor> sel;
+  if (sparse) sel = c.topk_idx();
+  Tensor q = c.q.clone().requires_grad_(), k = c.k.clone().requires_grad_();
+  Tensor qi = c.q_idx.clone().requires_grad_(), ki = c.k_idx.clone().requires_grad_();
+  Tensor loss = index_kl(q, k, qi, ki, sel, c.cu, std::nullopt, std::nullopt, c.bk);
+  (loss * 0.5).backward();
+  EXPECT_FALSE(q.grad().defined());
+  EXPECT_FALSE(k.grad().defined());
+  auto f = [&] {
+    return 0.5 * msa_torch::index_kl_loss(q, k, qi, ki, sel, c.cu, c.cu, std::nullopt, std::nullopt, std::nullopt,
+                                          c.bk, 0.0, 0.0)
+                     .item<double>();
+  };
+  at::NoGradGuard ng;
+  check_fd(f, qi.detach(), qi.grad(), "dq_idx");
+  check_fd(f, ki.detach(), ki.grad(), "dk_idx");
+  // compute_value = false gives the same gradient and a NaN value.
+  Tensor qi2 = c.q_idx.clone().requires_grad_(), ki2 = c.k_idx.clone().requires_grad_();
+  {
+    at::AutoGradMode on(true);
+    Tensor l2 = index_kl(q, k, qi2, ki2, sel, c.cu, std::nullopt, std::nullopt, c.bk, 0.0, 0.0, false);
+    EXPECT_TRUE(std::isnan(l2.item<double>()));
+    (l2 * 0.5).backward();
+  }
+  EXPECT_TRUE(at::equal(qi2.grad(), qi.grad()));
+  EXPECT_TRUE(at::equal(ki2.grad(), ki.grad()));
+}
+TEST(Ops, KlWarmupGradientOnlyReachesIndex) { kl_case(false); }
+TEST(Ops, KlSparseGradientOnlyReachesIndex) { kl_case(true); }
+
+ModelConfig small_model() {
+  ModelConfig m;
+  m.d_model = 64;
+  m.n_layers = 3;
+  m.h_q = 4;
+  m.h_kv = 2;
+  m.d_head = 16;
+  m.d_idx = 16;
+  m.d_ff = 96;
+  m.dense_layers = 1;
+  m.bk = 16;
+  m.topk = 2;
+  return m;
+}
+
+struct Tokens {
+  Tensor tok, cu;
+};
+Tokens tokens(int64_t n1, int64_t n2, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return {at::randint(0, 256, {n1 + n2}, gen, at::kLong),
+          at::tensor(std::vector<int32_t>{0, int32_t(n1), int32_t(n1 + n2)}, at::kInt)};
+}
+
+TEST(Model, ForwardShapesAndModes) {
+  ModelConfig m = small_model();
+  LM lm(m, 3, at::Device(at::kCPU));
+  Tokens t = tokens(37, 90, 1);
+  Trace trace;
+  ForwardOut out = lm.forward(t.tok, t.cu, AttnMode::sparse, true, &trace);
+  EXPECT_EQ(out.logits.sizes(), (std::vector<int64_t>{127, m.vocab}));
+  EXPECT_EQ(out.kl.dim(), 0);
+  EXPECT_TRUE(std::isfinite(out.kl.item<double>()));
+  EXPECT_GT(out.kl.item<double>(), 0.0);
+  ASSERT_EQ(trace.size(), 3u);
+  EXPECT_FALSE(trace[0].topk_idx.defined());  // the dense first layer
+  EXPECT_EQ(trace[1].topk_idx.sizes(), (std::vector<int64_t>{127, m.h_kv, m.topk}));
+  EXPECT_EQ(trace[2].q_idx.sizes(), (std::vector<int64_t>{127, m.h_kv, m.d_idx}));
+  // Warm-up runs the dense main branch: the same logits as dense mode, bit for bit.
+  ForwardOut warm = lm.forward(t.tok, t.cu, AttnMode::warmup, true);
+  ForwardOut dense = lm.forward(t.tok, t.cu, AttnMode::dense, true);
+  EXPECT_TRUE(at::equal(warm.logits, dense.logits));
+  EXPECT_EQ(dense.kl.item<double>(), 0.0);
+  EXPECT_GT(warm.kl.item<double>(), 0.0);
+  // Sparse differs from dense here (topk 2 of up to 6 blocks).
+  EXPECT_GT((out.logits - dense.logits).abs().max().item<double>(), 1e-4);
+}
+
+TEST(Model, SparseEqualsDenseWhenTopkCoversEveryBlock) {
+  ModelConfig m = small_model();
+  m.topk = 8;  // >= ceil(90 / 16) blocks
+  LM lm(m, 4, at::Device(at::kCPU));
+  Tokens t = tokens(37, 90, 2);
+  at::NoGradGuard ng;
+  Tensor s = lm.forward(t.tok, t.cu, AttnMode::sparse, false).logits;
+  Tensor d = lm.forward(t.tok, t.cu, AttnMode::dense, false).logits;
+  // Same math, different summation order in float32: a few ulps of the logits' scale.
+  EXPECT_LT((s - d).abs().max().item<double>(), 1e-5 * (1 + d.abs().max().item<double>()));
+}
+
+// The KL trains the index projections and norms and nothing else; the LM loss never reaches them.
+TEST(Model, KlGradientsReachOnlyIndexParams) {
+  for (AttnMode mode : {AttnMode::warmup, AttnMode::sparse}) {
+    LM lm(small_model(), 5, at::Device(at::kCPU));
+    Tokens t = tokens(50, 70, 3);
+    ForwardOut out = lm.forward(t.tok, t.cu, mode, true);
+    out.kl.backward({}, true);
+    int idx_with_grad = 0;
+    for (auto& [name, p] : lm.params()) {
+      const bool has = p.grad().defined() && p.grad().abs().sum().item<double>() > 0;
+      if (LM::is_index_param(name)) {
+        EXPECT_TRUE(has) << mode_name(mode) << ": no KL gradient at " << name;
+        idx_with_grad += has;
+      } else {
+        EXPECT_FALSE(has) << mode_name(mode) << ": KL gradient leaked to " << name;
+      }
+      if (p.grad().defined()) const_cast<Tensor&>(p).mutable_grad().reset();
+    }
+    EXPECT_EQ(idx_with_grad, 8);  // 2 MSA layers x (wq, wk, q_norm, k_norm)
+    at::cross_entropy_loss(out.logits, t.tok).backward();
+    for (auto& [name, p] : lm.params()) {
+      const bool has = p.grad().defined() && p.grad().abs().sum().item<double>() > 0;
+      EXPECT_EQ(has, !LM::is_index_param(name)) << mode_name(mode) << ": LM gradient at " << name;
+    }
+  }
+}
+
+// ---- Routes and resume ----------------------------------------------------------------------------
+
+std::string scratch(const std::string& name) {
+  auto p = std::filesystem::temp_directory_path() / ("msa_trainer_test_" + name);
+  std::filesystem::remove_all(p);
+  return p.string();
+}
+
+TrainOptions tiny_run(const std::string& out, int64_t steps) {
+  TrainOptions o;
+  o.config = "tiny";
+  o.route = "msa-pt";
+  o.out = out;
+  o.steps = steps;
+  o.seq_len = 512;  // the shortest the retrieval documents of the mix fit in
+  o.batch = 1;
+  o.warmup_tokens = 2 * 512;  // steps 0-1 warm-up, then sparse
+  o.log_every = 1;
+  o.valid_samples = 0;
+  o.threads = 2;
+  o.quiet = true;
+  o.topk = 2;
+  return o;
+}
+
+void expect_same_state(const Checkpoint& a, const Checkpoint& b) {
+  ASSERT_EQ(a.params.size(), b.params.size());
+  EXPECT_EQ(a.step, b.step);
+  EXPECT_EQ(a.tokens, b.tokens);
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    EXPECT_EQ(a.params[i].first, b.params[i].first);
+    EXPECT_TRUE(at::equal(a.params[i].second, b.params[i].second)) << "parameter " << a.params[i].first;
+    EXPECT_TRUE(at::equal(a.adam_m[i].second, b.adam_m[i].second)) << "adam m of " << a.params[i].first;
+    EXPECT_TRUE(at::equal(a.adam_v[i].second, b.adam_v[i].second)) << "adam v of " << a.params[i].first;
+  }
+}
+
+// N steps in one go, or N/2 + checkpoint + resume + N/2 (across the warm-up -> sparse switch),
+// give bitwise identical weights and optimizer state.
+TEST(Train, ResumeIsExact) {
+  const std::string a = scratch("straight"), b = scratch("resumed");
+  ASSERT_EQ(run_train(tiny_run(a, 4)), 0);
+  TrainOptions first = tiny_run(b, 4);
+  first.stop_at = 2;
+  ASSERT_EQ(run_train(first), 0);
+  TrainOptions second = tiny_run(b, 4);
+  second.resume = b + "/step-2.ckpt";
+  ASSERT_EQ(run_train(second), 0);
+  Checkpoint ca = load_checkpoint(a + "/final.ckpt"), cb = load_checkpoint(b + "/final.ckpt");
+  expect_same_state(ca, cb);
+  // The weights moved (a test of resume that trains nothing proves nothing).
+  LM init(ca.cfg.model, ca.seed, at::Device(at::kCPU));
+  EXPECT_FALSE(at::equal(init.params()[1].second, ca.params[1].second));
+}
+
+// The dense route, then MSA-CPT from its checkpoint: LM weights carried over, index ones fresh.
+TEST(Train, DenseThenCpt) {
+  const std::string d = scratch("dense"), c = scratch("cpt");
+  TrainOptions dense = tiny_run(d, 2);
+  dense.route = "dense";
+  dense.warmup_tokens = -1;
+  ASSERT_EQ(run_train(dense), 0);
+  TrainOptions cpt = tiny_run(c, 3);
+  cpt.route = "msa-cpt";
+  cpt.init = d + "/final.ckpt";
+  cpt.warmup_tokens = 512;
+  ASSERT_EQ(run_train(cpt), 0);
+  Checkpoint cd = load_checkpoint(d + "/final.ckpt"), cc = load_checkpoint(c + "/final.ckpt");
+  EXPECT_EQ(cc.route, Route::msa_cpt);
+  EXPECT_EQ(cc.step, 3);
+  // msa-cpt without --init is refused.
+  TrainOptions bad = tiny_run(scratch("bad"), 1);
+  bad.route = "msa-cpt";
+  EXPECT_EQ(run_train(bad), 1);
+}
+
+TEST(Train, LrScheduleWarmsUpThenDecays) {
+  TrainConfig c = named_config("tiny");
+  c.steps = 100;
+  c.lr_warmup_steps = 10;
+  EXPECT_NEAR(lr_at(c, 0, 1.0), 0.1, 1e-12);
+  EXPECT_NEAR(lr_at(c, 9, 1.0), 1.0, 1e-12);
+  EXPECT_GT(lr_at(c, 30, 1.0), lr_at(c, 60, 1.0));
+  EXPECT_NEAR(lr_at(c, 99, 1.0), c.min_lr_ratio, 1e-3);
+  EXPECT_THROW(named_config("huge"), msa::Error);
+}
+
+}  // namespace
