@@ -40,7 +40,9 @@ struct Rng {
   double unit() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
   bool chance(double p) { return unit() < p; }
   template <class T, size_t N>
-  const T& pick(const T (&a)[N]) { return a[below(N)]; }
+  const T& pick(const T (&a)[N]) {
+    return a[below(N)];
+  }
 };
 
 constexpr uint64_t kSaltKind = 1, kSaltText = 2, kSaltDoc = 3;
@@ -141,8 +143,8 @@ class Writer {
     } else if (k < 9) {
       s = clause(past) + ", but " + clause(past);
     } else if (k < 10) {
-      s = "In " + std::to_string(r_.range(1500, 2030)) + ", " + clause(true) + " " +
-          std::to_string(r_.range(2, 990)) + " times";
+      s = "In " + std::to_string(r_.range(1500, 2030)) + ", " + clause(true) + " " + std::to_string(r_.range(2, 990)) +
+          " times";
     } else if (k < 11) {
       const char* v = r_.pick(kVerbs)[0];
       s = (past ? "Why did " : "Why does ") + subject() + " " + v + " " + object() + "?";
@@ -154,8 +156,7 @@ class Writer {
   }
   void essay(int64_t doc) {
     const bool past = r_.chance(0.6);
-    out += "Chapter " + std::to_string(doc + 1) + ": The " + cap(r_.pick(kAdjectives)) + " " +
-           cap(topic_[0]) + "\n\n";
+    out += "Chapter " + std::to_string(doc + 1) + ": The " + cap(r_.pick(kAdjectives)) + " " + cap(topic_[0]) + "\n\n";
     const int paragraphs = 4 + static_cast<int>(r_.below(8));
     for (int p = 0; p < paragraphs; ++p) {
       const int sentences = 3 + static_cast<int>(r_.below(6));
@@ -228,13 +229,12 @@ class Writer {
     }
   }
   void table(int64_t doc) {
-    out += "Table " + std::to_string(doc + 1) + ". Inventory of the " + names_[0] + " " + topic_[0] +
-           "\n\n";
+    out += "Table " + std::to_string(doc + 1) + ". Inventory of the " + names_[0] + " " + topic_[0] + "\n\n";
     const int rows = 8 + static_cast<int>(r_.below(24));
     for (int i = 0; i < rows; ++i) {
       out += std::to_string(i + 1) + ". " + cap(r_.pick(kAdjectives)) + " " + noun() + ": " +
-             std::to_string(r_.range(1, 999)) + "." + std::to_string(r_.range(0, 9)) + " " +
-             r_.pick(kUnits) + ", kept by " + names_[r_.below(names_.size())] + "\n";
+             std::to_string(r_.range(1, 999)) + "." + std::to_string(r_.range(0, 9)) + " " + r_.pick(kUnits) +
+             ", kept by " + names_[r_.below(names_.size())] + "\n";
     }
     out += "\n" + cap(sentence(true)) + "\n";
   }
@@ -265,8 +265,8 @@ int64_t tail_split(const std::string& text) {
 }
 
 bool is_text_extension(const std::filesystem::path& p) {
-  static const char* const exts[] = {".txt", ".rst", ".md", ".py", ".c", ".h", ".cc", ".cpp",
-                                     ".hpp", ".rs", ".go", ".java", ".js", ".sh", ".tex", ".html",
+  static const char* const exts[] = {".txt", ".rst",  ".md",   ".py",   ".c",   ".h",  ".cc",  ".cpp",
+                                     ".hpp", ".rs",   ".go",   ".java", ".js",  ".sh", ".tex", ".html",
                                      ".xml", ".json", ".yaml", ".toml", ".cfg", ".ini"};
   const std::string e = p.extension().string();
   for (const char* x : exts) {
@@ -325,9 +325,9 @@ struct Doc {
   std::vector<int64_t> needle_pos;  // asked needles' token offsets, primary first
 };
 
-const char* const kKeyAdj[] = {"quiet", "bright", "narrow", "ancient", "hollow", "silver",
-                               "heavy", "gentle", "distant", "golden", "frozen", "rusty",
-                               "wooden", "steady", "crooked", "pale", "curious", "stubborn"};
+const char* const kKeyAdj[] = {"quiet",  "bright", "narrow",  "ancient", "hollow",  "silver",
+                               "heavy",  "gentle", "distant", "golden",  "frozen",  "rusty",
+                               "wooden", "steady", "crooked", "pale",    "curious", "stubborn"};
 
 size_t max_len(const char* const* a, size_t n) {
   size_t m = 0;
@@ -337,8 +337,8 @@ size_t max_len(const char* const* a, size_t n) {
 
 // Longest NIAH key ("adjective-noun") the generator makes.
 int64_t max_key_len() {
-  static const int64_t m = static_cast<int64_t>(
-      max_len(kKeyAdj, std::size(kKeyAdj)) + 1 + max_len(kNouns, std::size(kNouns)));
+  static const int64_t m =
+      static_cast<int64_t>(max_len(kKeyAdj, std::size(kKeyAdj)) + 1 + max_len(kNouns, std::size(kNouns)));
   return m;
 }
 
@@ -350,12 +350,14 @@ const std::string kNeedleTail = ". ";
 // question, answer), so that lengths are checked before any random choice.
 int64_t fixed_len_bound(Task t, const RetrievalConfig& c) {
   const int64_t key = max_key_len();
-  const int64_t needle = static_cast<int64_t>(kNeedleHead.size() + kNeedleMid.size() +
-                                              kNeedleTail.size()) + key + c.value_digits;
+  const int64_t needle =
+      static_cast<int64_t>(kNeedleHead.size() + kNeedleMid.size() + kNeedleTail.size()) + key + c.value_digits;
   const int64_t question = 96;  // fixed words of the longest question
   switch (t) {
-    case Task::text: return 0;
-    case Task::niah_single: return needle + question + key + c.value_digits;
+    case Task::text:
+      return 0;
+    case Task::niah_single:
+      return needle + question + key + c.value_digits;
     case Task::niah_multikey:
       return (1 + c.n_distractors) * needle + question + key + c.value_digits;
     case Task::niah_multivalue:
@@ -421,8 +423,7 @@ Doc assemble(std::string_view split, int64_t prompt_len, double depth, std::vect
   for (const Fact& f : facts) needles += static_cast<int64_t>(f.text.size());
   const int64_t hay_len = body - needles;
   if (hay_len < 16) {
-    fail(fn, "context of " + std::to_string(prompt_len) +
-                 " tokens is too short for the needles and question (" +
+    fail(fn, "context of " + std::to_string(prompt_len) + " tokens is too short for the needles and question (" +
                  std::to_string(1 + q + needles) + " tokens)");
   }
   std::string hay;
@@ -500,8 +501,8 @@ Doc assemble(std::string_view split, int64_t prompt_len, double depth, std::vect
 
 // One retrieval document. eval: the answer stays out of d.tokens and the mqar recall list shows
 // every value but the last; training: every recalled value is an answer inside the sequence.
-Doc make_doc(std::string_view split, Task task, int64_t prompt_len, double depth,
-             const RetrievalConfig& c, Rng& r, const char* fn) {
+Doc make_doc(std::string_view split, Task task, int64_t prompt_len, double depth, const RetrievalConfig& c, Rng& r,
+             const char* fn) {
   std::vector<Fact> facts;
   std::string question, answer;
   std::vector<std::pair<size_t, size_t>> q_answers;
@@ -510,7 +511,8 @@ Doc make_doc(std::string_view split, Task task, int64_t prompt_len, double depth
     return kNeedleHead + k + kNeedleMid + v + kNeedleTail;
   };
   switch (task) {
-    case Task::text: fail(fn, "task text has no retrieval document");
+    case Task::text:
+      fail(fn, "task text has no retrieval document");
     case Task::niah_single:
     case Task::niah_multikey: {
       const int n = task == Task::niah_single ? 1 : 1 + c.n_distractors;
@@ -533,8 +535,7 @@ Doc make_doc(std::string_view split, Task task, int64_t prompt_len, double depth
       const auto keys = distinct(c.n_queries, key_gen);
       const auto values = distinct(c.n_queries, [&] { return digits(r, c.value_digits); });
       for (int i = 0; i < c.n_queries; ++i) facts.push_back({needle(keys[i], values[i]), true, 0});
-      question = "\nQuestion: What are the special magic numbers for " + join_list(keys, " and ") +
-                 "?\nAnswer: ";
+      question = "\nQuestion: What are the special magic numbers for " + join_list(keys, " and ") + "?\nAnswer: ";
       answer = join_list(values, ", ");
       break;
     }
@@ -574,9 +575,8 @@ Doc make_doc(std::string_view split, Task task, int64_t prompt_len, double depth
     for (const Fact& f : facts) {
       const size_t b = kNeedleHead.size();
       const size_t m = f.text.find(kNeedleMid, b);
-      seen.push_back({f.order, f.text.substr(m + kNeedleMid.size(),
-                                             f.text.size() - m - kNeedleMid.size() -
-                                                 kNeedleTail.size())});
+      seen.push_back(
+          {f.order, f.text.substr(m + kNeedleMid.size(), f.text.size() - m - kNeedleMid.size() - kNeedleTail.size())});
     }
     std::sort(seen.begin(), seen.end());
     std::vector<std::string> vals;
@@ -592,24 +592,19 @@ void check_config(const RetrievalConfig& c, const char* fn) {
   };
   need(c.n_distractors >= 0 && c.n_distractors <= 64,
        "n_distractors = " + std::to_string(c.n_distractors) + ", expected 0..64");
-  need(c.n_values >= 1 && c.n_values <= 64,
-       "n_values = " + std::to_string(c.n_values) + ", expected 1..64");
-  need(c.n_queries >= 1 && c.n_queries <= 64,
-       "n_queries = " + std::to_string(c.n_queries) + ", expected 1..64");
+  need(c.n_values >= 1 && c.n_values <= 64, "n_values = " + std::to_string(c.n_values) + ", expected 1..64");
+  need(c.n_queries >= 1 && c.n_queries <= 64, "n_queries = " + std::to_string(c.n_queries) + ", expected 1..64");
   need(c.value_digits >= 2 && c.value_digits <= 12,
        "value_digits = " + std::to_string(c.value_digits) + ", expected 2..12");
-  need(c.n_pairs >= 1 && c.n_pairs <= 4096,
-       "n_pairs = " + std::to_string(c.n_pairs) + ", expected 1..4096");
+  need(c.n_pairs >= 1 && c.n_pairs <= 4096, "n_pairs = " + std::to_string(c.n_pairs) + ", expected 1..4096");
   need(c.n_recall >= 1 && c.n_recall <= c.n_pairs,
-       "n_recall = " + std::to_string(c.n_recall) + ", expected 1..n_pairs (" +
-           std::to_string(c.n_pairs) + ")");
+       "n_recall = " + std::to_string(c.n_recall) + ", expected 1..n_pairs (" + std::to_string(c.n_pairs) + ")");
   need(c.pair_digits >= 1 && c.pair_digits <= 12,
        "pair_digits = " + std::to_string(c.pair_digits) + ", expected 1..12");
 }
 
-constexpr std::array<Task, 5> kRetrievalTasks = {Task::niah_single, Task::niah_multikey,
-                                                 Task::niah_multivalue, Task::niah_multiquery,
-                                                 Task::mqar};
+constexpr std::array<Task, 5> kRetrievalTasks = {Task::niah_single, Task::niah_multikey, Task::niah_multivalue,
+                                                 Task::niah_multiquery, Task::mqar};
 
 }  // namespace
 
@@ -679,8 +674,8 @@ Corpus Corpus::load(const std::string& path_or_empty) {
         c.text += t;
       }
       if (c.text.empty()) {
-        fail("Corpus::load", "directory '" + path_or_empty + "' holds no text files (" +
-                                 "extensions .txt .rst .md .py .c .h ...)");
+        fail("Corpus::load",
+             "directory '" + path_or_empty + "' holds no text files (" + "extensions .txt .rst .md .py .c .h ...)");
       }
       c.valid_begin = tail_split(c.text);
     }
@@ -690,10 +685,9 @@ Corpus Corpus::load(const std::string& path_or_empty) {
   }
   const int64_t n = static_cast<int64_t>(c.text.size());
   if (c.valid_begin < kMinSplit || n - c.valid_begin < kMinSplit) {
-    fail("Corpus::load", "'" + path_or_empty + "' gives a train split of " +
-                             std::to_string(c.valid_begin) + " bytes and a valid split of " +
-                             std::to_string(n - c.valid_begin) + " bytes, expected >= " +
-                             std::to_string(kMinSplit) + " each");
+    fail("Corpus::load", "'" + path_or_empty + "' gives a train split of " + std::to_string(c.valid_begin) +
+                             " bytes and a valid split of " + std::to_string(n - c.valid_begin) +
+                             " bytes, expected >= " + std::to_string(kMinSplit) + " each");
   }
   return c;
 }
@@ -707,19 +701,25 @@ std::string_view Corpus::split(Split s) const {
 // ---- Tasks --------------------------------------------------------------------------------------
 const char* task_name(Task t) {
   switch (t) {
-    case Task::text: return "text";
-    case Task::niah_single: return "niah_single";
-    case Task::niah_multikey: return "niah_multikey";
-    case Task::niah_multivalue: return "niah_multivalue";
-    case Task::niah_multiquery: return "niah_multiquery";
-    case Task::mqar: return "mqar";
+    case Task::text:
+      return "text";
+    case Task::niah_single:
+      return "niah_single";
+    case Task::niah_multikey:
+      return "niah_multikey";
+    case Task::niah_multivalue:
+      return "niah_multivalue";
+    case Task::niah_multiquery:
+      return "niah_multiquery";
+    case Task::mqar:
+      return "mqar";
   }
   return "?";
 }
 
 Task parse_task(std::string_view name) {
-  for (Task t : {Task::text, Task::niah_single, Task::niah_multikey, Task::niah_multivalue,
-                 Task::niah_multiquery, Task::mqar}) {
+  for (Task t :
+       {Task::text, Task::niah_single, Task::niah_multikey, Task::niah_multivalue, Task::niah_multiquery, Task::mqar}) {
     if (name == task_name(t)) return t;
   }
   fail("parse_task", "unknown task '" + std::string(name) +
@@ -750,8 +750,7 @@ Stream::Stream(const Corpus& corpus, MixConfig config, uint64_t seed, Split spli
     fail(fn, "seq_len = " + std::to_string(config_.seq_len) + ", expected >= 64");
   }
   if (!(config_.retrieval_fraction >= 0.0 && config_.retrieval_fraction <= 1.0)) {
-    fail(fn, "retrieval_fraction = " + std::to_string(config_.retrieval_fraction) +
-                 ", expected 0..1");
+    fail(fn, "retrieval_fraction = " + std::to_string(config_.retrieval_fraction) + ", expected 0..1");
   }
   if (config_.tasks.empty()) config_.tasks.assign(kRetrievalTasks.begin(), kRetrievalTasks.end());
   check_config(config_.retrieval, fn);
@@ -760,8 +759,8 @@ Stream::Stream(const Corpus& corpus, MixConfig config, uint64_t seed, Split spli
     if (t == Task::text) fail(fn, "tasks holds 'text'; list retrieval tasks only");
     const int64_t need = fixed_len_bound(t, config_.retrieval) + 64;
     if (config_.retrieval_fraction > 0 && config_.seq_len < need) {
-      fail(fn, "seq_len = " + std::to_string(config_.seq_len) + " is too short for task " +
-                   task_name(t) + ", expected >= " + std::to_string(need));
+      fail(fn, "seq_len = " + std::to_string(config_.seq_len) + " is too short for task " + task_name(t) +
+                   ", expected >= " + std::to_string(need));
     }
   }
 }
@@ -783,11 +782,20 @@ Sample Stream::sample(int64_t index) const {
     int64_t answer_len = 0;
     switch (s.task) {
       case Task::niah_single:
-      case Task::niah_multikey: answer_len = c.value_digits; break;
-      case Task::niah_multivalue: answer_len = c.n_values * (c.value_digits + 2) - 2; break;
-      case Task::niah_multiquery: answer_len = c.n_queries * (c.value_digits + 2) - 2; break;
-      case Task::mqar: answer_len = c.pair_digits; break;
-      case Task::text: break;
+      case Task::niah_multikey:
+        answer_len = c.value_digits;
+        break;
+      case Task::niah_multivalue:
+        answer_len = c.n_values * (c.value_digits + 2) - 2;
+        break;
+      case Task::niah_multiquery:
+        answer_len = c.n_queries * (c.value_digits + 2) - 2;
+        break;
+      case Task::mqar:
+        answer_len = c.pair_digits;
+        break;
+      case Task::text:
+        break;
     }
     Doc d = make_doc(split, s.task, total - answer_len - 1, depth, c, r, "Stream::sample");
     s.tokens = std::move(d.tokens);
@@ -818,8 +826,8 @@ Sample Stream::sample(int64_t index) const {
 }
 
 // ---- Evaluation cases ---------------------------------------------------------------------------
-RetrievalCase make_retrieval(const Corpus& corpus, Task task, int64_t context_len, double depth,
-                             uint64_t seed, Split s, const RetrievalConfig& config) {
+RetrievalCase make_retrieval(const Corpus& corpus, Task task, int64_t context_len, double depth, uint64_t seed, Split s,
+                             const RetrievalConfig& config) {
   const char* fn = "make_retrieval";
   if (task == Task::text) fail(fn, "task = text, expected a retrieval task");
   if (!(depth >= 0.0 && depth <= 1.0)) {
@@ -828,8 +836,8 @@ RetrievalCase make_retrieval(const Corpus& corpus, Task task, int64_t context_le
   check_config(config, fn);
   const int64_t need = fixed_len_bound(task, config) + 17;
   if (context_len < need) {
-    fail(fn, "context_len = " + std::to_string(context_len) + " is too short for task " +
-                 task_name(task) + ", expected >= " + std::to_string(need));
+    fail(fn, "context_len = " + std::to_string(context_len) + " is too short for task " + task_name(task) +
+                 ", expected >= " + std::to_string(need));
   }
   const std::string_view split = corpus.split(s);
   if (split.empty()) fail(fn, std::string(split_name(s)) + " split is empty");

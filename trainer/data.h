@@ -31,8 +31,8 @@ const char* split_name(Split s);
 // Natural text, held as bytes. The valid split is text[valid_begin, end), the train split
 // text[0, valid_begin): disjoint byte ranges, so no training sample reads validation text.
 struct Corpus {
-  std::string text;     // every file's bytes, in path order, files separated by "\n\n"
-  std::string source;   // where it came from, for logs: a path or "built-in"
+  std::string text;         // every file's bytes, in path order, files separated by "\n\n"
+  std::string source;       // where it came from, for logs: a path or "built-in"
   int64_t valid_begin = 0;  // start of the valid split in text; 0 < valid_begin < text.size()
 
   // path_or_empty:
@@ -66,7 +66,7 @@ enum class Task {
 Task parse_task(std::string_view name);  // the enum names above; throws msa::Error otherwise
 const char* task_name(Task t);
 std::vector<Task> parse_tasks(std::string_view comma_list);  // "niah_single,mqar"; "all" = every
-                                                              // retrieval task
+                                                             // retrieval task
 
 // Sizes of the retrieval documents. Defaults suit 1K..32K contexts.
 struct RetrievalConfig {
@@ -144,9 +144,9 @@ struct RetrievalCase {
 // A retrieval prompt of exactly context_len tokens whose haystack comes from split s of the corpus.
 // For mqar the recall list is in the prompt with its values, except the last pair's value, which
 // is the answer. Deterministic in all arguments. Throws msa::Error if task is Task::text, depth is
-// outside [0, 1], or context_len is too short for the needles and question (about 256 tokens is
-// always enough with the default RetrievalConfig).
-RetrievalCase make_retrieval(const Corpus& corpus, Task task, int64_t context_len, double depth,
-                             uint64_t seed, Split s, const RetrievalConfig& config = {});
+// outside [0, 1], or context_len is too short for the needles and question (512 tokens is always
+// enough with the default RetrievalConfig; the message gives the minimum).
+RetrievalCase make_retrieval(const Corpus& corpus, Task task, int64_t context_len, double depth, uint64_t seed, Split s,
+                             const RetrievalConfig& config = {});
 
 }  // namespace msa::data

@@ -81,8 +81,8 @@ uint32_t adler32(const uint8_t* bytes, size_t n, uint32_t prev) {
 std::vector<uint8_t> encode(int64_t width, int64_t height, const uint8_t* rgb) {
   constexpr int64_t kMaxSide = int64_t{1} << 24;
   if (width < 1 || width > kMaxSide || height < 1 || height > kMaxSide) {
-    fail("encode", "size " + std::to_string(width) + " x " + std::to_string(height) +
-                       ", expected each side in 1..16777216");
+    fail("encode",
+         "size " + std::to_string(width) + " x " + std::to_string(height) + ", expected each side in 1..16777216");
   }
   if (rgb == nullptr) fail("encode", "rgb is null");
   // Raw image data: each row is filter byte 0 (none) then its RGB bytes.
@@ -178,8 +178,7 @@ Decoded decode(const std::vector<uint8_t>& file) {
     if ((n ^ 0xffff) != nn) fail(fn, "stored block length check fails");
     p += 5;
     if (z.size() - p < n) fail(fn, "stored block overruns the data");
-    raw.insert(raw.end(), z.begin() + static_cast<std::ptrdiff_t>(p),
-               z.begin() + static_cast<std::ptrdiff_t>(p + n));
+    raw.insert(raw.end(), z.begin() + static_cast<std::ptrdiff_t>(p), z.begin() + static_cast<std::ptrdiff_t>(p + n));
     p += n;
   }
   if (z.size() - p != 4 || get32(&z[p]) != adler32(raw.data(), raw.size())) {
@@ -202,8 +201,7 @@ Decoded decode(const std::vector<uint8_t>& file) {
 Decoded read(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) fail("read", "cannot open '" + path + "'");
-  const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)),
-                                   std::istreambuf_iterator<char>());
+  const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   return decode(bytes);
 }
 

@@ -2,8 +2,6 @@
 // the JSON-lines metrics reader declared in viz.h.
 #include "viz.h"
 
-#include "png.h"
-
 #include <msa/common.h>
 
 #include <algorithm>
@@ -12,6 +10,8 @@
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
+
+#include "png.h"
 
 namespace msa::viz {
 namespace {
@@ -69,9 +69,7 @@ const Glyph* glyph(char c) {
   return c == ' ' ? nullptr : &kFont[std::size(kFont) - 1];  // unknown characters draw as '?'
 }
 
-int64_t text_width(const std::string& s) {
-  return s.empty() ? 0 : static_cast<int64_t>(s.size()) * kGlyphW - 1;
-}
+int64_t text_width(const std::string& s) { return s.empty() ? 0 : static_cast<int64_t>(s.size()) * kGlyphW - 1; }
 
 void text(Image& im, int64_t x, int64_t y, const std::string& s, Rgb c) {
   for (char ch : s) {
@@ -112,8 +110,7 @@ Rgb shade(double f) {
   auto lerp = [&](uint8_t a, uint8_t b) {
     return static_cast<uint8_t>(std::lround(a + (static_cast<double>(b) - a) * u));
   };
-  return {lerp(stops[i].r, stops[i + 1].r), lerp(stops[i].g, stops[i + 1].g),
-          lerp(stops[i].b, stops[i + 1].b)};
+  return {lerp(stops[i].r, stops[i + 1].r), lerp(stops[i].g, stops[i + 1].g), lerp(stops[i].b, stops[i + 1].b)};
 }
 
 // Tick step (in cells) so that labels `label_px` apart fit: 1, 2, 5, 10, 20, 50, ...
@@ -144,9 +141,8 @@ void line(Image& im, int64_t x0, int64_t y0, int64_t x1, int64_t y1, Rgb c) {
   }
 }
 
-constexpr Rgb kPalette[] = {{31, 119, 180},  {255, 127, 14}, {44, 160, 44},
-                            {214, 39, 40},   {148, 103, 189}, {140, 86, 75},
-                            {227, 119, 194}, {23, 190, 207}};
+constexpr Rgb kPalette[] = {{31, 119, 180},  {255, 127, 14}, {44, 160, 44},   {214, 39, 40},
+                            {148, 103, 189}, {140, 86, 75},  {227, 119, 194}, {23, 190, 207}};
 
 }  // namespace
 
@@ -163,23 +159,20 @@ Image::Image(int64_t w, int64_t h, uint8_t r, uint8_t g, uint8_t b) : width(w), 
 void Image::write_png(const std::string& path) const { png::write(path, width, height, rgb.data()); }
 
 // ---- Selection heat-map -------------------------------------------------------------------------
-Image selection_heatmap(const int32_t* topk_idx, int64_t n_q, int64_t h_kv, int64_t topk,
-                        int64_t bk, int64_t group, const HeatmapOptions& o) {
+Image selection_heatmap(const int32_t* topk_idx, int64_t n_q, int64_t h_kv, int64_t topk, int64_t bk, int64_t group,
+                        const HeatmapOptions& o) {
   const char* fn = "selection_heatmap";
   if (topk_idx == nullptr) fail(fn, "topk_idx is null");
   if (n_q < 1 || h_kv < 1 || topk < 1 || bk < 1) {
-    fail(fn, "n_q = " + std::to_string(n_q) + ", h_kv = " + std::to_string(h_kv) +
-                 ", topk = " + std::to_string(topk) + ", bk = " + std::to_string(bk) +
-                 ", expected each >= 1");
+    fail(fn, "n_q = " + std::to_string(n_q) + ", h_kv = " + std::to_string(h_kv) + ", topk = " + std::to_string(topk) +
+                 ", bk = " + std::to_string(bk) + ", expected each >= 1");
   }
   if (group < 0 || group >= h_kv) {
-    fail(fn, "group = " + std::to_string(group) + ", expected 0 <= group < h_kv = " +
-                 std::to_string(h_kv));
+    fail(fn, "group = " + std::to_string(group) + ", expected 0 <= group < h_kv = " + std::to_string(h_kv));
   }
   if (o.q_bin < 0 || o.kb_bin < 1 || o.max_cells < 1 || o.cell_px < 0) {
-    fail(fn, "options q_bin = " + std::to_string(o.q_bin) + ", kb_bin = " +
-                 std::to_string(o.kb_bin) + ", max_cells = " + std::to_string(o.max_cells) +
-                 ", cell_px = " + std::to_string(o.cell_px) +
+    fail(fn, "options q_bin = " + std::to_string(o.q_bin) + ", kb_bin = " + std::to_string(o.kb_bin) +
+                 ", max_cells = " + std::to_string(o.max_cells) + ", cell_px = " + std::to_string(o.cell_px) +
                  ", expected q_bin >= 0, kb_bin >= 1, max_cells >= 1, cell_px >= 0");
   }
   const int64_t n_kb = (n_q + bk - 1) / bk;
@@ -197,10 +190,9 @@ Image selection_heatmap(const int32_t* topk_idx, int64_t n_q, int64_t h_kv, int6
       const int64_t b = sel[j];
       if (b == -1) continue;
       if (b < 0 || b > i / bk) {
-        fail(fn, "topk_idx[" + std::to_string(i) + ", " + std::to_string(group) + ", " +
-                     std::to_string(j) + "] = " + std::to_string(b) + ", expected -1 or 0.." +
-                     std::to_string(i / bk) + " (blocks visible to query " + std::to_string(i) +
-                     ")");
+        fail(fn, "topk_idx[" + std::to_string(i) + ", " + std::to_string(group) + ", " + std::to_string(j) +
+                     "] = " + std::to_string(b) + ", expected -1 or 0.." + std::to_string(i / bk) +
+                     " (blocks visible to query " + std::to_string(i) + ")");
       }
       const int64_t c = b / kb_bin;
       if (stamp[static_cast<size_t>(c)] == i) continue;
@@ -228,11 +220,11 @@ Image selection_heatmap(const int32_t* topk_idx, int64_t n_q, int64_t h_kv, int6
   if (!o.legend) return im;
 
   char caption[160];
-  std::snprintf(caption, sizeof caption, "KV HEAD %lld  N=%lld BK=%lld TOPK=%lld", (long long)group,
-                (long long)n_q, (long long)bk, (long long)topk);
+  std::snprintf(caption, sizeof caption, "KV HEAD %lld  N=%lld BK=%lld TOPK=%lld", (long long)group, (long long)n_q,
+                (long long)bk, (long long)topk);
   text(im, ml, 2, caption, kBlack);
-  std::snprintf(caption, sizeof caption, "Y: QUERY BLOCK (%lld Q/ROW)  X: KEY BLOCK (%lld/COL)",
-                (long long)q_bin, (long long)kb_bin);
+  std::snprintf(caption, sizeof caption, "Y: QUERY BLOCK (%lld Q/ROW)  X: KEY BLOCK (%lld/COL)", (long long)q_bin,
+                (long long)kb_bin);
   text(im, ml, 2 + kGlyphH, caption, kAxis);
   // Frame and ticks; labels are block numbers (query rows in units of bk).
   for (int64_t x = ml - 1; x <= ml + pw; ++x) {
@@ -272,10 +264,9 @@ Image selection_heatmap(const int32_t* topk_idx, int64_t n_q, int64_t h_kv, int6
 Image curves(const std::vector<Series>& series, const CurveOptions& o) {
   const char* fn = "curves";
   if (o.width < kCurveLeft + kCurveRight + 16 || o.panel_height < kCurveTop + kCurveBottom + 16) {
-    fail(fn, "width = " + std::to_string(o.width) + ", panel_height = " +
-                 std::to_string(o.panel_height) + ", expected >= " +
-                 std::to_string(kCurveLeft + kCurveRight + 16) + " and >= " +
-                 std::to_string(kCurveTop + kCurveBottom + 16));
+    fail(fn, "width = " + std::to_string(o.width) + ", panel_height = " + std::to_string(o.panel_height) +
+                 ", expected >= " + std::to_string(kCurveLeft + kCurveRight + 16) +
+                 " and >= " + std::to_string(kCurveTop + kCurveBottom + 16));
   }
   auto usable = [&](double y) { return std::isfinite(y) && (!o.log_y || y > 0); };
   std::vector<std::string> panels;
@@ -284,8 +275,8 @@ Image curves(const std::vector<Series>& series, const CurveOptions& o) {
   for (size_t i = 0; i < series.size(); ++i) {
     const Series& s = series[i];
     if (s.x.size() != s.y.size()) {
-      fail(fn, "series '" + s.name + "' has " + std::to_string(s.x.size()) + " x and " +
-                   std::to_string(s.y.size()) + " y values");
+      fail(fn, "series '" + s.name + "' has " + std::to_string(s.x.size()) + " x and " + std::to_string(s.y.size()) +
+                   " y values");
     }
     const std::string p = s.panel.empty() ? s.name : s.panel;
     auto it = std::find(panels.begin(), panels.end(), p);
@@ -353,8 +344,7 @@ Image curves(const std::vector<Series>& series, const CurveOptions& o) {
       const double v = y_lo + (y_hi - y_lo) * q / 2;
       const std::string label = number(o.log_y ? std::pow(10.0, v) : v);
       const int64_t y = top + ph - 1 - (ph - 1) * q / 2;
-      text(im, kCurveLeft - 3 - text_width(label), std::clamp<int64_t>(y - 2, top, top + ph - 5),
-           label, kBlack);
+      text(im, kCurveLeft - 3 - text_width(label), std::clamp<int64_t>(y - 2, top, top + ph - 5), label, kBlack);
     }
     const std::string xl = number(x_lo), xh = number(x_hi);
     text(im, kCurveLeft, top + ph + 3, xl, kBlack);

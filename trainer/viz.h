@@ -23,14 +23,14 @@ struct Image {
 // ---- Selection heat-map -------------------------------------------------------------------------
 constexpr uint8_t kFutureGrey = 224;  // r = g = b of cells wholly in the causal future
 struct HeatmapOptions {
-  int64_t q_bin = 0;      // queries per row; 0 = bk (rows are query blocks, so the diagonal is 45°)
-  int64_t kb_bin = 1;     // key blocks per column
+  int64_t q_bin = 0;         // queries per row; 0 = bk (rows are query blocks, so the diagonal is 45°)
+  int64_t kb_bin = 1;        // key blocks per column
   int64_t max_cells = 1024;  // rows and columns are coarsened (q_bin, kb_bin doubled) until both
                              // counts are <= this
-  int64_t cell_px = 0;    // pixels per cell side; 0 = the largest that keeps the map <= 768 px
-  bool legend = true;     // margins with a caption, axis ticks with block numbers and a colour
-                          // bar (0..1) on the right; false = the cells only, cell (row, col) at
-                          // pixels [col * cell_px, (col + 1) * cell_px) x [row * cell_px, ...)
+  int64_t cell_px = 0;       // pixels per cell side; 0 = the largest that keeps the map <= 768 px
+  bool legend = true;        // margins with a caption, axis ticks with block numbers and a colour
+                             // bar (0..1) on the right; false = the cells only, cell (row, col) at
+                             // pixels [col * cell_px, (col + 1) * cell_px) x [row * cell_px, ...)
 };
 
 // The key blocks selected by one KV head for each query of one sequence: x = key block (left =
@@ -43,13 +43,13 @@ struct HeatmapOptions {
 //   group:    the KV head (GQA group) to draw, 0 <= group < h_kv.
 // Throws msa::Error on a null pointer, non-positive sizes, group out of range, or an entry that is
 // neither -1 nor a block the query can see (0..i / bk).
-Image selection_heatmap(const int32_t* topk_idx, int64_t n_q, int64_t h_kv, int64_t topk,
-                        int64_t bk, int64_t group, const HeatmapOptions& options = {});
+Image selection_heatmap(const int32_t* topk_idx, int64_t n_q, int64_t h_kv, int64_t topk, int64_t bk, int64_t group,
+                        const HeatmapOptions& options = {});
 
 // ---- Curves -------------------------------------------------------------------------------------
 struct Series {
-  std::string name;   // legend text (drawn upper-case in a 3x5 pixel font)
-  std::string panel;  // series with the same panel share axes; empty = name
+  std::string name;          // legend text (drawn upper-case in a 3x5 pixel font)
+  std::string panel;         // series with the same panel share axes; empty = name
   std::vector<double> x, y;  // same length; x ascending (steps); NaN/inf y values are skipped
 };
 

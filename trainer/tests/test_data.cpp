@@ -1,10 +1,7 @@
 // trainer/tests/test_data.cpp — tests of the trainer's data (data.h): tokens, corpus loading and
 // splits, the deterministic training stream and the retrieval cases.
-#include "data.h"
-
-#include <msa/common.h>
-
 #include <gtest/gtest.h>
+#include <msa/common.h>
 
 #include <cmath>
 #include <filesystem>
@@ -12,6 +9,8 @@
 #include <map>
 #include <random>
 #include <set>
+
+#include "data.h"
 
 namespace fs = std::filesystem;
 using namespace msa::data;
@@ -27,8 +26,7 @@ const Corpus& builtin() {
 struct TempDir {
   fs::path path;
   explicit TempDir(const std::string& name) {
-    path = fs::temp_directory_path() /
-           ("msa_test_data_" + name + "_" + std::to_string(std::random_device{}()));
+    path = fs::temp_directory_path() / ("msa_test_data_" + name + "_" + std::to_string(std::random_device{}()));
     fs::create_directories(path);
   }
   ~TempDir() {
@@ -153,8 +151,8 @@ TEST(Tokens, BytesRoundTripAndSpecialsAreNamed) {
 }
 
 TEST(Tasks, NamesRoundTripAndBadNamesThrow) {
-  for (Task t : {Task::text, Task::niah_single, Task::niah_multikey, Task::niah_multivalue,
-                 Task::niah_multiquery, Task::mqar}) {
+  for (Task t :
+       {Task::text, Task::niah_single, Task::niah_multikey, Task::niah_multivalue, Task::niah_multiquery, Task::mqar}) {
     EXPECT_EQ(parse_task(task_name(t)), t);
   }
   EXPECT_EQ(kAll.size(), 5u);
@@ -215,8 +213,7 @@ TEST(Corpus, BuiltinIsDeterministicSizedAndNotTrivial) {
 TEST(Corpus, DirectoryIsRecursiveSortedAndTextOnly) {
   TempDir d("dir");
   std::mt19937_64 rng(11);
-  const std::string a = words(rng, 30000, 'a', 'z'), b = words(rng, 2000, 'a', 'z'),
-                    c = words(rng, 1500, 'a', 'z');
+  const std::string a = words(rng, 30000, 'a', 'z'), b = words(rng, 2000, 'a', 'z'), c = words(rng, 1500, 'a', 'z');
   d.write("b/z.py", c);
   d.write("a.txt", a);
   d.write("b/y.rst", b);
@@ -408,8 +405,7 @@ TEST(Retrieval, LengthsDepthAndRecoverableAnswers) {
     for (int64_t len : {400, 1023, 4097, 16384}) {
       for (double depth : {0.0, 0.25, 0.5, 0.9, 1.0}) {
         const RetrievalCase c = make_retrieval(builtin(), task, len, depth, 3, Split::valid);
-        SCOPED_TRACE(std::string(task_name(task)) + " len " + std::to_string(len) + " depth " +
-                     std::to_string(depth));
+        SCOPED_TRACE(std::string(task_name(task)) + " len " + std::to_string(len) + " depth " + std::to_string(depth));
         ASSERT_EQ(static_cast<int64_t>(c.prompt.size()), len);
         EXPECT_EQ(c.context_len, len);
         EXPECT_EQ(c.task, task);
@@ -480,14 +476,14 @@ TEST(Retrieval, DepthsSeedsAndSplitsGiveDifferentCases) {
 }
 
 TEST(Retrieval, BadArgumentsThrow) {
-  expect_error([] { make_retrieval(builtin(), Task::text, 1000, 0.5, 1, Split::valid); },
-               "make_retrieval", "task = text");
-  expect_error([] { make_retrieval(builtin(), Task::mqar, 1000, 1.5, 1, Split::valid); },
-               "make_retrieval", "depth = 1.5");
-  expect_error([] { make_retrieval(builtin(), Task::niah_multikey, 100, 0.5, 1, Split::valid); },
-               "make_retrieval", "context_len = 100");
+  expect_error([] { make_retrieval(builtin(), Task::text, 1000, 0.5, 1, Split::valid); }, "make_retrieval",
+               "task = text");
+  expect_error([] { make_retrieval(builtin(), Task::mqar, 1000, 1.5, 1, Split::valid); }, "make_retrieval",
+               "depth = 1.5");
+  expect_error([] { make_retrieval(builtin(), Task::niah_multikey, 100, 0.5, 1, Split::valid); }, "make_retrieval",
+               "context_len = 100");
   RetrievalConfig rc;
   rc.value_digits = 1;
-  expect_error([&] { make_retrieval(builtin(), Task::niah_single, 1000, 0.5, 1, Split::valid, rc); },
-               "make_retrieval", "value_digits = 1");
+  expect_error([&] { make_retrieval(builtin(), Task::niah_single, 1000, 0.5, 1, Split::valid, rc); }, "make_retrieval",
+               "value_digits = 1");
 }

@@ -1,11 +1,7 @@
 // trainer/tests/test_viz.cpp — tests of the PNG writer/reader (png.h), the selection heat-map,
 // the curves and the metrics reader (viz.h), by pixels and by parsing the written files back.
-#include "png.h"
-#include "viz.h"
-
-#include <msa/common.h>
-
 #include <gtest/gtest.h>
+#include <msa/common.h>
 
 #include <cmath>
 #include <cstring>
@@ -13,6 +9,9 @@
 #include <fstream>
 #include <random>
 #include <set>
+
+#include "png.h"
+#include "viz.h"
 
 namespace fs = std::filesystem;
 using namespace msa;
@@ -32,8 +31,7 @@ void expect_error(F f, const std::string& needle1, const std::string& needle2) {
 }
 
 fs::path temp_path(const std::string& name) {
-  return fs::temp_directory_path() /
-         ("msa_test_viz_" + std::to_string(std::random_device{}()) + "_" + name);
+  return fs::temp_directory_path() / ("msa_test_viz_" + std::to_string(std::random_device{}()) + "_" + name);
 }
 
 std::vector<uint8_t> random_rgb(int64_t w, int64_t h, uint64_t seed) {
@@ -112,8 +110,8 @@ TEST(Png, WriteAndReadFile) {
   const auto d = png::read(p.string());
   fs::remove(p);
   EXPECT_EQ(d.rgb, rgb);
-  expect_error([&] { png::write((temp_path("no") / "dir" / "x.png").string(), 33, 17, rgb.data()); },
-               "write", "cannot open");
+  expect_error([&] { png::write((temp_path("no") / "dir" / "x.png").string(), 33, 17, rgb.data()); }, "write",
+               "cannot open");
 }
 
 namespace {
@@ -145,8 +143,8 @@ std::vector<int32_t> synthetic_selection(int64_t n_q, int64_t h_kv, int64_t topk
 }
 
 // Expected fraction of the queries of row bin r that chose a block in column c, by brute force.
-double expected_fraction(const std::vector<int32_t>& idx, int64_t n_q, int64_t h_kv, int64_t topk,
-                         int64_t group, int64_t q_bin, int64_t kb_bin, int64_t r, int64_t c) {
+double expected_fraction(const std::vector<int32_t>& idx, int64_t n_q, int64_t h_kv, int64_t topk, int64_t group,
+                         int64_t q_bin, int64_t kb_bin, int64_t r, int64_t c) {
   int64_t hit = 0, n = 0;
   for (int64_t i = r * q_bin; i < std::min(n_q, (r + 1) * q_bin); ++i) {
     ++n;
@@ -255,8 +253,7 @@ TEST(Heatmap, CoarsensLongSequencesAndDrawsLegend) {
 TEST(Heatmap, BadInputThrows) {
   auto idx = synthetic_selection(64, 2, 4, 16);
   expect_error([&] { viz::selection_heatmap(nullptr, 64, 2, 4, 16, 0); }, "selection_heatmap", "null");
-  expect_error([&] { viz::selection_heatmap(idx.data(), 64, 2, 4, 16, 2); }, "selection_heatmap",
-               "group = 2");
+  expect_error([&] { viz::selection_heatmap(idx.data(), 64, 2, 4, 16, 2); }, "selection_heatmap", "group = 2");
   idx[(10 * 2 + 1) * 4 + 3] = 2;  // query 10 sees only block 0
   expect_error([&] { viz::selection_heatmap(idx.data(), 64, 2, 4, 16, 1); }, "selection_heatmap",
                "topk_idx[10, 1, 3] = 2");
@@ -366,11 +363,15 @@ TEST(Metrics, ReadsJsonLines) {
   const fs::path p = temp_path("metrics.jsonl");
   {
     std::ofstream f(p);
-    f << R"({"step": 0, "loss": 5.5, "lr": 0.001, "route": "msa-pt"})" << "\n";
-    f << R"({"step": 10, "loss": 4.25, "kl": 0.75})" << "\n";
+    f << R"({"step": 0, "loss": 5.5, "lr": 0.001, "route": "msa-pt"})"
+      << "\n";
+    f << R"({"step": 10, "loss": 4.25, "kl": 0.75})"
+      << "\n";
     f << "\n";
-    f << R"({"note": "no step here", "loss": 1})" << "\n";
-    f << R"({"step": 20, "loss": 3.5, "kl": 0.5, "recall": 0.9})" << "\n";
+    f << R"({"note": "no step here", "loss": 1})"
+      << "\n";
+    f << R"({"step": 20, "loss": 3.5, "kl": 0.5, "recall": 0.9})"
+      << "\n";
     f << R"({"step": 30, "loss": 3.)";  // killed mid-write
   }
   const auto all = viz::read_metrics_jsonl(p.string());
@@ -392,7 +393,11 @@ TEST(Metrics, ReadsJsonLines) {
 
   {
     std::ofstream f(p);
-    f << R"({"step": 0, "loss": 5.5})" << "\n" << "garbage\n" << R"({"step": 1, "loss": 5})" << "\n";
+    f << R"({"step": 0, "loss": 5.5})"
+      << "\n"
+      << "garbage\n"
+      << R"({"step": 1, "loss": 5})"
+      << "\n";
   }
   expect_error([&] { viz::read_metrics_jsonl(p.string()); }, "read_metrics_jsonl", ":2:");
   fs::remove(p);
