@@ -36,7 +36,8 @@ struct Corpus {
   int64_t valid_begin = 0;  // start of the valid split in text; 0 < valid_begin < text.size()
 
   // path_or_empty:
-  //   ""          -> the built-in fallback text (a few hundred KB, deterministic, compiled in).
+  //   ""          -> the built-in fallback text (a few hundred KB, deterministic, compiled in);
+  //                  its last 48 KiB (cut at a line start) are the valid split.
   //   a file      -> that file; the last 5% (cut at a line start) is the valid split.
   //   a directory -> if it holds train.txt and valid.txt (scripts/prepare_corpus.sh writes them)
   //                  those two are the splits; otherwise every regular file with a text
