@@ -269,15 +269,18 @@ __device__ __forceinline__ void publish_src(const SparseFwdKernelParams& p, int6
 template <int D>
 __device__ __forceinline__ void issue_q(const SparseFwdKernelParams& p, uint32_t sq, int64_t* meta_base, int* meta_lim,
                                         const int64_t* meta_src, RowSrc rs, int r, int wtid) {
-  constexpr int CH = D / 8;  // 16-byte chunks per row
+  constexpr int CH = D / 8;            // 16-byte chunks per row
+  constexpr int kRowStep = 128 / CH;   // rows between a thread's chunks; a multiple of 8, so the
+                                       // swizzle term (row & 7) is the same for all of them
+  const int ch = wtid % CH, row0 = wtid / CH;
+  const uint32_t dst0 = sq + uint32_t((ch >> 3) * kSpRows * 128 + row0 * 128 + (((ch & 7) ^ (row0 & 7)) << 4));
+  const uint16_t* qh = p.q + int64_t(r * p.g) * p.stride_q_head + ch * 8;
 #pragma unroll
-  for (int k = 0; k < kSpRows * CH / 128; ++k) {
-    const int c = k * 128 + wtid;
-    const int row = c / CH, ch = c % CH;
+  for (int k = 0; k < kSpRows / kRowStep; ++k) {
+    const int row = row0 + k * kRowStep;
     const int64_t src = meta_src[row >> p.log2g];
-    const int64_t off = src + int64_t(r * p.g + (row & (p.g - 1))) * p.stride_q_head + ch * 8;
-    cp_async_16(sq + sw128_offset(kSpRows, row, ch * 8), src >= 0 ? static_cast<const void*>(p.q + off) : p.q,
-                src >= 0 ? 16 : 0);
+    const uint16_t* ptr = qh + src + int64_t(row & (p.g - 1)) * p.stride_q_head;
+    cp_async_16(dst0 + uint32_t(k * kRowStep * 128), src >= 0 ? static_cast<const void*>(ptr) : p.q, src >= 0 ? 16 : 0);
   }
   const int row = wtid >> 1;
   if ((wtid & 1) == 0 && (row & (p.g - 1)) == 0) {
@@ -415,29 +418,33 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
   // transactions). The tile's Q stage is free once every warp's S product is done (the barrier),
   // and nothing refills it before the next tile's barrier. Same swizzle as Q: conflict-free.
   wg_barrier(wg);
+  // Row 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4): the swizzled chunk is j ^ (row & 7), and
+  // row & 7 = (lane / 4) & 7 for both rows, so one XOR per j gives the address of all four stores
+  // of that j (the other row and the other 64-column atom are immediate offsets). The stage is
+  // 1024-byte aligned, so the XOR only touches the chunk bits.
+  const uint32_t row_off = uint32_t((warp_in_wg * 16 + (lane >> 2)) * 128 + (((lane >> 2) & 7) << 4) + q4 * 4);
+  const float inv0 = l[0] > 0.f ? 1.f / l[0] : 0.f, inv1 = l[1] > 0.f ? 1.f / l[1] : 0.f;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = warp_in_wg * 16 + (lane >> 2) + 8 * i;
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-      *reinterpret_cast<uint32_t*>(stage + sw128_offset(kSpRows, row, 8 * j + 2 * q4)) =
-          pack_bf16(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+  for (int j = 0; j < D / 8; ++j) {
+    uint8_t* a = stage + ((row_off ^ uint32_t((j & 7) << 4)) + uint32_t((j >> 3) * kSpRows * 128));
+    *reinterpret_cast<uint32_t*>(a) = pack_bf16(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+    *reinterpret_cast<uint32_t*>(a + 8 * 128) = pack_bf16(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
   }
   wg_barrier(wg);
   constexpr int CH = D / 8;
+  constexpr int kRowStep = 128 / CH;
   const int wtid = warp_in_wg * 32 + lane;
+  const int ch = wtid % CH, row0 = wtid / CH;
+  const uint8_t* src0 = stage + ((ch >> 3) * kSpRows * 128 + row0 * 128 + (((ch & 7) ^ (row0 & 7)) << 4));
 #pragma unroll
-  for (int c = wtid; c < kSpRows * CH; c += 128) {
-    const int row = c / CH, ch = c % CH;
+  for (int k = 0; k < kSpRows / kRowStep; ++k) {
+    const int row = row0 + k * kRowStep;
     const int64_t b = meta_base[row >> p.log2g];
     if (b < 0) continue;
-    const uint4 val = *reinterpret_cast<const uint4*>(stage + sw128_offset(kSpRows, row, ch * 8));
+    const uint4 val = *reinterpret_cast<const uint4*>(src0 + k * kRowStep * 128);
     // Streaming store: the partials are read once, by the combine, long after; L2 is better spent
     // on the Q rows that neighbouring work items gather again.
-    __stcs(reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.partial_o) + (b + (row & (p.g - 1))) * D +
-                                    ch * 8),
-           val);
+    __stcs(reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.partial_o) + (b + (row & (p.g - 1))) * D + ch * 8), val);
   }
 }
 
@@ -452,7 +459,10 @@ template <int D, int BK>
 __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const SparseFwdKernelParams p) {
   using namespace sp_detail;
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Aligned by an offset from the __shared__ array (not by casting through an integer), so that
+  // the compiler still knows every derived pointer is shared memory: LDS/STS with 32-bit addresses
+  // instead of generic loads and stores with 64-bit address arithmetic.
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   const SpSmemLayout lay = sp_smem_layout(D, BK);
   const unsigned full = 0xffffffffu;
   const int tid = threadIdx.x, lane = tid & 31;
