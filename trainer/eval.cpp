@@ -89,6 +89,7 @@ struct Result {
   ValidLoss vl;
   int64_t seq_len = 0;
   Acc overall;
+  Acc tokens;  // answer tokens right, a finer signal than whole answers early in training
   std::map<std::string, Acc> by_task;
   std::map<int64_t, Acc> by_ctx;
   std::map<double, Acc> by_depth;
@@ -160,8 +161,12 @@ int run_eval(const EvalOptions& o) {
               at::Tensor pred = infer(model, tok, cu, mode, nullptr).logits.argmax(-1).to(at::kCPU);
               const int64_t* pp = pred.data_ptr<int64_t>();
               bool ok = true;
-              for (size_t a = 0; a < rc.answer.size(); ++a)
-                ok = ok && pp[int64_t(rc.prompt.size()) - 1 + int64_t(a)] == rc.answer[a];
+              for (size_t a = 0; a < rc.answer.size(); ++a) {
+                const bool hit = pp[int64_t(rc.prompt.size()) - 1 + int64_t(a)] == rc.answer[a];
+                ok = ok && hit;
+                r.tokens.right += hit;
+                r.tokens.total += 1;
+              }
               for (Acc* acc : {&r.overall, &r.by_task[data::task_name(task)], &r.by_ctx[ctx], &r.by_depth[depth]}) {
                 acc->right += ok;
                 acc->total += 1;
@@ -208,12 +213,13 @@ int run_eval(const EvalOptions& o) {
     row("attention at eval", [](const Result& r) { return r.mode; });
     row("val loss (all tokens)", [](const Result& r) { return f4(r.vl.all); });
     row("val loss (last quarter, <= 2K)", [](const Result& r) { return f4(r.vl.tail); });
-    row("retrieval accuracy", [&](const Result& r) { return acc_cell(r.overall); });
+    row("retrieval accuracy (whole answers)", [&](const Result& r) { return acc_cell(r.overall); });
     for (data::Task t : tasks)
       row(std::string("  ") + data::task_name(t), [&](const Result& r) {
         auto it = r.by_task.find(data::task_name(t));
         return it == r.by_task.end() ? std::string("-") : acc_cell(it->second);
       });
+    row("retrieval answer tokens right", [&](const Result& r) { return acc_cell(r.tokens); });
     std::map<int64_t, int> all_ctx;
     std::map<double, int> all_depth;
     for (auto& r : results) {
@@ -278,7 +284,8 @@ int run_eval(const EvalOptions& o) {
           << ", \"route\": " << jstr(r.route) << ", \"mode\": " << jstr(r.mode) << ", \"seq_len\": " << r.seq_len
           << ", \"val_loss\": " << jnum(r.vl.all) << ", \"val_loss_tail\": " << jnum(r.vl.tail)
           << ", \"tail_tokens_per_seq\": " << (o.valid_samples ? r.vl.tail_tokens / o.valid_samples : 0)
-          << ", \"retrieval\": {\"overall\": " << acc_json(r.overall) << ", \"by_task\": {";
+          << ", \"retrieval\": {\"overall\": " << acc_json(r.overall) << ", \"answer_tokens\": " << acc_json(r.tokens)
+          << ", \"by_task\": {";
         size_t i = 0;
         for (auto& [k, a] : r.by_task) f << (i++ ? ", " : "") << jstr(k) << ": " << acc_json(a);
         f << "}, \"by_context\": {";

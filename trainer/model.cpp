@@ -68,9 +68,10 @@ TrainConfig named_config(const std::string& name) {
     // Sized for a 2-core CPU (scripts/compare.sh): 1K-token sequences in 64-token blocks, so with
     // topk 4 a late query keeps 4 of 16 blocks and the sparse path really drops keys.
     c.model = ModelConfig{};
+    c.model.topk = 4;
     c.seq_len = 1024;
     c.batch = 1;
-    c.steps = 200;
+    c.steps = 150;
     return c;
   }
   if (name == "gpu-40m-16k" || name == "gpu-40m-32k") {
