@@ -4,6 +4,7 @@
 #include "cpu/cpu_ops.h"
 #include "validate.h"
 #ifdef MSA_WITH_CUDA
+#include "cuda/dense_bwd.h"
 #include "cuda/dense_fwd.h"
 #include "cuda/sparse_bwd.h"
 #include "cuda/sparse_fwd.h"
@@ -15,13 +16,16 @@ using namespace detail;
 
 namespace {
 
+// The dense backward has a CUDA kernel (src/cuda/dense_bwd*).
+constexpr bool kCudaDenseBackward = true;
+
 // Checks and resolves the fields shared by the forward and the backward. On the CPU the varlen
 // arrays and topk_idx are host memory and their contents are validated here; on CUDA they are
 // device memory and only shapes are checked (the kernels skip invalid block ids and clamp
 // positions and offsets instead). The forwards and the sparse backward have CUDA kernels so far.
 SeqInfo check_attention(const char* fn, AttentionParams& p, const Exec& ex, bool sparse, bool backward) {
   const bool cuda = ex.backend == Backend::cuda;
-  check_backend(fn, ex, /*cuda_implemented=*/!backward || sparse);
+  check_backend(fn, ex, /*cuda_implemented=*/!backward || sparse || kCudaDenseBackward);
   check_dtype(fn, p.dtype, ex);
   check_heads(fn, p.h_q, p.h_kv);
   if (cuda) {
@@ -96,6 +100,12 @@ void backward(const char* fn, const AttentionBwdParams& p0, const Exec& ex, bool
 #ifdef MSA_WITH_CUDA
   if (ex.backend == Backend::cuda && sparse) {
     cuda::run_sparse_attention_backward(p, static_cast<cudaStream_t>(ex.stream));
+    return;
+  }
+#endif
+#ifdef MSA_WITH_CUDA
+  if (ex.backend == Backend::cuda && !sparse) {
+    cuda::run_dense_bwd(p, static_cast<cudaStream_t>(ex.stream));
     return;
   }
 #endif
