@@ -60,6 +60,9 @@ void add_commands(CLI::App& app, Commands& c) {
       ->capture_default_str();
   ev->add_option("--tasks", e.tasks, "Retrieval tasks, comma separated, or all")->capture_default_str();
   ev->add_option("--cases", e.cases, "Cases per (task, context, depth)")->check(CLI::PositiveNumber)->capture_default_str();
+  ev->add_option("--recall-queries", e.recall_queries, "Selection recall over the last this many queries")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   ev->add_option("--mode", e.mode, "auto (MSA checkpoints sparse, dense ones dense) | dense | sparse")
       ->check(CLI::IsMember({"auto", "dense", "sparse"}))
       ->capture_default_str();

@@ -42,6 +42,7 @@ struct EvalOptions {
   std::vector<double> depths = {0.0, 0.25, 0.5, 0.75, 1.0};
   std::string tasks = "niah_single,niah_multikey,mqar";
   int64_t cases = 2;                     // retrieval cases per (task, context, depth)
+  int64_t recall_queries = 2048;         // recall over the last this many queries of the sample
   std::string mode = "auto";             // auto (dense ckpt: dense, MSA ckpt: sparse) | dense | sparse
   std::string json;                      // also write the results here
   uint64_t seed = 7;

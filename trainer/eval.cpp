@@ -180,13 +180,21 @@ int run_eval(const EvalOptions& o) {
         Trace trace;
         const bool has_index = ck.route != Route::dense;
         infer(model, b.inputs, b.cu_seqlens, has_index ? AttnMode::sparse : AttnMode::dense, &trace);
-        const int64_t n = b.inputs.size(0);
-        at::Tensor stat = static_selection(n, mc.h_kv, mc.topk, mc.bk).to(device);
+        // The last m queries against all keys (bottom-right aligned chunk): the metric's cost is
+        // m * n, so long contexts stay affordable. selection_recall runs on the CPU reference
+        // (float32 copies; said once on stderr for GPU runs): it is a metric, not a training op.
+        const int64_t n = b.inputs.size(0), m = std::min<int64_t>(n, o.recall_queries);
+        if (device.is_cuda() && results.empty())
+          std::fprintf(stderr, "msa eval: selection recall is computed on the CPU (float32 copies of q, k)\n");
+        at::Tensor stat = static_selection(n, mc.h_kv, mc.topk, mc.bk).narrow(0, n - m, m);
+        at::Tensor cu_q = at::tensor(std::vector<int32_t>{0, int32_t(m)}, at::kInt);
+        at::Tensor cu_k = at::tensor(std::vector<int32_t>{0, int32_t(n)}, at::kInt);
         for (int64_t l = 0; l < mc.n_layers; ++l) {
           const LayerTrace& t = trace[l];
+          at::Tensor q = t.q.narrow(0, n - m, m).to(at::kCPU, at::kFloat), k = t.k.to(at::kCPU, at::kFloat);
           auto rec = [&](const at::Tensor& sel) -> std::pair<double, double> {
-            auto [blk, sc, rb, rs] = msa_torch::selection_recall(t.q, t.k, sel, b.cu_seqlens, b.cu_seqlens,
-                                                                 std::nullopt, mc.bk, 0.0);
+            at::Tensor s = sel.narrow(0, sel.size(0) - m, m).to(at::kCPU).contiguous();
+            auto [blk, sc, rb, rs] = msa_torch::selection_recall(q, k, s, cu_q, cu_k, std::nullopt, mc.bk, 0.0);
             return {blk.item<double>(), sc.item<double>()};
           };
           r.recall.push_back(t.topk_idx.defined() ? rec(t.topk_idx) : std::pair<double, double>{NAN, NAN});
