@@ -107,7 +107,9 @@ Plan make_plan(const AttentionParams& p, const SparseFwdOptions& opt) {
   full.n_q = plan.pass;
   tail.n_q = n_q % plan.pass == 0 ? plan.pass : n_q % plan.pass;
   plan.sched_bytes = align256(std::max(sparse_schedule_bytes(full), sparse_schedule_bytes(tail)));
-  plan.q_vec = is_aligned(p.q, 16) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0;
+  // The gather computes head offsets in 32 bits; a larger head stride takes the repacked copy.
+  plan.q_vec = is_aligned(p.q, 16) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0 &&
+               p.stride_q_head * p.h_q < (int64_t(1) << 31);
   const size_t n_partial = size_t(plan.pass) * p.h_q * topk;
   plan.po_bytes = align256(n_partial * d * (opt.partial_f32 ? 4 : 2));
   plan.pl_bytes = align256(n_partial * 4);

@@ -279,7 +279,7 @@ __device__ __forceinline__ void issue_q(const SparseFwdKernelParams& p, uint32_t
   for (int k = 0; k < kSpRows / kRowStep; ++k) {
     const int row = row0 + k * kRowStep;
     const int64_t src = meta_src[row >> p.log2g];
-    const uint16_t* ptr = qh + src + int64_t(row & (p.g - 1)) * p.stride_q_head;
+    const uint16_t* ptr = qh + src + int(row & (p.g - 1)) * int(p.stride_q_head);  // < 2^31 (launcher)
     cp_async_16(dst0 + uint32_t(k * kRowStep * 128), src >= 0 ? static_cast<const void*>(ptr) : p.q, src >= 0 ? 16 : 0);
   }
   const int row = wtid >> 1;
@@ -288,7 +288,8 @@ __device__ __forceinline__ void issue_q(const SparseFwdKernelParams& p, uint32_t
     const bool valid = rs.id != 0xffffffffu;
     const uint32_t per_query = uint32_t(p.h_kv) * uint32_t(p.topk);
     const int64_t i = valid ? int64_t(rs.id / per_query) : 0;
-    meta_base[ent] = valid ? (i * p.topk + int64_t(rs.id % uint32_t(p.topk))) * p.h_q + int64_t(r) * p.g : -1;
+    // Byte offset of the bf16 partial row of head 0 (the lse index and the float32 row follow by shifts).
+    meta_base[ent] = valid ? ((i * p.topk + int64_t(rs.id % uint32_t(p.topk))) * p.h_q + int64_t(r) * p.g) * (2 * D) : -1;
     meta_lim[ent] = valid ? rs.lim : -1;
   }
 }
@@ -329,7 +330,7 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
     const int row = warp_in_wg * 16 + (lane >> 2) + 8 * i;
     const int ent = row >> p.log2g;
     head[i] = row & (p.g - 1);
-    base[i] = meta_base[ent];
+    base[i] = meta_base[ent] >= 0 ? meta_base[ent] / (2 * D) : -1;  // partial row of head 0 (D: a power of 2)
     const int64_t lm = int64_t(meta_lim[ent]) - kstart;  // key column c is visible iff c <= lm
     lim[i] = meta_lim[ent] < 0 ? -1 : int(lm < BK ? lm : BK);
   }
@@ -439,12 +440,13 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
 #pragma unroll
   for (int k = 0; k < kSpRows / kRowStep; ++k) {
     const int row = row0 + k * kRowStep;
-    const int64_t b = meta_base[row >> p.log2g];
+    const int64_t b = meta_base[row >> p.log2g];  // byte offset of the entry's head-0 row, -1: padding
     if (b < 0) continue;
     const uint4 val = *reinterpret_cast<const uint4*>(src0 + k * kRowStep * 128);
     // Streaming store: the partials are read once, by the combine, long after; L2 is better spent
     // on the Q rows that neighbouring work items gather again.
-    __stcs(reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.partial_o) + (b + (row & (p.g - 1))) * D + ch * 8), val);
+    __stcs(reinterpret_cast<uint4*>(static_cast<uint8_t*>(p.partial_o) + b + uint32_t(((row & (p.g - 1)) * D + ch * 8) * 2)),
+           val);
   }
 }
 
