@@ -83,6 +83,7 @@ void add_commands(CLI::App& app, Commands& c) {
   hm->add_option("--sample", v.sample, "Validation sample index")->check(CLI::NonNegativeNumber);
   hm->add_option("--task", v.task, "text, or a retrieval task (needle at depth 0.5)")->capture_default_str();
   hm->add_option("--corpus", v.corpus, "Text file or folder (default: the built-in text)");
+  hm->add_option("--device", v.device, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   hm->add_option("--threads", v.threads, "CPU threads (0: torch's default)")->check(CLI::Range(0, 4096));
   auto* cv = vz->add_subcommand("curves", "Loss / KL / LR curves from a metrics.jsonl");
   cv->add_option("metrics", v.input, "metrics.jsonl of a run")->required();

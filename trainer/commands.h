@@ -58,7 +58,8 @@ struct VizOptions {
   int64_t seq_len = -1;    // heatmap: sample length (default: the training length)
   int64_t sample = 0;      // heatmap: validation sample index
   std::string task = "text";  // heatmap: text or a retrieval task (a needle case at depth 0.5)
-  std::vector<std::string> keys;  // curves: metric keys (default: loss, lm_loss, kl, lr)
+  std::vector<std::string> keys;  // curves: metric keys (default: lm_loss, val_loss, kl, lr)
+  std::string device = "cpu";     // heatmap: where the forward runs
   int threads = 0;
 };
 

@@ -335,7 +335,8 @@ int run_viz(const VizOptions& o) {
     Checkpoint ck = load_checkpoint(o.input, false);
     if (ck.route == Route::dense)
       throw Error("msa viz heatmap: " + o.input + " is a dense checkpoint; its index branch was never trained");
-    LM model = model_from_checkpoint(ck, at::Device(at::kCPU));
+    const at::Device device = parse_device(o.device);
+    LM model = model_from_checkpoint(ck, device);
     const ModelConfig& mc = model.config();
     const int64_t layer = o.layer >= 0 ? o.layer : mc.dense_layers;
     if (layer < mc.dense_layers || layer >= mc.n_layers)
@@ -356,8 +357,8 @@ int run_viz(const VizOptions& o) {
     }
     const int64_t n = int64_t(in.size());
     Trace trace;
-    infer(model, at::tensor(in, at::kLong), at::tensor(std::vector<int32_t>{0, int32_t(n)}, at::kInt),
-          AttnMode::sparse, &trace);
+    infer(model, at::tensor(in, at::kLong).to(device),
+          at::tensor(std::vector<int32_t>{0, int32_t(n)}, at::kInt).to(device), AttnMode::sparse, &trace);
     at::Tensor sel = trace[layer].topk_idx.to(at::kCPU).contiguous();
     viz::selection_heatmap(sel.data_ptr<int32_t>(), n, mc.h_kv, mc.topk, mc.bk, o.group).write_png(o.out);
     std::fprintf(stderr, "msa viz: wrote %s (layer %lld, group %lld, %lld tokens)\n", o.out.c_str(),
