@@ -30,6 +30,8 @@ void add_commands(CLI::App& app, Commands& c) {
   tr->add_option("--warmup-tokens", t.warmup_tokens, "T_warm: tokens of indexer warm-up (msa routes)")
       ->check(CLI::NonNegativeNumber);
   tr->add_option("--lr", t.lr, "Peak learning rate")->check(CLI::PositiveNumber);
+  tr->add_option("--index-lr", t.index_lr, "Peak learning rate of the index projections (default: --lr)")
+      ->check(CLI::PositiveNumber);
   tr->add_option("--kl-lambda", t.kl_lambda, "Weight of the KL term")->check(CLI::NonNegativeNumber);
   tr->add_option("--retrieval-fraction", t.retrieval_fraction, "Share of retrieval documents in the mix")
       ->check(CLI::Range(0.0, 1.0));

@@ -26,7 +26,7 @@ struct TrainOptions {
   // Overrides of the named configuration; < 0 (or empty) keeps the config's value.
   int64_t steps = -1, batch = -1, seq_len = -1, warmup_tokens = -1, log_every = -1, save_every = -1;
   int64_t valid_samples = -1, topk = -1, dense_layers = -1;
-  double lr = -1, kl_lambda = -1, retrieval_fraction = -1;
+  double lr = -1, index_lr = -1, kl_lambda = -1, retrieval_fraction = -1;
   int64_t stop_at = -1;  // stop (with a checkpoint) after this many steps, as an interrupted run
   bool quiet = false;    // no progress line
 };

@@ -136,6 +136,7 @@ TrainConfig resolve_config(const TrainOptions& o) {
   if (o.batch > 0) c.batch = o.batch;
   if (o.seq_len > 0) c.seq_len = o.seq_len;
   if (o.lr > 0) c.lr = c.index_lr = o.lr;
+  if (o.index_lr > 0) c.index_lr = o.index_lr;
   if (o.kl_lambda >= 0) c.kl_lambda = o.kl_lambda;
   if (o.retrieval_fraction >= 0) c.retrieval_fraction = o.retrieval_fraction;
   if (o.log_every > 0) c.log_every = o.log_every;
@@ -233,7 +234,7 @@ Checkpoint load_checkpoint(const std::string& path, bool with_optimizer) {
   return c;
 }
 
-LM model_from_checkpoint(const Checkpoint& c, at::Device device) {
+LM model_from_checkpoint(const Checkpoint& c, at::Device device, bool index_optional) {
   LM model(c.cfg.model, c.seed, device);
   at::NoGradGuard ng;
   for (auto& [name, t] : model.params()) {
@@ -244,7 +245,8 @@ LM model_from_checkpoint(const Checkpoint& c, at::Device device) {
       const_cast<at::Tensor&>(t).copy_(t2);
       found = true;
     }
-    if (!found) throw Error("msa checkpoint: parameter " + name + " missing");
+    if (!found && !(index_optional && LM::is_index_param(name)))
+      throw Error("msa checkpoint: parameter " + name + " missing");
   }
   return model;
 }
@@ -398,16 +400,14 @@ int train_impl(const TrainOptions& o) {
       // tensors were never trained), optimizer state from zero.
       Checkpoint dense = load_checkpoint(o.init, false);
       if (dense.route != Route::dense) throw Error("msa train: --init " + o.init + " is not a dense checkpoint");
+      // The architecture is the checkpoint's; the selection (topk, dense_layers) is this run's.
       ModelConfig mc = dense.cfg.model;
       mc.topk = cfg.model.topk;
       mc.dense_layers = cfg.model.dense_layers;
-      if (mc.dense_layers > dense.cfg.model.dense_layers)
-        throw Error("msa train: --init checkpoint has fewer index layers than dense_layers asks for");
-      mc.dense_layers = std::max(mc.dense_layers, dense.cfg.model.dense_layers);
       cfg.model = mc;
       dense.cfg.model = mc;
       dense.seed = st.seed;
-      model = model_from_checkpoint(dense, device);
+      model = model_from_checkpoint(dense, device, true);
       model.reset_index_params(st.seed + 77);
     }
     for (auto& [name, p] : model.params()) {

@@ -43,8 +43,9 @@ struct Checkpoint {
 void save_checkpoint(const std::string& path, const Checkpoint& c);
 Checkpoint load_checkpoint(const std::string& path, bool with_optimizer = true);
 
-// The model of a checkpoint on a device (parameters copied in, requires_grad set).
-LM model_from_checkpoint(const Checkpoint& c, at::Device device);
+// The model of a checkpoint on a device (parameters copied in, requires_grad set). With
+// index_optional, index parameters the checkpoint lacks keep their fresh initialisation.
+LM model_from_checkpoint(const Checkpoint& c, at::Device device, bool index_optional = false);
 
 // The validation stream: plain text of the valid split, one fixed seed, so every run and
 // checkpoint is measured on the same sequences whatever its training seed.

@@ -291,15 +291,21 @@ TEST(Train, DenseThenCpt) {
   TrainOptions dense = tiny_run(d, 2);
   dense.route = "dense";
   dense.warmup_tokens = -1;
+  dense.dense_layers = 2;  // so the conversion below adds index branches the checkpoint lacks
   ASSERT_EQ(run_train(dense), 0);
   TrainOptions cpt = tiny_run(c, 3);
   cpt.route = "msa-cpt";
   cpt.init = d + "/final.ckpt";
   cpt.warmup_tokens = 512;
+  cpt.dense_layers = 1;
   ASSERT_EQ(run_train(cpt), 0);
   Checkpoint cd = load_checkpoint(d + "/final.ckpt"), cc = load_checkpoint(c + "/final.ckpt");
   EXPECT_EQ(cc.route, Route::msa_cpt);
   EXPECT_EQ(cc.step, 3);
+  EXPECT_EQ(cc.cfg.model.dense_layers, 1);
+  int index_tensors = 0;
+  for (auto& [name, t] : cc.params) index_tensors += LM::is_index_param(name);
+  EXPECT_EQ(index_tensors, 3 * 4);  // layers 1..3 x (wq, wk, q_norm, k_norm)
   // msa-cpt without --init is refused.
   TrainOptions bad = tiny_run(scratch("bad"), 1);
   bad.route = "msa-cpt";
