@@ -52,8 +52,10 @@ constexpr int db_stages() {
 }
 // bf16 elements per 128-byte swizzle row (the TMA box width and the wgmma SW128 atom).
 constexpr int kDbAtom = 64;
-// fp32 dq staging tile per consumer: 64 rows x 64 columns (TMA box of the reduce-add).
+// fp32 dq staging tile per consumer: 64 rows x 64 columns, as two 128-byte-swizzled boxes of 32
+// columns (the reduce-add's TMA box; the swizzle spreads a warp's stores over the banks).
 constexpr int kDbDqCols = 64;
+constexpr int kDbDqBoxCols = 32;
 
 // Everything the main kernel reads besides the tensor maps.
 struct DenseBwdKernelParams {
@@ -389,7 +391,9 @@ __global__ void __launch_bounds__(kDbThreads, 1)
     if (dq_pending) {
       named_bar_sync(2 + wg, 128);  // every thread of the warpgroup has staged its part
       if (leader) {
-        tma_reduce_add_3d(&tmap_dq, stg, D == 128 ? wg * kDbDqCols : 0, dq_tok0, dq_h);
+        const int col0 = D == 128 ? wg * kDbDqCols : 0;
+        tma_reduce_add_3d(&tmap_dq, stg, col0, dq_tok0, dq_h);
+        tma_reduce_add_3d(&tmap_dq, stg + kDbBlockM * 128, col0 + kDbDqBoxCols, dq_tok0, dq_h);
         bulk_commit();
       }
       dq_pending = false;
@@ -523,14 +527,18 @@ __global__ void __launch_bounds__(kDbThreads, 1)
         named_bar_sync(2 + wg, 128);
         if (leader) asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(turn) : "memory");
       } else {
-        // Stage [64 rows][64 cols] fp32 (the reduce box). Rows past the sequence hold exact
-        // zeros (dS = 0 there), so adding them to the next sequence's rows changes nothing; rows
-        // past n_q are clipped by the map.
+        // Stage the [64 rows][64 cols] fp32 partial as two [64 rows][128 bytes] boxes in the
+        // 128-byte swizzle: columns 8 jj + 2 q4 + {0, 1} are 16-byte chunk 2 (jj % 4) + q4 / 2 of
+        // box jj / 4, at byte 8 (q4 % 2). (Unswizzled 256-byte rows put a warp's four rows of a
+        // store phase on the same banks.) Rows past the sequence hold exact zeros (dS = 0 there),
+        // so adding them to the next sequence's rows changes nothing; rows past n_q are clipped.
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
           for (int jj = 0; jj < 8; ++jj) {
-            const uint32_t addr = stg + uint32_t((qrow + 8 * i) * kDbDqCols + 8 * jj + 2 * q4) * 4;
+            const int row = qrow + 8 * i, chunk = 2 * (jj & 3) + (q4 >> 1);
+            const uint32_t addr = stg + uint32_t(jj >> 2) * (kDbBlockM * 128) + uint32_t(row) * 128 +
+                                  uint32_t((chunk ^ (row & 7)) << 4) + uint32_t(q4 & 1) * 8;
             asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(dq[jj * 4 + i * 2]),
                          "f"(dq[jj * 4 + i * 2 + 1])
                          : "memory");

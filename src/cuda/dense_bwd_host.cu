@@ -165,18 +165,19 @@ CUtensorMap make_bf16_map(const uint16_t* base, int64_t n, int64_t h, int64_t d,
                                        {cuuint32_t(kDbAtom), 1, cuuint32_t(rows)});
 }
 
-// 3D map over the fp32 accumulator [h_q, n_q, d], box = 64 columns x 64 rows x 1 head, no swizzle
-// (the staging tile is plain row-major). Rows past n_q are clipped by the reduce.
+// 3D map over the fp32 accumulator [h_q, n_q, d], box = 32 columns (128 bytes) x 64 rows x 1 head
+// in the 128-byte swizzle, as the kernel stages its partials. Rows past n_q are clipped by the
+// reduce.
 CUtensorMap make_dq_map(const float* base, int64_t n_q, int64_t h_q, int64_t d) {
   CUtensorMap map;
   std::memset(&map, 0, sizeof(map));
   const cuuint64_t dims[3] = {cuuint64_t(d), cuuint64_t(n_q), cuuint64_t(h_q)};
   const cuuint64_t strides[2] = {cuuint64_t(d) * 4, cuuint64_t(n_q) * cuuint64_t(d) * 4};
-  const cuuint32_t box[3] = {cuuint32_t(kDbDqCols), cuuint32_t(kDbBlockM), 1};
+  const cuuint32_t box[3] = {cuuint32_t(kDbDqBoxCols), cuuint32_t(kDbBlockM), 1};
   const cuuint32_t elem[3] = {1, 1, 1};
   const CUresult r = tensor_map_encoder(kDenseBwdOp)(
       &map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(base), dims, strides, box, elem,
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
     throw std::runtime_error(std::string("msa::") + kDenseBwdOp + ": cuTensorMapEncodeTiled (dq) failed with error " +
