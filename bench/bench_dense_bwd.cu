@@ -113,8 +113,7 @@ void run_shape(const Shape& s, int iters) {
       same = buf;
     }
     std::printf("| %6lld | %4lld | %4lld | %3lld | %-10s | %9.3f | %7.1f | %s |\n", (long long)s.n, (long long)s.h_q,
-                (long long)s.h_kv, (long long)s.d, name, ms, flops / (ms * 1e-3) / 1e12,
-                same.c_str());
+                (long long)s.h_kv, (long long)s.d, name, ms, flops / (ms * 1e-3) / 1e12, same.c_str());
     std::fflush(stdout);
   }
   for (void* ptr : {(void*)q, (void*)k, (void*)v, (void*)o, (void*)dout, (void*)dq, (void*)dk, (void*)dv, (void*)lse})

@@ -78,8 +78,7 @@ struct Case {
   // Inputs q, k, v, o, do and outputs dq, dk, dv: token stride, head stride, offset.
   int64_t q_tok = 0, q_head = 0, q_off = 0, k_tok = 0, k_head = 0, k_off = 0, v_tok = 0, v_head = 0, v_off = 0;
   int64_t o_tok = 0, o_head = 0, o_off = 0, do_tok = 0, do_head = 0, do_off = 0;
-  int64_t dq_tok = 0, dq_head = 0, dq_off = 0, dk_tok = 0, dk_head = 0, dk_off = 0, dv_tok = 0, dv_head = 0,
-          dv_off = 0;
+  int64_t dq_tok = 0, dq_head = 0, dq_off = 0, dk_tok = 0, dk_head = 0, dk_off = 0, dv_tok = 0, dv_head = 0, dv_off = 0;
   uint64_t seed = 1;
 
   int64_t n_q() const { return std::accumulate(lens_q.begin(), lens_q.end(), int64_t(0)); }
@@ -206,10 +205,14 @@ struct GpuOut {
 enum class Via { api, api_deterministic, atomic, ordered };
 const char* via_name(Via v) {
   switch (v) {
-    case Via::api: return "public API, default dq mode";
-    case Via::api_deterministic: return "public API, deterministic";
-    case Via::atomic: return "internal entry, atomic dq";
-    case Via::ordered: return "internal entry, ordered dq";
+    case Via::api:
+      return "public API, default dq mode";
+    case Via::api_deterministic:
+      return "public API, deterministic";
+    case Via::atomic:
+      return "internal entry, atomic dq";
+    case Via::ordered:
+      return "internal entry, ordered dq";
   }
   return "";
 }
@@ -220,8 +223,8 @@ GpuOut run_gpu(const Case& c, const Data& x, Via via) {
   std::mt19937_64 rng(c.seed ^ 0x9e3779b97f4a7c15ull);
   const Lay lq(c.n_q(), c.h_q, c.d, c.q_tok, c.q_head, c.q_off), lk(c.n_k(), c.h_kv, c.d, c.k_tok, c.k_head, c.k_off),
       lv(c.n_k(), c.h_kv, c.d, c.v_tok, c.v_head, c.v_off), lo(c.n_q(), c.h_q, c.d, c.o_tok, c.o_head, c.o_off),
-      ldo(c.n_q(), c.h_q, c.d, c.do_tok, c.do_head, c.do_off),
-      ldq(c.n_q(), c.h_q, c.d, c.dq_tok, c.dq_head, c.dq_off), ldk(c.n_k(), c.h_kv, c.d, c.dk_tok, c.dk_head, c.dk_off),
+      ldo(c.n_q(), c.h_q, c.d, c.do_tok, c.do_head, c.do_off), ldq(c.n_q(), c.h_q, c.d, c.dq_tok, c.dq_head, c.dq_off),
+      ldk(c.n_k(), c.h_kv, c.d, c.dk_tok, c.dk_head, c.dk_off),
       ldv(c.n_k(), c.h_kv, c.d, c.dv_tok, c.dv_head, c.dv_off);
   DevBuf<bf16> q(store(x.q, lq, rng)), k(store(x.k, lk, rng)), v(store(x.v, lv, rng)), o(store(x.o, lo, rng)),
       dout(store(x.dout, ldo, rng)), dq(ldq.size()), dk(ldk.size()), dv(ldv.size());
@@ -313,9 +316,9 @@ GpuOut run_gpu(const Case& c, const Data& x, Via via) {
     for (int64_t e = 0; e < d; ++e) {
       const size_t i = row * d + e;
       if (!std::isfinite(got[i]) || !std::isfinite(ref[i]))
-        return ::testing::AssertionFailure() << what << ": non-finite at token " << i / (h * d) << " head "
-                                             << (i / d) % h << " col " << e << ": got " << got[i] << ", expected "
-                                             << ref[i];
+        return ::testing::AssertionFailure()
+               << what << ": non-finite at token " << i / (h * d) << " head " << (i / d) % h << " col " << e << ": got "
+               << got[i] << ", expected " << ref[i];
       const double excess = std::abs(got[i] - ref[i]) - tol;
       if (excess > worst) {
         worst = excess;
@@ -329,9 +332,9 @@ GpuOut run_gpu(const Case& c, const Data& x, Via via) {
     }
   }
   if (worst > 0)
-    return ::testing::AssertionFailure() << what << ": worst element token " << wi / (h * d) << " head "
-                                         << (wi / d) % h << " col " << wi % d << ": got " << got[wi] << ", expected "
-                                         << ref[wi] << " (tolerance " << worst_tol << ", excess " << worst << ")";
+    return ::testing::AssertionFailure() << what << ": worst element token " << wi / (h * d) << " head " << (wi / d) % h
+                                         << " col " << wi % d << ": got " << got[wi] << ", expected " << ref[wi]
+                                         << " (tolerance " << worst_tol << ", excess " << worst << ")";
   const double err = rel_l2(got, ref);
   // The worst element relative to its tolerance, for the record (the test output shows how close
   // the kernel comes to the bound).

@@ -70,20 +70,19 @@ struct DenseBwdKernelParams {
   float* dq_acc = nullptr;              // [h_q, n_q, d] fp32, zeroed; dq / scale accumulates here
   uint16_t* dk = nullptr;               // [n_k, h_kv, d] bf16 bits
   int64_t stride_dk_tok = 0, stride_dk_head = 0;
-  uint16_t* dv = nullptr;               // [n_k, h_kv, d] bf16 bits
+  uint16_t* dv = nullptr;  // [n_k, h_kv, d] bf16 bits
   int64_t stride_dv_tok = 0, stride_dv_head = 0;
-  int dkv_vec = 0;                      // element pairs of dk and dv are 4-byte aligned: bf16x2 stores
-  int dq_mode = 0;                      // 0: TMA reduce-add, 1: red.global.add, 2: ordered (deterministic)
-  int* dq_order = nullptr;              // [h_q, n_q, 2] zeroed turn counters of the ordered mode, else null
-  float scale = 0.f;                    // softmax scale (folded into dk here, into dq by the post-pass)
-  float scale_log2 = 0.f;               // scale * log2(e): P = 2^(s * scale_log2 - lse * log2(e))
+  int dkv_vec = 0;          // element pairs of dk and dv are 4-byte aligned: bf16x2 stores
+  int dq_mode = 0;          // 0: TMA reduce-add, 1: red.global.add, 2: ordered (deterministic)
+  int* dq_order = nullptr;  // [h_q, n_q, 2] zeroed turn counters of the ordered mode, else null
+  float scale = 0.f;        // softmax scale (folded into dk here, into dq by the post-pass)
+  float scale_log2 = 0.f;   // scale * log2(e): P = 2^(s * scale_log2 - lse * log2(e))
 };
 
 // Shared-memory map, identical on host (sizing) and device. Every operand tile starts at a multiple
 // of 1024 bytes from a 1024-aligned base, as the 128-byte swizzle needs.
 struct DbSmemLayout {
-  uint32_t k, v, q, dout, tile_bytes, ds, ds_bytes, dq, dq_bytes, info, info_bytes, bar_full, bar_free, bar_kv,
-      total;
+  uint32_t k, v, q, dout, tile_bytes, ds, ds_bytes, dq, dq_bytes, info, info_bytes, bar_full, bar_free, bar_kv, total;
 };
 
 __host__ __device__ constexpr DbSmemLayout db_smem_layout(int d, int stages) {
@@ -141,10 +140,10 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss_tt(float (&d)[32], uint64_t d
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
       "}, %32, %33, p, 1, 1, 1, 1;\n"
       "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(da), "l"(db), "r"(scale_d));
 }
 
@@ -185,11 +184,10 @@ __device__ __forceinline__ void issue_rs(float (&acc)[D / 2], uint32_t (&f)[16],
 
 // TMA reduce-add of a shared-memory tile into global memory (bulk async group of this thread).
 __device__ __forceinline__ void tma_reduce_add_3d(const CUtensorMap* map, uint32_t src, int x, int y, int z) {
-  asm volatile(
-      "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
-          reinterpret_cast<uint64_t>(map)),
-      "r"(src), "r"(x), "r"(y), "r"(z)
-      : "memory");
+  asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(src), "r"(x), "r"(y), "r"(z)
+               : "memory");
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 // Waits until this thread's bulk groups have finished reading shared memory (the source may be
@@ -259,7 +257,7 @@ __global__ void __launch_bounds__(kDbThreads, 1)
 
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
-      mbar_init(bar_full + 8 * s, 32);                 // every producer lane, after its info stores
+      mbar_init(bar_full + 8 * s, 32);  // every producer lane, after its info stores
       // Every consumer thread arrives after its last read of the stage's info (per-thread, not per
       // warp after __syncwarp, so that compute-sanitizer's racecheck sees the ordering too).
       mbar_init(bar_free + 8 * s, kDbConsumers * 128);
@@ -555,8 +553,8 @@ __global__ void __launch_bounds__(kDbThreads, 1)
   flush_dq();
   if (leader) bulk_wait0();
 
-  // dk = scale * sum dS^T q (the scale of s = scale <q, k>), dv = sum P^T do. Keys past the
-  // sequence (the next sequence's, or TMA zero fill) are not written.
+    // dk = scale * sum dS^T q (the scale of s = scale <q, k>), dv = sum P^T do. Keys past the
+    // sequence (the next sequence's, or TMA zero fill) are not written.
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int64_t tok = sr.k_lo + kp[i];

@@ -5,6 +5,6 @@
 namespace msa::cuda {
 
 template void launch_dense_bwd<64>(const CUtensorMap&, const CUtensorMap&, const CUtensorMap&, const CUtensorMap&,
-                                  const CUtensorMap&, const DenseBwdKernelParams&, cudaStream_t);
+                                   const CUtensorMap&, const DenseBwdKernelParams&, cudaStream_t);
 
 }  // namespace msa::cuda

@@ -16,8 +16,8 @@
 namespace msa::cuda {
 
 // Compiled in dense_bwd_d64.cu and dense_bwd_d128.cu.
-#define MSA_DENSE_BWD_EXTERN(D)                                                                                   \
-  extern template void launch_dense_bwd<D>(const CUtensorMap&, const CUtensorMap&, const CUtensorMap&,           \
+#define MSA_DENSE_BWD_EXTERN(D)                                                                                 \
+  extern template void launch_dense_bwd<D>(const CUtensorMap&, const CUtensorMap&, const CUtensorMap&,          \
                                            const CUtensorMap&, const CUtensorMap&, const DenseBwdKernelParams&, \
                                            cudaStream_t);
 MSA_DENSE_BWD_EXTERN(64)
@@ -48,9 +48,9 @@ __device__ __forceinline__ void load8(const uint16_t* src, bool vec, float (&x)[
 // per (token, head) row, reduced by shuffles. The loop bound is uniform per block so every lane
 // reaches the shuffles.
 constexpr int kPreThreads = 256;
-__global__ void __launch_bounds__(kPreThreads) bwd_row_stats_kernel(
-    const uint16_t* o, int64_t so_tok, int64_t so_head, const uint16_t* dout, int64_t sdo_tok, int64_t sdo_head,
-    const float* lse, int64_t n_q, int h_q, int d, int vec, float2* row_stats) {
+__global__ void __launch_bounds__(kPreThreads)
+    bwd_row_stats_kernel(const uint16_t* o, int64_t so_tok, int64_t so_head, const uint16_t* dout, int64_t sdo_tok,
+                         int64_t sdo_head, const float* lse, int64_t n_q, int h_q, int d, int vec, float2* row_stats) {
   const int tpr = d / 8;  // 8 or 16: a power of two dividing 32
   const int rows_per_block = kPreThreads / tpr;
   const int sub = threadIdx.x % tpr;
@@ -69,8 +69,7 @@ __global__ void __launch_bounds__(kPreThreads) bwd_row_stats_kernel(
       for (int e = 0; e < 8; ++e) acc = fmaf(a[e], b[e], acc);
     }
     for (int off = tpr / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (row < rows && sub == 0)
-      row_stats[h * n_q + tok] = make_float2(lse[tok * h_q + h] * 1.4426950408889634f, acc);
+    if (row < rows && sub == 0) row_stats[h * n_q + tok] = make_float2(lse[tok * h_q + h] * 1.4426950408889634f, acc);
   }
 }
 
@@ -80,7 +79,8 @@ __global__ void bwd_dq_store_kernel(const float* acc, uint16_t* dq, int64_t s_to
   const int chunks = d / 8;
   const int64_t total = n_q * h_q * chunks;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t tok = e / (int64_t(h_q) * chunks), rem = e - tok * h_q * chunks, h = rem / chunks, c = rem - h * chunks;
+    const int64_t tok = e / (int64_t(h_q) * chunks), rem = e - tok * h_q * chunks, h = rem / chunks,
+                  c = rem - h * chunks;
     const float4* src = reinterpret_cast<const float4*>(acc + (h * n_q + tok) * d + c * 8);
     const float4 x0 = src[0], x1 = src[1];
     const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
@@ -102,8 +102,8 @@ __global__ void bwd_dq_store_kernel(const float* acc, uint16_t* dq, int64_t s_to
 
 // TMA needs a 16-byte aligned base and strides; other layouts of q, do, k, v are first copied to a
 // packed [n, h, d] buffer (one extra pass, only for such layouts).
-__global__ void bwd_repack_kernel(const uint16_t* src, int64_t stride_tok, int64_t stride_head, uint16_t* dst, int64_t n,
-                                  int64_t h, int64_t d) {
+__global__ void bwd_repack_kernel(const uint16_t* src, int64_t stride_tok, int64_t stride_head, uint16_t* dst,
+                                  int64_t n, int64_t h, int64_t d) {
   const int64_t total = n * h * d;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t tok = e / (h * d), rem = e - tok * h * d, head = rem / d, c = rem - head * d;
@@ -115,8 +115,8 @@ __global__ void bwd_repack_kernel(const uint16_t* src, int64_t stride_tok, int64
 // in chunks of its width. Offsets are clamped like the kernel clamps them; the total saturates at
 // INT32_MAX (only garbage cu_seqlens get near it).
 constexpr int kScanThreads = 1024;
-__global__ void __launch_bounds__(kScanThreads) bwd_key_tile_prefix_kernel(const int32_t* cu, int64_t batch, int64_t n,
-                                                                         int32_t* tile_start) {
+__global__ void __launch_bounds__(kScanThreads)
+    bwd_key_tile_prefix_kernel(const int32_t* cu, int64_t batch, int64_t n, int32_t* tile_start) {
   __shared__ int64_t warp_sums[kScanThreads / 32];
   __shared__ int64_t carry;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -175,17 +175,19 @@ CUtensorMap make_dq_map(const float* base, int64_t n_q, int64_t h_q, int64_t d) 
   const cuuint64_t strides[2] = {cuuint64_t(d) * 4, cuuint64_t(n_q) * cuuint64_t(d) * 4};
   const cuuint32_t box[3] = {cuuint32_t(kDbDqBoxCols), cuuint32_t(kDbBlockM), 1};
   const cuuint32_t elem[3] = {1, 1, 1};
-  const CUresult r = tensor_map_encoder(kDenseBwdOp)(
-      &map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(base), dims, strides, box, elem,
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r =
+      tensor_map_encoder(kDenseBwdOp)(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(base), dims, strides,
+                                      box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
     throw std::runtime_error(std::string("msa::") + kDenseBwdOp + ": cuTensorMapEncodeTiled (dq) failed with error " +
                              std::to_string(int(r)));
   return map;
 }
 
-int grid_for(int64_t work, int64_t per_block) { return int(std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, 8192))); }
+int grid_for(int64_t work, int64_t per_block) {
+  return int(std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, 8192)));
+}
 
 }  // namespace
 
@@ -303,9 +305,9 @@ void run_dense_bwd(const AttentionBwdParams& p, cudaStream_t stream, DenseBwdDq 
 
   if (n_q > 0) {
     const bool vec = is_aligned(p.dq, 16) && p.stride_dq_tok % 8 == 0 && p.stride_dq_head % 8 == 0;
-    bwd_dq_store_kernel<<<grid_for(n_q * h_q * (d / 8), 256), 256, 0, stream>>>(
-        kp.dq_acc, static_cast<uint16_t*>(p.dq), p.stride_dq_tok, p.stride_dq_head, n_q, int(h_q), d, p.scale,
-        int(vec));
+    bwd_dq_store_kernel<<<grid_for(n_q * h_q * (d / 8), 256), 256, 0, stream>>>(kp.dq_acc, static_cast<uint16_t*>(p.dq),
+                                                                                p.stride_dq_tok, p.stride_dq_head, n_q,
+                                                                                int(h_q), d, p.scale, int(vec));
     check_cuda(kDenseBwdOp, cudaGetLastError(), "dq store launch");
   }
 }
