@@ -3,6 +3,9 @@
 
 #include "cpu/cpu_ops.h"
 #include "validate.h"
+#ifdef MSA_WITH_CUDA
+#include "cuda/kl.h"
+#endif
 
 namespace msa {
 
@@ -10,13 +13,17 @@ using namespace detail;
 
 namespace {
 
+// On CUDA the varlen arrays and topk_idx are device memory: only shapes are checked here (the
+// kernels skip invalid block ids and clamp positions), and the saved lse is required.
 SeqInfo check_kl(const char* fn, IndexKLParams& p, const Exec& ex, bool backward) {
-  check_backend(fn, ex, false);
+  const bool cuda = ex.backend == Backend::cuda;
+  check_backend(fn, ex, true);
   check_dtype(fn, p.dtype, ex);
   check_heads(fn, p.h_q, p.h_kv);
-  if (ex.backend == Backend::cuda) {
+  if (cuda) {
     check_one_of(fn, "d", p.d, {64, 128});
     check_one_of(fn, "d_idx", p.d_idx, {64, 128});
+    check_one_of(fn, "h_q / h_kv", p.h_q / p.h_kv, {1, 2, 4, 8, 16});
   } else {
     check_range(fn, "d", p.d, 1, 512);
     check_range(fn, "d_idx", p.d_idx, 1, 512);
@@ -25,7 +32,15 @@ SeqInfo check_kl(const char* fn, IndexKLParams& p, const Exec& ex, bool backward
   resolve_scale(fn, "index_scale", p.index_scale, float(1.0 / std::sqrt(double(p.d_idx))));
   if (backward && !std::isfinite(p.lambda))
     fail(fn, "lambda = " + std::to_string(p.lambda) + ", expected a finite number");
-  SeqInfo s = resolve_varlen(fn, p.seq);
+  SeqInfo s;
+  if (cuda) {
+    check_varlen_shape(fn, p.seq);
+    s.n_q = p.seq.n_q;
+    s.n_k = p.seq.n_k;
+    s.batch = p.seq.batch;
+  } else {
+    s = resolve_varlen(fn, p.seq);
+  }
   bool any = s.n_q > 0;
   resolve_strides3(fn, "q", s.n_q, p.h_q, p.d, p.stride_q_tok, p.stride_q_head, false);
   resolve_strides3(fn, "k", s.n_k, p.h_kv, p.d, p.stride_k_tok, p.stride_k_head, false);
@@ -35,6 +50,8 @@ SeqInfo check_kl(const char* fn, IndexKLParams& p, const Exec& ex, bool backward
   check_ptr(fn, "k", p.k, any);
   check_ptr(fn, "q_idx", p.q_idx, any);
   check_ptr(fn, "k_idx", p.k_idx, any);
+  if (cuda && any && p.lse == nullptr)
+    fail(fn, "lse is null, expected the main branch's saved lse [n_q, h_q] on the cuda backend (it is not recomputed)");
   if (p.topk_idx != nullptr) {
     check_range(fn, "topk", p.topk, 1, kMaxTopk);
     if (ex.backend == Backend::cuda)
@@ -58,6 +75,9 @@ double index_kl_loss(const IndexKLParams& p0, const Exec& ex) {
   IndexKLParams p = p0;
   SeqInfo s = check_kl("index_kl_loss", p, ex, false);
   if (s.n_q == 0) return 0.0;
+#ifdef MSA_WITH_CUDA
+  if (ex.backend == Backend::cuda) return cuda::run_index_kl(p, static_cast<cudaStream_t>(ex.stream), false);
+#endif
   return cpu::index_kl_loss(p, s, ex.num_threads);
 }
 
@@ -65,6 +85,12 @@ void index_kl_backward(const IndexKLParams& p0, const Exec& ex) {
   IndexKLParams p = p0;
   SeqInfo s = check_kl("index_kl_backward", p, ex, true);
   if (s.n_q == 0 && s.n_k == 0) return;
+#ifdef MSA_WITH_CUDA
+  if (ex.backend == Backend::cuda) {
+    cuda::run_index_kl(p, static_cast<cudaStream_t>(ex.stream), true);
+    return;
+  }
+#endif
   cpu::index_kl_backward(p, s, ex.num_threads);
 }
 
