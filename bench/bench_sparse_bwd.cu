@@ -9,7 +9,9 @@
 // Cost model: FLOPs = 2.5 * 4 * g * d * sum over (query, group) of |T| (the backward's five
 // products against the forward's two, over the attended (query, key) pairs only).
 //
-//   bench_sparse_bwd [--iters N] [--quick] [--n N]
+//   bench_sparse_bwd [--iters N] [--quick] [--n N] [--chunk C1,C2,...] [--pass P1,P2,...] [--no-exchange]
+//   (--chunk / --pass: also time the atomic mode with these work-item sizes / query passes, in
+//   queries; --no-exchange: also time both warpgroups sending dQ atomically)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -199,6 +201,8 @@ int main(int argc, char** argv) {
   int iters = 5;
   bool quick = false;
   int64_t only_n = 0;
+  std::vector<int64_t> chunks, passes;
+  bool no_exchange = false;
   for (int a = 1; a < argc; ++a) {
     if (!std::strcmp(argv[a], "--iters") && a + 1 < argc)
       iters = std::atoi(argv[++a]);
@@ -206,7 +210,22 @@ int main(int argc, char** argv) {
       quick = true;
     else if (!std::strcmp(argv[a], "--n") && a + 1 < argc)
       only_n = std::atoll(argv[++a]);
+    else if (!std::strcmp(argv[a], "--chunk") && a + 1 < argc)
+      for (char* t = std::strtok(argv[++a], ","); t; t = std::strtok(nullptr, ",")) chunks.push_back(std::atoll(t));
+    else if (!std::strcmp(argv[a], "--pass") && a + 1 < argc)
+      for (char* t = std::strtok(argv[++a], ","); t; t = std::strtok(nullptr, ",")) passes.push_back(std::atoll(t));
+    else if (!std::strcmp(argv[a], "--no-exchange"))
+      no_exchange = true;
   }
+  // Extra atomic-mode variants after the three fixed modes: {chunk, pass, exchange}.
+  struct Variant {
+    int64_t chunk, pass;
+    bool exchange;
+  };
+  std::vector<Variant> variants;
+  for (int64_t c : chunks) variants.push_back({c, 0, true});
+  for (int64_t p : passes) variants.push_back({0, p, true});
+  if (no_exchange) variants.push_back({0, 0, false});
   if (msa::cuda_device_count() == 0) {
     std::printf("no CUDA device\n");
     return 1;
@@ -277,15 +296,21 @@ int main(int argc, char** argv) {
     ok(cudaStreamSynchronize(stream), "forward");
 
     // mode: 0 atomics (public call), 1 deterministic (public call), 2 atomics in one pass with the
-    // split into schedule / main kernel / the rest (delta before, conversions after).
-    for (int mode = 0; mode < 3; ++mode) {
+    // split into schedule / main kernel / the rest (delta before, conversions after), 3.. atomics
+    // with the --chunk work-item sizes.
+    for (int mode = 0; mode < 3 + int(variants.size()); ++mode) {
       a.deterministic = mode == 1;
       msa::cuda::SparseBwdOptions opt;
       opt.pass_queries = mode == 2 ? n : 0;
+      if (mode >= 3) {
+        opt.chunk_queries = variants[mode - 3].chunk;
+        opt.pass_queries = variants[mode - 3].pass;
+        opt.dq_exchange = variants[mode - 3].exchange;
+      }
       opt.after_schedule = ev[1];
       opt.after_main = ev[2];
       auto call = [&] {
-        if (mode == 2)
+        if (mode >= 2)
           msa::cuda::run_sparse_attention_backward(a, stream, opt);
         else
           msa::sparse_attention_backward(a, ex);
@@ -313,7 +338,14 @@ int main(int argc, char** argv) {
       }
       const Check c = spot_check(a, n);
       const double ms = median(tot);
-      const char* label = mode == 0 ? "atomics" : mode == 1 ? "deterministic" : "atomics/1pass";
+      char label[32];
+      if (mode >= 3) {
+        const Variant& v = variants[mode - 3];
+        std::snprintf(label, sizeof label, "atomics/%s%lld", v.chunk ? "c" : v.pass ? "p" : "nox",
+                      (long long)(v.chunk ? v.chunk : v.pass));
+      }
+      else
+        std::snprintf(label, sizeof label, "%s", mode == 0 ? "atomics" : mode == 1 ? "deterministic" : "atomics/1pass");
       std::printf("%-7lld %-14s %9.3f %9.3f %9.3f %9.3f %9.1f %9.0f %9.3f %9.3f\n", (long long)n, label, ms,
                   mode == 2 ? median(sch) : 0.f, mode == 2 ? median(mainv) : 0.f, mode == 2 ? median(rest) : 0.f,
                   flops / (ms * 1e-3) / 1e12, double(tokens) / double(n * h_kv), c.dq, c.dkv);

@@ -501,9 +501,9 @@ TEST(CudaSparseBwd, FewerThanTopkAndEmptyRows) {
 
 TEST(CudaSparseBwd, SinkChosenByEveryQueryAndBlockChosenByNone) {
   REQUIRE_GPU();
-  // Block 0 is in every row: with topk 4 and bk 64 a work item holds at most 512 queries, so its
-  // 3000 queries span 6 items whose dk, dv partials are reduced. Block 2 is in no row: its dk, dv
-  // must be exactly zero (abs = 0 in the comparison).
+  // Block 0 is in every row: with topk 4 and bk 64 a work item holds at most 256 queries (512 in
+  // deterministic mode), so its 3000 queries span 12 (6) items whose dk, dv partials are reduced.
+  // Block 2 is in no row: its dk, dv must be exactly zero (abs = 0 in the comparison).
   for (int64_t g : {1, 16}) {
     Problem P = make_problem(700 + g, {3000}, {3000}, g, 1, 128, 64, 4);
     select_random(P, 701 + g, true, /*every=*/0, /*none=*/2);

@@ -226,10 +226,10 @@ Plan make_plan(const AttentionBwdParams& p, const SparseBwdOptions& opt) {
   const char* fn = "msa::sparse_attention_backward: ";
   const int64_t n_q = p.seq.n_q, n_k = p.seq.n_k, g = p.h_q / p.h_kv, topk = p.topk, d = p.d;
   Plan plan;
-  // Deterministic passes hold per-slot float32 dq partials (topk times the atomic accumulator):
-  // half the rows keep that workspace near the forward's.
-  const int64_t rows = p.deterministic ? kSpPassRows / 2 : kSpPassRows;
-  const int64_t pass = opt.pass_queries > 0 ? opt.pass_queries : std::max<int64_t>(1, rows / (p.h_q * topk));
+  const int64_t auto_pass = p.deterministic
+                                ? kSbPassRowsDeterministic / (p.h_q * topk)
+                                : std::min(kSbPassRowsAtomic / p.h_q, 4 * kSpPassRows / (p.h_q * topk));
+  const int64_t pass = opt.pass_queries > 0 ? opt.pass_queries : std::max<int64_t>(1, auto_pass);
   plan.pass = std::max<int64_t>(1, std::min(pass, n_q));
   const int64_t n_e = plan.pass * p.h_kv * topk;
   if (n_e >= INT32_MAX)
@@ -238,7 +238,8 @@ Plan make_plan(const AttentionBwdParams& p, const SparseBwdOptions& opt) {
   if (n_q * p.h_q >= (int64_t(1) << 40) || n_k * p.h_kv >= (int64_t(1) << 40))
     throw Error(std::string(fn) + "too many rows for the cuda backend");
   const int64_t queries_per_tile = kSbRows / g;
-  const int64_t chunk = opt.chunk_queries > 0 ? opt.chunk_queries : int64_t(kSpChunkFactor) * topk * p.bk;
+  const int64_t factor = p.deterministic ? kSbChunkFactorDeterministic : kSbChunkFactor;
+  const int64_t chunk = opt.chunk_queries > 0 ? opt.chunk_queries : factor * topk * p.bk;
   plan.chunk = std::min<int64_t>((chunk + queries_per_tile - 1) / queries_per_tile * queries_per_tile, INT32_MAX / 2);
 
   SparseScheduleParams& sp = plan.sp;
@@ -351,6 +352,7 @@ void run_sparse_attention_backward(const AttentionBwdParams& p0, cudaStream_t st
   kp.bk_shift = log2_exact(bk);
   kp.scale_log2 = p.scale * 1.4426950408889634f;
   kp.deterministic = p.deterministic ? 1 : 0;
+  kp.dq_exchange = (opt.dq_exchange || p.deterministic) ? 1 : 0;  // deterministic partials need one writer
   kp.dk_acc = dk_acc;
   kp.dv_acc = dv_acc;
   kp.item_part = item_part;

@@ -28,6 +28,22 @@ namespace msa::cuda {
 constexpr int kSbRows = 64;
 // Q + dO tile stages: the gathers of the next two tiles are in flight under a tile's math.
 constexpr int kSbStages = 3;
+// Work items hold at most kSbChunkFactor * topk * bk queries in atomic mode (the forward splits
+// at twice that): a backward tile costs ~2.5x a forward one, so hot groups need smaller pieces to
+// spread over the SMs (M3 shape: 2048 queries 1-4% faster than 4096, 16384 2x slower).
+// Deterministic mode keeps the forward's factor: every item adds a 2 * bk * d float32 partial
+// that is reduced afterwards (4096 measured 4% faster there at 128K). Speed only.
+constexpr int kSbChunkFactor = 1;
+constexpr int kSbChunkFactorDeterministic = 2;
+// Query passes (bounded workspace, as in the forward). Atomic mode: at most kSbPassRowsAtomic
+// (query, head) rows, i.e. a float32 dq accumulator of 2^22 * d * 4 bytes (2 GB at d = 128; 65536
+// queries at h_q = 64), and at most 4 * kSpPassRows (query, head, slot) selection entries of
+// schedule. Deterministic mode: at most kSbPassRowsDeterministic (query, head, slot) rows of
+// per-slot float32 partials (4.3 GB at d = 128; 8192 queries at the M3 shape). Results do not
+// depend on the pass size in atomic mode beyond summation order; bigger passes measured 2% faster
+// at 128K (fewer pass tails). Speed and memory only.
+constexpr int64_t kSbPassRowsAtomic = int64_t(1) << 22;
+constexpr int64_t kSbPassRowsDeterministic = int64_t(1) << 23;
 
 // Everything the main kernel reads. Strides are in elements; tensors are bf16 bit patterns.
 struct SparseBwdKernelParams {
@@ -51,6 +67,7 @@ struct SparseBwdKernelParams {
   const int32_t* item_start = nullptr;   // [n_items] (schedule)
   int32_t* counters = nullptr;           // n_valid, n_items, work counter (schedule)
   int deterministic = 0;
+  int dq_exchange = 1;  // warpgroup 1 adds its dQ to warpgroup 0's before one output (else both output; atomics only)
   float* dq_acc = nullptr;    // non-deterministic: [n_q, h_q, d] float32, atomically accumulated
   float* dq_part = nullptr;   // deterministic: [n_q, h_q, topk, d] float32 per-slot partials (plain stores)
   float* dk_acc = nullptr;    // [n_k, h_kv, d] float32 (unscaled dS^T Q), whole call
@@ -179,6 +196,15 @@ __device__ __forceinline__ uint4 load8(const uint16_t* src, bool vec) {
 #pragma unroll
   for (int e = 0; e < 4; ++e) w[e] = uint32_t(__ldg(src + 2 * e)) | (uint32_t(__ldg(src + 2 * e + 1)) << 16);
   return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// The accumulator fragment gives lane (lane % 4 = q) columns 2 q, 2 q + 1 of two rows (a0, a1 of
+// the first, b0, b1 of the one 8 below). Returns 4 consecutive columns 4 (q / 2) .. + 3 of the first
+// row (hi = q % 2 = 0) or of the second (hi = 1), swapping one pair with the neighbouring lane.
+__device__ __forceinline__ float4 quad_v4(float a0, float a1, float b0, float b1, int hi) {
+  const float s0 = hi ? a0 : b0, s1 = hi ? a1 : b1;
+  const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+  return hi ? make_float4(r0, r1, b0, b1) : make_float4(a0, a1, r0, r1);
 }
 
 // K and V block rows [kstart, kstart + BK) of kv head r, both as K-major SW128 tiles [BK][D]. Rows
@@ -415,7 +441,7 @@ __global__ void __launch_bounds__(BK * 2, 1) sparse_bwd_kernel(const SparseBwdKe
       hopper::fence_acc(dv);
       hopper::fence_acc(dq);
 
-      if constexpr (NWG == 2) {
+      if (NWG == 2 && p.dq_exchange) {
         // Warpgroup 1 hands its dQ (over keys 64..127) to warpgroup 0 through this tile's stage,
         // which every product is done reading after the barrier. [c][thread] order: conflict-free.
         float* xbuf = reinterpret_cast<float*>(smem + lay.stage + st * lay.stage_bytes);
@@ -430,51 +456,57 @@ __global__ void __launch_bounds__(BK * 2, 1) sparse_bwd_kernel(const SparseBwdKe
           for (int c = 0; c < D / 2; ++c) dq[c] += xbuf[c * 128 + wtid];
         }
       }
-      if (wg == 0) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int row = warp_in_wg * 16 + (lane >> 2) + 8 * i;
-          const uint32_t id = ent[row >> p.log2g];
-          if (id == 0xffffffffu) continue;
+      if (wg == 0 || !p.dq_exchange) {
+        // Lane pairs (lane % 4 = 2 m, 2 m + 1) swap halves so that each lane holds 4 consecutive
+        // columns of one row (the even lane row 16 w + lane / 4, the odd one that row + 8): one
+        // 16-byte reduction instead of two 8-byte ones (half the instructions; the bytes, which
+        // dominate at 128K, stay the same: docs/sparse_backward.md).
+        const int hi = q4 & 1;
+        const int row = warp_in_wg * 16 + (lane >> 2) + 8 * hi;
+        const uint32_t id = ent[row >> p.log2g];
+        float* dst = nullptr;
+        if (id != 0xffffffffu) {
           const int64_t qi = int64_t(id / per_query);
           const int64_t hrow = qi * p.h_q + r * p.g + (row & (p.g - 1));
-          if (p.deterministic) {
-            float* dst = p.dq_part + (hrow * p.topk + int64_t(id % uint32_t(p.topk))) * D + 2 * q4;
+          dst = (p.deterministic ? p.dq_part + (hrow * p.topk + int64_t(id % uint32_t(p.topk))) * D
+                                 : p.dq_acc + hrow * D) +
+                4 * (q4 >> 1);
+        }
 #pragma unroll
-            for (int j = 0; j < D / 8; ++j)
-              *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(dq[4 * j + 2 * i], dq[4 * j + 2 * i + 1]);
-          } else {
-            float* dst = p.dq_acc + hrow * D + 2 * q4;
-#pragma unroll
-            for (int j = 0; j < D / 8; ++j)
-              atomicAdd(reinterpret_cast<float2*>(dst + 8 * j), make_float2(dq[4 * j + 2 * i], dq[4 * j + 2 * i + 1]));
-          }
+        for (int j = 0; j < D / 8; ++j) {
+          const float4 x = quad_v4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3], hi);
+          if (dst == nullptr) continue;
+          if (p.deterministic)
+            *reinterpret_cast<float4*>(dst + 8 * j) = x;
+          else
+            atomicAdd(reinterpret_cast<float4*>(dst + 8 * j), x);
         }
       }
       st = st + 1 == kSbStages ? 0 : st + 1;
     }
 
-    // The item's dK, dV (keys 64 wg + row of the block).
+    // The item's dK, dV (keys 64 wg + row of the block), 4 consecutive columns per lane as for dQ.
     const bool to_part = p.deterministic && item < p.item_cap;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int key = wg * 64 + warp_in_wg * 16 + (lane >> 2) + 8 * i;
+    {
+      const int hi = q4 & 1;
+      const int key = wg * 64 + warp_in_wg * 16 + (lane >> 2) + 8 * hi;
       const int64_t kr = kstart + key;
-      if (kr >= p.n_k) continue;
-      if (to_part) {
-        float* dkp = p.item_part + (int64_t(item) * 2 * BK + key) * D + 2 * q4;
-        float* dvp = dkp + BK * D;
+      const bool in = kr < p.n_k;
+      float* dkp = to_part ? p.item_part + (int64_t(item) * 2 * BK + key) * D : p.dk_acc + (kr * p.h_kv + r) * D;
+      float* dvp = to_part ? dkp + BK * D : p.dv_acc + (kr * p.h_kv + r) * D;
+      dkp += 4 * (q4 >> 1);
+      dvp += 4 * (q4 >> 1);
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-          *reinterpret_cast<float2*>(dkp + 8 * j) = make_float2(dk[4 * j + 2 * i], dk[4 * j + 2 * i + 1]);
-          *reinterpret_cast<float2*>(dvp + 8 * j) = make_float2(dv[4 * j + 2 * i], dv[4 * j + 2 * i + 1]);
-        }
-      } else {
-        const int64_t off = (kr * p.h_kv + r) * D + 2 * q4;
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-          atomicAdd(reinterpret_cast<float2*>(p.dk_acc + off + 8 * j), make_float2(dk[4 * j + 2 * i], dk[4 * j + 2 * i + 1]));
-          atomicAdd(reinterpret_cast<float2*>(p.dv_acc + off + 8 * j), make_float2(dv[4 * j + 2 * i], dv[4 * j + 2 * i + 1]));
+      for (int j = 0; j < D / 8; ++j) {
+        const float4 xk = quad_v4(dk[4 * j], dk[4 * j + 1], dk[4 * j + 2], dk[4 * j + 3], hi);
+        const float4 xv = quad_v4(dv[4 * j], dv[4 * j + 1], dv[4 * j + 2], dv[4 * j + 3], hi);
+        if (!in) continue;
+        if (to_part) {
+          *reinterpret_cast<float4*>(dkp + 8 * j) = xk;
+          *reinterpret_cast<float4*>(dvp + 8 * j) = xv;
+        } else {
+          atomicAdd(reinterpret_cast<float4*>(dkp + 8 * j), xk);
+          atomicAdd(reinterpret_cast<float4*>(dvp + 8 * j), xv);
         }
       }
     }

@@ -15,8 +15,9 @@ namespace msa::cuda {
 
 // Knobs for tests and measurements; the defaults are what the public API runs.
 struct SparseBwdOptions {
-  int64_t chunk_queries = 0;  // most queries per work item; 0: kSpChunkFactor * topk * bk
-  int64_t pass_queries = 0;   // most query rows per pass; 0: see sparse_bwd_pass_queries
+  int64_t chunk_queries = 0;  // most queries per work item; 0: kSbChunkFactor(Deterministic) * topk * bk
+  int64_t pass_queries = 0;   // most query rows per pass; 0: from kSbPassRowsAtomic / kSbPassRowsDeterministic
+  bool dq_exchange = true;    // false (measurement): at bk = 128 both warpgroups send their dQ atomically
   // Recorded in the last pass when set: after the schedule and after the main kernel.
   cudaEvent_t after_schedule = nullptr;
   cudaEvent_t after_main = nullptr;
