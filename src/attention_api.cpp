@@ -75,8 +75,11 @@ void forward(const char* fn, const AttentionParams& p0, const Exec& ex, bool spa
   if (ex.backend == Backend::cuda) {
 #ifdef MSA_WITH_CUDA
     const auto stream = static_cast<cudaStream_t>(ex.stream);
-    if (sparse)
-      cuda::run_sparse_attention_forward(p, stream);
+    if (sparse) {
+      cuda::SparseFwdOptions opt;
+      opt.max_workspace_bytes = ex.max_workspace_bytes;
+      cuda::run_sparse_attention_forward(p, stream, opt);
+    }
     else
       cuda::run_dense_fwd(p, stream);
 #endif

@@ -108,7 +108,7 @@ struct Out {
 
 // pass_queries < 0: the public call (whatever the library picks); otherwise the internal entry
 // with that pass size (0: the default) and work items of at most chunk queries (0: default).
-Out run(const Problem& P, int64_t pass_queries, int64_t chunk = 0) {
+Out run(const Problem& P, int64_t pass_queries, int64_t chunk = 0, size_t max_workspace_bytes = 0) {
   DevBuf<uint16_t> q(P.q), k(P.k), v(P.v), o(size_t(P.n_q() * P.h_q * P.d));
   DevBuf<float> lse(size_t(P.n_q() * P.h_q));
   DevBuf<int32_t> idx(P.idx), cu_q(P.cu_q), cu_k(P.cu_k), q_pos(P.q_pos);
@@ -138,6 +138,7 @@ Out run(const Problem& P, int64_t pass_queries, int64_t chunk = 0) {
   if (pass_queries < 0) {
     Exec ex;
     ex.backend = Backend::cuda;
+    ex.max_workspace_bytes = max_workspace_bytes;
     sparse_attention_forward(a, ex);
   } else {
     cuda::SparseFwdOptions opt;
@@ -244,7 +245,41 @@ TEST(CudaSparsePasses, WorkspaceBoundedForAMillionTokens) {
   EXPECT_LT(bytes(4096, 0), 4096 * per_query + 16e6);
 }
 
+// Exec::max_workspace_bytes picks the largest pass whose workspace fits; the bits do not change,
+// and a budget below one query's needs is a clear error.
+TEST(CudaSparsePasses, WorkspaceBudgetPicksThePassSize) {
+  REQUIRE_GPU();
+  Problem P = make_problem(41, {300, 0, 211}, {700, 5, 211}, 16, 2, 128, 64, 8, false);
+  fill_q(P, 42);
+  const Out ref = run(P, -1);
+  ASSERT_TRUE(written(ref));
+  AttentionParams a;
+  a.seq.n_q = P.n_q();
+  a.seq.n_k = P.n_k();
+  a.h_q = P.h_q;
+  a.h_kv = P.h_kv;
+  a.d = P.d;
+  a.bk = P.bk;
+  a.topk = P.topk;
+  a.dtype = DType::bf16;
+  cuda::SparseFwdOptions opt;
+  opt.pass_queries = 1;
+  const size_t one = cuda::sparse_fwd_workspace_bytes(a, opt);
+  opt.pass_queries = 0;
+  const size_t all = cuda::sparse_fwd_workspace_bytes(a, opt);  // one pass at this size
+  ASSERT_GT(all, one);
+  for (size_t budget : {one, one + (all - one) / 7, one + (all - one) / 2, all, 4 * all}) {
+    opt.max_workspace_bytes = budget;
+    EXPECT_LE(cuda::sparse_fwd_workspace_bytes(a, opt), budget) << "budget " << budget;
+    EXPECT_TRUE(same_bits(run(P, -1, 0, budget), ref, "budget " + std::to_string(budget)));
+  }
+  opt.max_workspace_bytes = one - 1;
+  EXPECT_THROW(cuda::sparse_fwd_workspace_bytes(a, opt), Error);
+  EXPECT_THROW(run(P, -1, 0, one - 1), Error);
+}
+
 #endif  // MSA_WITH_CUDA
 
 }  // namespace
 }  // namespace msa::test
+

@@ -45,6 +45,12 @@ struct Exec {
   Backend backend = Backend::cpu;
   void* stream = nullptr;  // cudaStream_t for Backend::cuda; ignored on the CPU
   int num_threads = 0;     // CPU threads; 0 = all hardware threads
+  // Most bytes of device workspace one CUDA call may take; 0 = the operation's default. The
+  // sparse attention forward runs the queries in passes sized to fit (default: passes of
+  // 2^24 / (h_q * topk) queries, about 4.4 GB at h_q = 64, topk = 16, d = 128); a larger budget
+  // means fewer passes and a faster long prompt, with bitwise the same results. A budget too small
+  // for one query throws msa::Error.
+  size_t max_workspace_bytes = 0;
 };
 
 // Which query tokens exist, which key tokens they may see, and their absolute positions.

@@ -70,11 +70,10 @@ struct Plan {
   size_t total() const { return sched_bytes + po_bytes + pl_bytes + q_bytes; }
 };
 
-Plan make_plan(const AttentionParams& p, const SparseFwdOptions& opt) {
+Plan make_plan_for(const AttentionParams& p, const SparseFwdOptions& opt, int64_t pass) {
   const char* fn = "msa::sparse_attention_forward: ";
   const int64_t n_q = p.seq.n_q, g = p.h_q / p.h_kv, topk = p.topk, d = p.d;
   Plan plan;
-  const int64_t pass = opt.pass_queries > 0 ? opt.pass_queries : std::max<int64_t>(1, kSpPassRows / (p.h_q * topk));
   plan.pass = std::min(pass, n_q);
   // Entry ids, sorted positions and item starts are 32-bit (per pass).
   const int64_t n_e = plan.pass * p.h_kv * topk;
@@ -115,6 +114,32 @@ Plan make_plan(const AttentionParams& p, const SparseFwdOptions& opt) {
   plan.pl_bytes = align256(n_partial * 4);
   plan.q_bytes = plan.q_vec ? 0 : align256(size_t(plan.pass) * p.h_q * d * 2);
   return plan;
+}
+
+// The pass size: given, else the largest whose workspace fits max_workspace_bytes (the workspace
+// grows with the pass), else the default bound of kSpPassRows partial rows.
+Plan make_plan(const AttentionParams& p, const SparseFwdOptions& opt) {
+  if (opt.pass_queries > 0) return make_plan_for(p, opt, opt.pass_queries);
+  if (opt.max_workspace_bytes == 0)
+    return make_plan_for(p, opt, std::max<int64_t>(1, kSpPassRows / (p.h_q * p.topk)));
+  const size_t limit = opt.max_workspace_bytes;
+  Plan best = make_plan_for(p, opt, 1);
+  if (best.total() > limit)
+    throw Error("msa::sparse_attention_forward: max_workspace_bytes = " + std::to_string(limit) +
+                ", expected at least " + std::to_string(best.total()) + " (one query per pass)");
+  // lo fits; passes past the 32-bit entry-id bound are not candidates.
+  int64_t lo = 1, hi = std::max<int64_t>(1, std::min<int64_t>(p.seq.n_q, (INT32_MAX - 1) / (p.h_kv * p.topk)));
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    Plan cand = make_plan_for(p, opt, mid);
+    if (cand.total() <= limit) {
+      lo = mid;
+      best = cand;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return best;
 }
 
 }  // namespace
