@@ -46,8 +46,7 @@ __nv_bfloat16* device_normal(int64_t n, uint64_t seed, float sigma) {
 }
 
 // Attended (query, key) pairs of one group summed over the groups: sum over (i, r) of |T(i, r)|.
-__global__ void count_attended(const int32_t* idx, int64_t n, int h_kv, int topk, int bk,
-                               unsigned long long* total) {
+__global__ void count_attended(const int32_t* idx, int64_t n, int h_kv, int topk, int bk, unsigned long long* total) {
   const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   unsigned long long t = 0;
   if (row < n * h_kv) {
@@ -75,8 +74,9 @@ std::vector<T> fetch(const void* src, int64_t off, int64_t n) {
   return h;
 }
 
-// Max over a few (query, group) rows of |dq_gpu - dq_ref| / (2^-7 |dq_ref| + 2^-8 sum_j (|dS_j| + coef 1e-4 (P_j + P_idx_j)) |k_j| iscale):
-// the reference in float64 on the host from the same bf16 inputs and the same saved lse values.
+// Max over a few (query, group) rows of |dq_gpu - dq_ref| / (2^-7 |dq_ref| + 2^-8 sum_j (|dS_j| + coef 1e-4 (P_j +
+// P_idx_j)) |k_j| iscale): the reference in float64 on the host from the same bf16 inputs and the same saved lse
+// values.
 double spot_check(const msa::IndexKLParams& a, int64_t n, const std::vector<int64_t>& rows) {
   const int64_t h_q = a.h_q, h_kv = a.h_kv, d = a.d, di = a.d_idx, g = h_q / h_kv, bk = a.bk, topk = a.topk;
   const double scale = 1.0 / std::sqrt(double(d)), iscale = 1.0 / std::sqrt(double(di));
@@ -267,7 +267,8 @@ int main(int argc, char** argv) {
     }
     ok(cudaDeviceSynchronize(), "forward");
     const float fwd_ms = msa::bench::median_ms(
-        [&](int) { cs.sparse ? msa::sparse_attention_forward(at, ex) : msa::dense_attention_forward(at, ex); }, 1, iters);
+        [&](int) { cs.sparse ? msa::sparse_attention_forward(at, ex) : msa::dense_attention_forward(at, ex); }, 1,
+        iters);
 
     msa::IndexKLParams kp;
     kp.seq = at.seq;

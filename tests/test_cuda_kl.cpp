@@ -43,8 +43,7 @@ TEST(CudaKL, BadArgumentsThrowBeforeLaunch) {
   auto with = [&](auto change, std::initializer_list<const char*> frags) {
     IndexKLParams a = p;
     change(a);
-    return throws_error([&] { index_kl_backward(a, ex); }, frags) &&
-           throws_error([&] { index_kl_loss(a, ex); }, frags);
+    return throws_error([&] { index_kl_backward(a, ex); }, frags) && throws_error([&] { index_kl_loss(a, ex); }, frags);
   };
   EXPECT_TRUE(with([](IndexKLParams& a) { a.lse = nullptr; }, {"msa::index_kl_", "lse is null", "cuda"}));
   EXPECT_TRUE(with([](IndexKLParams& a) { a.d = 32; }, {"d = 32"}));
@@ -66,7 +65,7 @@ TEST(CudaKL, GpuTests) { GTEST_SKIP() << "built without the CUDA backend: no GPU
 // One problem: lengths, heads, the selection and the logical data (doubles exact in bf16).
 struct Problem {
   int64_t h_q = 4, h_kv = 2, d = 128, d_idx = 128, bk = 128, topk = 4;  // topk 0: warm-up
-  std::vector<int32_t> cu_q, cu_k, q_pos;  // q_pos empty: bottom-right aligned
+  std::vector<int32_t> cu_q, cu_k, q_pos;                               // q_pos empty: bottom-right aligned
   bool pass_cu = true;
   std::vector<double> q, k, q_idx, k_idx;
   std::vector<int32_t> idx;        // [n_q, h_kv, topk] as given to the GPU (may hold garbage)
@@ -109,8 +108,8 @@ struct Problem {
 };
 
 // q and q_idx a little larger than k and k_idx, so that the distributions are peaked and differ.
-Problem make_problem(uint64_t seed, const std::vector<int32_t>& lens_q, const std::vector<int32_t>& lens_k,
-                     int64_t h_q, int64_t h_kv, int64_t d, int64_t d_idx, int64_t bk, int64_t topk) {
+Problem make_problem(uint64_t seed, const std::vector<int32_t>& lens_q, const std::vector<int32_t>& lens_k, int64_t h_q,
+                     int64_t h_kv, int64_t d, int64_t d_idx, int64_t bk, int64_t topk) {
   std::mt19937_64 rng(seed);
   Problem P;
   P.h_q = h_q;
@@ -184,8 +183,7 @@ void saved_stats(Problem& P) {
       }
       P.ilse[i * P.h_kv + r] = float(lse_of([&](int64_t j) {
         double acc = 0;
-        for (int64_t c = 0; c < P.d_idx; ++c)
-          acc += P.q_idx[(i * P.h_kv + r) * P.d_idx + c] * P.k_idx[j * P.d_idx + c];
+        for (int64_t c = 0; c < P.d_idx; ++c) acc += P.q_idx[(i * P.h_kv + r) * P.d_idx + c] * P.k_idx[j * P.d_idx + c];
         return acc * iscale;
       }));
     }
@@ -325,7 +323,8 @@ std::vector<uint16_t> to_strided(const std::vector<double>& x, int64_t n, int64_
   std::vector<uint16_t> out(size_t(off + std::max<int64_t>(n, 1) * s_tok), 0x7fc0);  // gaps hold NaN
   for (int64_t t = 0; t < n; ++t)
     for (int64_t e = 0; e < h; ++e)
-      for (int64_t c = 0; c < d; ++c) out[off + t * s_tok + e * s_head + c] = float_to_bf16(float(x[(t * h + e) * d + c])).bits;
+      for (int64_t c = 0; c < d; ++c)
+        out[off + t * s_tok + e * s_head + c] = float_to_bf16(float(x[(t * h + e) * d + c])).bits;
   return out;
 }
 
@@ -428,8 +427,8 @@ Out run_gpu(const Problem& P, bool ilse_given, const Layout& L = {}, cudaStream_
     const double ratio = std::abs(got[e] - ref[e]) / tol;
     if (!std::isfinite(got[e]) || !(ratio <= worst)) {
       if (!std::isfinite(got[e]))
-        return ::testing::AssertionFailure() << what << ": element " << e << " is " << got[e] << " (ref " << ref[e]
-                                             << ")";
+        return ::testing::AssertionFailure()
+               << what << ": element " << e << " is " << got[e] << " (ref " << ref[e] << ")";
       worst = ratio;
       wi = e;
     }
@@ -550,7 +549,8 @@ TEST(CudaKL, DegenerateSelections) {
       int32_t& b = G.idx_clean[row * G.topk + s];
       if (b < 0 || b > own) b = -1;
     }
-    std::stable_partition(&G.idx_clean[row * G.topk], &G.idx_clean[(row + 1) * G.topk], [](int32_t b) { return b >= 0; });
+    std::stable_partition(&G.idx_clean[row * G.topk], &G.idx_clean[(row + 1) * G.topk],
+                          [](int32_t b) { return b >= 0; });
   }
   check(G, false, "garbage entries");
   // A sink block chosen by every query: its group splits into many work items (chunk 2 topk bk).
@@ -610,7 +610,9 @@ TEST(CudaKL, QueryPassesAndRepeatability) {
       // atomics: within the bounds, and reported.
       EXPECT_TRUE(bitwise_equal(again.dq_bits, first.dq_bits)) << "dq_idx, repetition " << rep;
       EXPECT_EQ(again.loss, first.loss) << "loss, repetition " << rep;
-      for (size_t e = 0; e < first.dk.size(); ++e) dk_spread = std::max(dk_spread, std::abs(again.dk[e] - first.dk[e]) / (B.dk[e] + std::ldexp(std::abs(first.dk[e]), -8) + 1e-30));
+      for (size_t e = 0; e < first.dk.size(); ++e)
+        dk_spread = std::max(
+            dk_spread, std::abs(again.dk[e] - first.dk[e]) / (B.dk[e] + std::ldexp(std::abs(first.dk[e]), -8) + 1e-30));
     }
     EXPECT_LE(dk_spread, 2.0);
     std::printf("  repeatability (topk %lld): dk_idx spread / bound %.3f\n", (long long)topk, dk_spread);

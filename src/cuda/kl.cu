@@ -38,8 +38,8 @@ __device__ __forceinline__ uint16_t to_bf16_bits(float x) { return __bfloat16_as
 
 // cp.async gathers q and q_idx in 16-byte pieces; other layouts are first copied to a packed
 // [n, h, d] buffer (one extra pass, only for such layouts).
-__global__ void kl_repack_kernel(const uint16_t* src, int64_t stride_tok, int64_t stride_head, uint16_t* dst,
-                                 int64_t n, int64_t h, int64_t d) {
+__global__ void kl_repack_kernel(const uint16_t* src, int64_t stride_tok, int64_t stride_head, uint16_t* dst, int64_t n,
+                                 int64_t h, int64_t d) {
   const int64_t total = n * h * d;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = e % d, row = e / d;
@@ -58,7 +58,8 @@ __global__ void kl_range_selection_kernel(int32_t* idx, int64_t n, int slots, in
 // the running value of the earlier block ranges; the last range writes the natural-log index lse.
 __global__ void kl_lse_combine_kernel(const float* part_lse, const int32_t* idx, const int2* qinfo, int64_t rows,
                                       int h_kv, int topk, int bk_shift, float* acc, float* out, int first, int last) {
-  for (int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; row < rows; row += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; row < rows;
+       row += int64_t(gridDim.x) * blockDim.x) {
     const int pos = qinfo[row / h_kv].y;
     const float prev = first ? -INFINITY : acc[row];
     float mx = prev;
@@ -84,7 +85,8 @@ __global__ void kl_dq_combine_kernel(const float* part_dq, const int32_t* idx, c
                                      int h_kv, int topk, int bk_shift, int di, float* acc, uint16_t* dq,
                                      int64_t stride_tok, int64_t stride_head, float iscale, int first, int last) {
   const int c4s = di / 4;
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < rows * c4s; t += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < rows * c4s;
+       t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = t / c4s;
     const int c = int(t % c4s) * 4;
     const int pos = qinfo[row / h_kv].y;
@@ -213,13 +215,14 @@ double run_index_kl(const IndexKLParams& p0, cudaStream_t stream, bool backward,
   if (!(g == 1 || g == 2 || g == 4 || g == 8 || g == 16))
     throw Error(fn + "h_q / h_kv = " + std::to_string(g) + ", expected one of 1, 2, 4, 8, 16 on the cuda backend");
   if (n_q > 0 && p.lse == nullptr)
-    throw Error(fn + "lse is null, expected the main branch's saved lse [n_q, h_q] (the cuda backend does not "
+    throw Error(fn +
+                "lse is null, expected the main branch's saved lse [n_q, h_q] (the cuda backend does not "
                 "recompute the teacher's normalisers)");
 
   const int64_t n_blocks = (n_k + bk - 1) / bk;
   const int n_ranges = sparse ? 1 : int(std::max<int64_t>(1, (n_blocks + slots - 1) / slots));
-  int64_t pass = opt.pass_queries > 0 ? opt.pass_queries
-                                      : std::max<int64_t>(1, kKlPassBytes / (h_kv * slots * int64_t(di) * 4));
+  int64_t pass =
+      opt.pass_queries > 0 ? opt.pass_queries : std::max<int64_t>(1, kKlPassBytes / (h_kv * slots * int64_t(di) * 4));
   pass = std::max<int64_t>(1, std::min<int64_t>(pass, n_q));
   const int64_t n_e = pass * h_kv * slots;
   if (n_e >= INT32_MAX)
@@ -326,7 +329,7 @@ double run_index_kl(const IndexKLParams& p0, cudaStream_t stream, bool backward,
     if (!q_vec) {
       uint16_t* dst = static_cast<uint16_t*>(at(o_q));
       kl_repack_kernel<<<grid_for(len * p.h_q * d), kKlSmallThreads, 0, stream>>>(q, p.stride_q_tok, p.stride_q_head,
-                                                                                 dst, len, p.h_q, d);
+                                                                                  dst, len, p.h_q, d);
       check_cuda(op, cudaGetLastError(), "repack launch");
       kp.q = dst;
       kp.stride_q_head = d;
@@ -337,8 +340,8 @@ double run_index_kl(const IndexKLParams& p0, cudaStream_t stream, bool backward,
     kp.stride_qi_head = p.stride_q_idx_head;
     if (!qi_vec) {
       uint16_t* dst = static_cast<uint16_t*>(at(o_qi));
-      kl_repack_kernel<<<grid_for(len_rows * di), kKlSmallThreads, 0, stream>>>(qi, p.stride_q_idx_tok,
-                                                                               p.stride_q_idx_head, dst, len, h_kv, di);
+      kl_repack_kernel<<<grid_for(len_rows * di), kKlSmallThreads, 0, stream>>>(
+          qi, p.stride_q_idx_tok, p.stride_q_idx_head, dst, len, h_kv, di);
       check_cuda(op, cudaGetLastError(), "repack launch");
       kp.q_idx = dst;
       kp.stride_qi_head = di;
@@ -372,9 +375,7 @@ double run_index_kl(const IndexKLParams& p0, cudaStream_t stream, bool backward,
     };
     // The work counter of the main kernel starts at 0 with each schedule build; a second launch on
     // the same schedule needs it reset.
-    auto reset_counter = [&] {
-      check_cuda(op, cudaMemsetAsync(sched.counters + 2, 0, 4, stream), "cudaMemsetAsync");
-    };
+    auto reset_counter = [&] { check_cuda(op, cudaMemsetAsync(sched.counters + 2, 0, 4, stream), "cudaMemsetAsync"); };
     const int grid = int(std::min<int64_t>(main_grid_cap, len_e));
 
     // Index lse over the support, unless given.
@@ -385,8 +386,8 @@ double run_index_kl(const IndexKLParams& p0, cudaStream_t stream, bool backward,
         kp.mode = kKlModeLse;
         launch_main(kp, op, d, di, bk, grid, smem_optin, stream);
         kl_lse_combine_kernel<<<grid_for(len_rows), kKlSmallThreads, 0, stream>>>(
-            kp.part_lse, sel, sched.qinfo, len_rows, int(h_kv), slots, sp.bk_shift,
-            static_cast<float*>(at(o_ilse_acc)), ilse, m == 0, m == n_ranges - 1);
+            kp.part_lse, sel, sched.qinfo, len_rows, int(h_kv), slots, sp.bk_shift, static_cast<float*>(at(o_ilse_acc)),
+            ilse, m == 0, m == n_ranges - 1);
         check_cuda(op, cudaGetLastError(), "lse combine launch");
       }
       kp.index_lse = ilse;

@@ -207,10 +207,10 @@ __device__ __forceinline__ void wgmma_tt_n64(float (&d)[32], uint64_t da, uint64
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
       "}, %32, %33, p, 1, 1, 1, 1;\n"
       "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(da), "l"(db), "r"(1));
 }
 
@@ -227,14 +227,14 @@ __device__ __forceinline__ void wgmma_tt_n128(float (&d)[64], uint64_t da, uint6
       "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
       "}, %64, %65, p, 1, 1, 1, 1;\n"
       "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(da), "l"(db), "r"(1));
 }
 
@@ -270,8 +270,8 @@ __device__ __forceinline__ void issue_gather(const KlKernelParams& p, uint32_t s
 #pragma unroll
     for (int k = 0; k < kHalf; ++k) {
       const int ch = half * kHalf + k;
-      cp_async_16(stage + sw128_offset(kKlRows, row, ch * 8),
-                  valid ? static_cast<const void*>(src + ch * 8) : p.q_idx, valid ? 16 : 0);
+      cp_async_16(stage + sw128_offset(kKlRows, row, ch * 8), valid ? static_cast<const void*>(src + ch * 8) : p.q_idx,
+                  valid ? 16 : 0);
     }
   }
 }
@@ -625,26 +625,31 @@ __global__ void __launch_bounds__(kKlThreads, 1) kl_main_kernel(const KlKernelPa
         };
         // Each path issues its product and its finish in straight-line code, so that ptxas sees every
         // accumulator's wgmma and wait together.
-#define MSA_KL_TEACHER(LG)                                                                    \
-  {                                                                                           \
-    float s[BK / 2];                                                                          \
-    issue_ss<D, BK>(s, stage, sk);                                                            \
+#define MSA_KL_TEACHER(LG)                                                                               \
+  {                                                                                                      \
+    float s[BK / 2];                                                                                     \
+    issue_ss<D, BK>(s, stage, sk);                                                                       \
     teacher_finish<BK, LG>(p, s, pb, meta_id, meta_lim, lse_pre, u, L - 1, r, kstart, warp_in_wg, lane); \
-    gather_next();                                                                            \
+    gather_next();                                                                                       \
   }
         if (u < L - 1) {
           switch (p.log2g) {
-            case 0: MSA_KL_TEACHER(0) break;
-            case 1: MSA_KL_TEACHER(1) break;
-            case 2: MSA_KL_TEACHER(2) break;
-            case 3: MSA_KL_TEACHER(3) break;
-            default: MSA_KL_TEACHER(4) break;
+            case 0:
+              MSA_KL_TEACHER(0) break;
+            case 1:
+              MSA_KL_TEACHER(1) break;
+            case 2:
+              MSA_KL_TEACHER(2) break;
+            case 3:
+              MSA_KL_TEACHER(3) break;
+            default:
+              MSA_KL_TEACHER(4) break;
           }
         } else {
           float s[BK / 2];
           issue_ss<DI, BK>(s, stage, ski);
-          student_finish<DI, BK>(p, s, pb, meta_id, meta_lim, meta_ilse, misc_f, ski, kstart, first(t), wg,
-                                 warp_in_wg, lane);
+          student_finish<DI, BK>(p, s, pb, meta_id, meta_lim, meta_ilse, misc_f, ski, kstart, first(t), wg, warp_in_wg,
+                                 lane);
           gather_next();
         }
         if (u == 0) pre_il = meta_ilse_of(pre_id);
@@ -697,8 +702,7 @@ __global__ void __launch_bounds__(128) kl_dk_kernel(const KlKernelParams p) {
         const bool ok = eb + row < e1;
         const int64_t i = ok ? int64_t(p.entries[eb + row] / per_query) : 0;
         cp_async_16(sqi + sw128_offset(kKlRows, row, ch * 8),
-                    ok ? p.q_idx + i * p.stride_qi_tok + int64_t(r) * p.stride_qi_head + ch * 8 : p.q_idx,
-                    ok ? 16 : 0);
+                    ok ? p.q_idx + i * p.stride_qi_tok + int64_t(r) * p.stride_qi_head + ch * 8 : p.q_idx, ok ? 16 : 0);
       }
     };
 
