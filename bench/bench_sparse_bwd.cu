@@ -114,7 +114,9 @@ Check spot_check(const msa::AttentionBwdParams& a, int64_t n) {
   };
   const std::vector<uint16_t> hk = download<uint16_t>(a.k, n * h_kv * d), hv = download<uint16_t>(a.v, n * h_kv * d);
   // Rows of query i: q, o, do, dq (all heads), lse, selection.
-  auto rows = [&](const void* base, int64_t i) { return download<uint16_t>(static_cast<const uint16_t*>(base) + i * h_q * d, h_q * d); };
+  auto rows = [&](const void* base, int64_t i) {
+    return download<uint16_t>(static_cast<const uint16_t*>(base) + i * h_q * d, h_q * d);
+  };
   // P, dP, delta of (i, h) over key j of group r; returns false past the query.
   struct RowData {
     std::vector<uint16_t> q, o, dout, dq;
@@ -188,8 +190,10 @@ Check spot_check(const msa::AttentionBwdParams& a, int64_t n) {
       }
     }
   }
-  const std::vector<uint16_t> gk = download<uint16_t>(static_cast<const uint16_t*>(a.dk) + kb * h_kv * d, nk * h_kv * d);
-  const std::vector<uint16_t> gv = download<uint16_t>(static_cast<const uint16_t*>(a.dv) + kb * h_kv * d, nk * h_kv * d);
+  const std::vector<uint16_t> gk =
+      download<uint16_t>(static_cast<const uint16_t*>(a.dk) + kb * h_kv * d, nk * h_kv * d);
+  const std::vector<uint16_t> gv =
+      download<uint16_t>(static_cast<const uint16_t*>(a.dv) + kb * h_kv * d, nk * h_kv * d);
   for (size_t e = 0; e < dk.size(); ++e)
     c.dkv = std::max({c.dkv, ratio(bf(gk[e]), dk[e], dka[e]), ratio(bf(gv[e]), dv[e], dva[e])});
   return c;
@@ -247,8 +251,8 @@ int main(int argc, char** argv) {
   cudaEvent_t ev[4];
   for (auto& e : ev) ok(cudaEventCreate(&e), "event");
 
-  std::printf("%-7s %-14s %9s %9s %9s %9s %9s %9s %9s %9s\n", "n", "mode", "total_ms", "sched_ms", "main_ms",
-              "rest_ms", "TFLOP/s", "attended", "dq_err", "dkv_err");
+  std::printf("%-7s %-14s %9s %9s %9s %9s %9s %9s %9s %9s\n", "n", "mode", "total_ms", "sched_ms", "main_ms", "rest_ms",
+              "TFLOP/s", "attended", "dq_err", "dkv_err");
   for (int64_t n : sizes) {
     const int64_t nq = n * h_q * d, nk = n * h_kv * d;
     __nv_bfloat16 *q, *k, *v, *o, *dout, *dq, *dk, *dv;
@@ -341,18 +345,20 @@ int main(int argc, char** argv) {
       char label[32];
       if (mode >= 3) {
         const Variant& v = variants[mode - 3];
-        std::snprintf(label, sizeof label, "atomics/%s%lld", v.chunk ? "c" : v.pass ? "p" : "nox",
+        std::snprintf(label, sizeof label, "atomics/%s%lld",
+                      v.chunk  ? "c"
+                      : v.pass ? "p"
+                               : "nox",
                       (long long)(v.chunk ? v.chunk : v.pass));
-      }
-      else
+      } else
         std::snprintf(label, sizeof label, "%s", mode == 0 ? "atomics" : mode == 1 ? "deterministic" : "atomics/1pass");
       std::printf("%-7lld %-14s %9.3f %9.3f %9.3f %9.3f %9.1f %9.0f %9.3f %9.3f\n", (long long)n, label, ms,
                   mode == 2 ? median(sch) : 0.f, mode == 2 ? median(mainv) : 0.f, mode == 2 ? median(rest) : 0.f,
                   flops / (ms * 1e-3) / 1e12, double(tokens) / double(n * h_kv), c.dq, c.dkv);
       std::fflush(stdout);
     }
-    for (void* ptr : {(void*)q, (void*)k, (void*)v, (void*)o, (void*)dout, (void*)dq, (void*)dk, (void*)dv,
-                      (void*)lse, (void*)idx, (void*)attended})
+    for (void* ptr : {(void*)q, (void*)k, (void*)v, (void*)o, (void*)dout, (void*)dq, (void*)dk, (void*)dv, (void*)lse,
+                      (void*)idx, (void*)attended})
       cudaFree(ptr);
   }
   std::printf(

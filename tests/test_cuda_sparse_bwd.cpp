@@ -267,7 +267,8 @@ std::vector<uint16_t> to_strided(const std::vector<double>& x, int64_t n, int64_
   std::vector<uint16_t> out(size_t(off + std::max<int64_t>(n, 1) * s_tok), 0x7fc0);  // gaps hold NaN
   for (int64_t t = 0; t < n; ++t)
     for (int64_t e = 0; e < h; ++e)
-      for (int64_t c = 0; c < d; ++c) out[off + t * s_tok + e * s_head + c] = float_to_bf16(float(x[(t * h + e) * d + c])).bits;
+      for (int64_t c = 0; c < d; ++c)
+        out[off + t * s_tok + e * s_head + c] = float_to_bf16(float(x[(t * h + e) * d + c])).bits;
   return out;
 }
 
@@ -424,8 +425,8 @@ TEST(CudaSparseBwd, SingleSequenceLengths) {
     int32_t len;
     int64_t h_q, h_kv, d, bk, topk;
   };
-  const C cases[] = {{1, 8, 2, 128, 128, 8},   {127, 8, 2, 128, 64, 8},   {128, 8, 2, 64, 128, 4},
-                     {129, 8, 2, 128, 64, 3},  {1023, 8, 2, 128, 128, 8}, {1023, 4, 1, 64, 64, 5},
+  const C cases[] = {{1, 8, 2, 128, 128, 8},     {127, 8, 2, 128, 64, 8},   {128, 8, 2, 64, 128, 4},
+                     {129, 8, 2, 128, 64, 3},    {1023, 8, 2, 128, 128, 8}, {1023, 4, 1, 64, 64, 5},
                      {4097, 2, 1, 128, 128, 16}, {4097, 16, 1, 128, 128, 4}};
   uint64_t seed = 100;
   for (const C& c : cases) {

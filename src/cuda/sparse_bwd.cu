@@ -103,7 +103,8 @@ __device__ __forceinline__ void store8(uint16_t* dst, const float (&x)[8], float
 __global__ void dq_convert_kernel(const float* acc, int64_t rows, int h, int d, float scale, uint16_t* dq,
                                   int64_t s_tok, int64_t s_head, int vec) {
   const int tpr = d / 8;
-  for (int64_t gt = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; gt < rows * tpr; gt += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t gt = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; gt < rows * tpr;
+       gt += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = gt / tpr;
     const int c8 = int(gt % tpr);
     const float4 a = *reinterpret_cast<const float4*>(acc + row * d + c8 * 8);
@@ -119,7 +120,8 @@ __global__ void dq_combine_kernel(const float* part, const int32_t* topk_idx, co
                                   int log2g, int h_kv, int topk, int bk_shift, int d, float scale, uint16_t* dq,
                                   int64_t s_tok, int64_t s_head, int vec) {
   const int tpr = d / 8;
-  for (int64_t gt = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; gt < rows * tpr; gt += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t gt = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; gt < rows * tpr;
+       gt += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = gt / tpr;
     const int c8 = int(gt % tpr);
     const int64_t i = row / h_q;
@@ -226,9 +228,8 @@ Plan make_plan(const AttentionBwdParams& p, const SparseBwdOptions& opt) {
   const char* fn = "msa::sparse_attention_backward: ";
   const int64_t n_q = p.seq.n_q, n_k = p.seq.n_k, g = p.h_q / p.h_kv, topk = p.topk, d = p.d;
   Plan plan;
-  const int64_t auto_pass = p.deterministic
-                                ? kSbPassRowsDeterministic / (p.h_q * topk)
-                                : std::min(kSbPassRowsAtomic / p.h_q, 4 * kSpPassRows / (p.h_q * topk));
+  const int64_t auto_pass = p.deterministic ? kSbPassRowsDeterministic / (p.h_q * topk)
+                                            : std::min(kSbPassRowsAtomic / p.h_q, 4 * kSpPassRows / (p.h_q * topk));
   const int64_t pass = opt.pass_queries > 0 ? opt.pass_queries : std::max<int64_t>(1, auto_pass);
   plan.pass = std::max<int64_t>(1, std::min(pass, n_q));
   const int64_t n_e = plan.pass * p.h_kv * topk;
@@ -436,8 +437,8 @@ void run_sparse_attention_backward(const AttentionBwdParams& p0, cudaStream_t st
 
   if (n_k > 0) {
     dkv_convert_kernel<<<grid_for(2 * n_k * p.h_kv * (d / 8)), kThreads, 0, stream>>>(
-        dk_acc, dv_acc, n_k, int(p.h_kv), d, p.scale, static_cast<uint16_t*>(p.dk), p.stride_dk_tok,
-        p.stride_dk_head, static_cast<uint16_t*>(p.dv), p.stride_dv_tok, p.stride_dv_head,
+        dk_acc, dv_acc, n_k, int(p.h_kv), d, p.scale, static_cast<uint16_t*>(p.dk), p.stride_dk_tok, p.stride_dk_head,
+        static_cast<uint16_t*>(p.dv), p.stride_dv_tok, p.stride_dv_head,
         rows_aligned(p.dk, p.stride_dk_tok, p.stride_dk_head), rows_aligned(p.dv, p.stride_dv_tok, p.stride_dv_head));
     check_cuda(kOp, cudaGetLastError(), "dk/dv convert launch");
   }

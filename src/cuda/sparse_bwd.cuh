@@ -58,20 +58,20 @@ struct SparseBwdKernelParams {
   int kv_vec = 0;  // k and v rows are 16-byte aligned: vector loads
   int64_t n_q = 0, n_k = 0;
   int h_q = 1, h_kv = 1, g = 1, log2g = 0, topk = 1, bk_shift = 7;
-  float scale_log2 = 1.f;                // scale * log2(e)
-  const float* lse = nullptr;            // [n_q, h_q] (this pass), natural log
-  const float* delta = nullptr;          // [n_q, h_q] (this pass): rowsum(do * o)
-  const uint64_t* keys = nullptr;        // [n_e] sorted group keys (schedule)
-  const uint32_t* entries = nullptr;     // [n_e] sorted entry ids (schedule)
-  const int32_t* lims = nullptr;         // [n_e] last visible key row of each sorted entry's query (schedule)
-  const int32_t* item_start = nullptr;   // [n_items] (schedule)
-  int32_t* counters = nullptr;           // n_valid, n_items, work counter (schedule)
+  float scale_log2 = 1.f;               // scale * log2(e)
+  const float* lse = nullptr;           // [n_q, h_q] (this pass), natural log
+  const float* delta = nullptr;         // [n_q, h_q] (this pass): rowsum(do * o)
+  const uint64_t* keys = nullptr;       // [n_e] sorted group keys (schedule)
+  const uint32_t* entries = nullptr;    // [n_e] sorted entry ids (schedule)
+  const int32_t* lims = nullptr;        // [n_e] last visible key row of each sorted entry's query (schedule)
+  const int32_t* item_start = nullptr;  // [n_items] (schedule)
+  int32_t* counters = nullptr;          // n_valid, n_items, work counter (schedule)
   int deterministic = 0;
   int dq_exchange = 1;  // warpgroup 1 adds its dQ to warpgroup 0's before one output (else both output; atomics only)
-  float* dq_acc = nullptr;    // non-deterministic: [n_q, h_q, d] float32, atomically accumulated
-  float* dq_part = nullptr;   // deterministic: [n_q, h_q, topk, d] float32 per-slot partials (plain stores)
-  float* dk_acc = nullptr;    // [n_k, h_kv, d] float32 (unscaled dS^T Q), whole call
-  float* dv_acc = nullptr;    // [n_k, h_kv, d] float32, whole call
+  float* dq_acc = nullptr;     // non-deterministic: [n_q, h_q, d] float32, atomically accumulated
+  float* dq_part = nullptr;    // deterministic: [n_q, h_q, topk, d] float32 per-slot partials (plain stores)
+  float* dk_acc = nullptr;     // [n_k, h_kv, d] float32 (unscaled dS^T Q), whole call
+  float* dv_acc = nullptr;     // [n_k, h_kv, d] float32, whole call
   float* item_part = nullptr;  // deterministic: [item_cap][2][bk][d] float32 per-item dK, dV partials
   int item_cap = 0;            // items past it (only possible for invalid varlen contents) use atomics
 };
@@ -155,10 +155,14 @@ __device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], uint64_t da, uint64
       ".reg .pred p;\n"
       "setp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31}, "
       "%32, %33, p, 1, 1, %35, %36;\n"
       "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(da), "l"(db), "r"(scale_d), "n"(TA), "n"(TB));
 }
 
@@ -169,10 +173,19 @@ __device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], uint64_t da, uint6
       ".reg .pred p;\n"
       "setp.ne.b32 p, %66, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "
+      "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
       "%64, %65, p, 1, 1, %67, %68;\n"
       "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(da), "l"(db), "r"(scale_d), "n"(TA), "n"(TB));
 }
 
@@ -210,8 +223,8 @@ __device__ __forceinline__ float4 quad_v4(float a0, float a1, float b0, float b1
 // K and V block rows [kstart, kstart + BK) of kv head r, both as K-major SW128 tiles [BK][D]. Rows
 // past n_k are zeros (no query can see them).
 template <int D, int BK, int NT>
-__device__ __forceinline__ void load_kv(const SparseBwdKernelParams& p, uint8_t* sk, uint8_t* sv, int r,
-                                        int64_t kstart, int tid) {
+__device__ __forceinline__ void load_kv(const SparseBwdKernelParams& p, uint8_t* sk, uint8_t* sv, int r, int64_t kstart,
+                                        int tid) {
   constexpr int CH = D / 8;
   const bool vec = p.kv_vec != 0;
   for (int c = tid; c < BK * CH; c += NT) {
@@ -305,7 +318,7 @@ __global__ void __launch_bounds__(BK * 2, 1) sparse_bwd_kernel(const SparseBwdKe
   const int q4 = lane & 3;
   const uint32_t s_base = smem_addr(smem);
   const uint32_t sk = s_base + lay.k, sv = s_base + lay.v;
-  const uint32_t sp = s_base + lay.p + uint32_t(wg) * (kSbRows * 128);   // this warpgroup's P atom
+  const uint32_t sp = s_base + lay.p + uint32_t(wg) * (kSbRows * 128);    // this warpgroup's P atom
   const uint32_t sds = s_base + lay.ds + uint32_t(wg) * (kSbRows * 128);  // and dS atom
   uint8_t* gp = smem + lay.p + wg * (kSbRows * 128);
   uint8_t* gds = smem + lay.ds + wg * (kSbRows * 128);
@@ -338,9 +351,9 @@ __global__ void __launch_bounds__(BK * 2, 1) sparse_bwd_kernel(const SparseBwdKe
     auto last = [&](int tt) { return min(e1, e0 + (tt + 1) * queries_per_tile); };
     const int my_row = (tid & 127) >> 1;
     auto issue = [&](int tt, int stg, RowSrc rs) {
-      issue_tile<D, NT>(p, s_base + lay.stage + uint32_t(stg) * lay.stage_bytes,
-                        s_base + lay.lse + uint32_t(stg * kSbRows * 4), s_base + lay.delta + uint32_t(stg * kSbRows * 4),
-                        s_ent + stg * kSbRows, s_lim + stg * kSbRows, rs, r, tid);
+      issue_tile<D, NT>(
+          p, s_base + lay.stage + uint32_t(stg) * lay.stage_bytes, s_base + lay.lse + uint32_t(stg * kSbRows * 4),
+          s_base + lay.delta + uint32_t(stg * kSbRows * 4), s_ent + stg * kSbRows, s_lim + stg * kSbRows, rs, r, tid);
     };
 #pragma unroll
     for (int u = 0; u < kSbStages - 1; ++u) {
@@ -427,10 +440,12 @@ __global__ void __launch_bounds__(BK * 2, 1) sparse_bwd_kernel(const SparseBwdKe
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kSbRows / 16; ++kk)
-        wgmma_ss<D, 1, 1>(dv, sw128_desc_mn(sp + kk * 2048, kSbRows * 128), sw128_desc_mn(sdo + kk * 2048, kSbRows * 128), 1);
+        wgmma_ss<D, 1, 1>(dv, sw128_desc_mn(sp + kk * 2048, kSbRows * 128),
+                          sw128_desc_mn(sdo + kk * 2048, kSbRows * 128), 1);
 #pragma unroll
       for (int kk = 0; kk < kSbRows / 16; ++kk)
-        wgmma_ss<D, 1, 1>(dk, sw128_desc_mn(sds + kk * 2048, kSbRows * 128), sw128_desc_mn(sq + kk * 2048, kSbRows * 128), 1);
+        wgmma_ss<D, 1, 1>(dk, sw128_desc_mn(sds + kk * 2048, kSbRows * 128),
+                          sw128_desc_mn(sq + kk * 2048, kSbRows * 128), 1);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
         wgmma_ss<D, 0, 1>(dq, sw128_desc(sds + kk * 32), sw128_desc_mn(sk + (wg * 64 + kk * 16) * 128, BK * 128),
@@ -528,8 +543,8 @@ void launch_sparse_bwd(const SparseBwdKernelParams& kp, int num_sms, int64_t max
              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
              "cudaFuncSetAttribute failed");
   int per_sm = 0;
-  check_cuda("sparse_attention_backward",
-             cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, BK * 2, bytes), "occupancy query failed");
+  check_cuda("sparse_attention_backward", cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, BK * 2, bytes),
+             "occupancy query failed");
   const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(int64_t(num_sms) * std::max(per_sm, 1), max_ctas));
   kernel<<<dim3(unsigned(grid)), dim3(unsigned(BK * 2)), bytes, stream>>>(kp);
   check_cuda("sparse_attention_backward", cudaGetLastError(), "main kernel launch failed");
