@@ -76,7 +76,11 @@ double index_kl_loss(const IndexKLParams& p0, const Exec& ex) {
   SeqInfo s = check_kl("index_kl_loss", p, ex, false);
   if (s.n_q == 0) return 0.0;
 #ifdef MSA_WITH_CUDA
-  if (ex.backend == Backend::cuda) return cuda::run_index_kl(p, static_cast<cudaStream_t>(ex.stream), false);
+  if (ex.backend == Backend::cuda) {
+    cuda::KlOptions opt;
+    opt.max_workspace_bytes = ex.max_workspace_bytes;
+    return cuda::run_index_kl(p, static_cast<cudaStream_t>(ex.stream), false, opt);
+  }
 #endif
   return cpu::index_kl_loss(p, s, ex.num_threads);
 }
@@ -87,7 +91,9 @@ void index_kl_backward(const IndexKLParams& p0, const Exec& ex) {
   if (s.n_q == 0 && s.n_k == 0) return;
 #ifdef MSA_WITH_CUDA
   if (ex.backend == Backend::cuda) {
-    cuda::run_index_kl(p, static_cast<cudaStream_t>(ex.stream), true);
+    cuda::KlOptions opt;
+    opt.max_workspace_bytes = ex.max_workspace_bytes;
+    cuda::run_index_kl(p, static_cast<cudaStream_t>(ex.stream), true, opt);
     return;
   }
 #endif

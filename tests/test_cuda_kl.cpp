@@ -338,7 +338,7 @@ struct Out {
 
 // Runs backward and loss on the GPU. pass_queries > 0 calls the internal entry with that pass size.
 Out run_gpu(const Problem& P, bool ilse_given, const Layout& L = {}, cudaStream_t stream = nullptr,
-            int64_t pass_queries = 0) {
+            int64_t pass_queries = 0, size_t max_workspace_bytes = 0) {
   const int64_t n_q = P.n_q(), n_k = P.n_k(), d = P.d, di = P.d_idx;
   const int64_t qh = d + L.pad_head, qt = P.h_q * qh + L.pad_tok;
   const int64_t kh = d + L.pad_head, kt = P.h_kv * kh + L.pad_tok;
@@ -383,6 +383,7 @@ Out run_gpu(const Problem& P, bool ilse_given, const Layout& L = {}, cudaStream_
   Exec ex;
   ex.backend = Backend::cuda;
   ex.stream = stream;
+  ex.max_workspace_bytes = max_workspace_bytes;
   Out out;
   if (pass_queries > 0) {
     cuda::KlOptions opt;
@@ -624,6 +625,39 @@ TEST(CudaKL, QueryPassesAndRepeatability) {
       EXPECT_TRUE(within(o.dk, ref.dk, B.dk, "dk_idx (passes)"));
     }
     cudaStreamDestroy(stream);
+  }
+}
+
+// Exec::max_workspace_bytes sizes the query passes: the results are those of the default (dq_idx
+// bitwise, the loss within its bound); a budget below one query's workspace is an msa::Error.
+TEST(CudaKL, WorkspaceBudget) {
+  REQUIRE_GPU();
+  for (int64_t topk : {4, 0}) {
+    Problem P = make_problem(1100 + topk, {500, 300}, {500, 300}, 8, 2, 128, 128, 64, topk);
+    if (topk) select_random(P, 1110, true);
+    saved_stats(P);
+    const Out ref = run_gpu(P, false);
+    const Bounds B = bounds(P, false);
+    int ran = 0;
+    // Below or above the one-query minimum depending on the schedule's sort storage: either is fine,
+    // as long as a budget that runs gives the default's results.
+    for (size_t budget : {size_t(1) << 21, size_t(3) << 20, size_t(1) << 23, size_t(1) << 30}) {
+      Out o;
+      try {
+        o = run_gpu(P, false, {}, nullptr, 0, budget);
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("max_workspace_bytes"), std::string::npos) << e.what();
+        continue;
+      }
+      ++ran;
+      EXPECT_TRUE(bitwise_equal(o.dq_bits, ref.dq_bits)) << "dq_idx with a budget of " << budget << " bytes";
+      EXPECT_NEAR(o.loss, ref.loss, B.loss) << "budget " << budget;
+      const Ref cpu = cpu_reference(P, false);
+      EXPECT_TRUE(within(o.dk, cpu.dk, B.dk, "dk_idx (budget)"));
+    }
+    EXPECT_GE(ran, 1);
+    EXPECT_TRUE(throws_error([&] { run_gpu(P, false, {}, nullptr, 0, 1000); },
+                             {"msa::index_kl_backward", "max_workspace_bytes = 1000"}));
   }
 }
 

@@ -49,7 +49,8 @@ struct Exec {
   // sparse attention forward runs the queries in passes sized to fit (default: passes of
   // 2^24 / (h_q * topk) queries, about 4.4 GB at h_q = 64, topk = 16, d = 128); a larger budget
   // means fewer passes and a faster long prompt, with bitwise the same results. A budget too small
-  // for one query throws msa::Error.
+  // for one query throws msa::Error. The KL loss and backward size their query passes the same way
+  // (default: about 7 GB at 128K tokens of the M3 shape).
   size_t max_workspace_bytes = 0;
 };
 

@@ -36,6 +36,7 @@ struct IndexKLParams {
 
   // Optional saved statistics over the same support, as the forward passes produce them:
   const float* lse = nullptr;        // [n_q, h_q] main-branch lse (attention forward); nullptr: recomputed
+                                     // (cpu only: the cuda backend requires it)
   const float* index_lse = nullptr;  // [n_q, h_kv] index lse (index_topk); nullptr: recomputed
 
   void* dq_idx = nullptr;  // [n_q, h_kv, d_idx] out (backward)
@@ -44,7 +45,8 @@ struct IndexKLParams {
   int64_t stride_dk_idx_tok = 0;
 };
 
-// Returns L_KL (not multiplied by lambda); 0 when n_q == 0.
+// Returns L_KL (not multiplied by lambda); 0 when n_q == 0. On cuda the value is copied to the host,
+// which synchronises the stream.
 double index_kl_loss(const IndexKLParams& p, const Exec& ex = {});
 // Writes dq_idx and dk_idx of lambda * L_KL.
 void index_kl_backward(const IndexKLParams& p, const Exec& ex = {});

@@ -221,13 +221,6 @@ double run_index_kl(const IndexKLParams& p0, cudaStream_t stream, bool backward,
 
   const int64_t n_blocks = (n_k + bk - 1) / bk;
   const int n_ranges = sparse ? 1 : int(std::max<int64_t>(1, (n_blocks + slots - 1) / slots));
-  int64_t pass =
-      opt.pass_queries > 0 ? opt.pass_queries : std::max<int64_t>(1, kKlPassBytes / (h_kv * slots * int64_t(di) * 4));
-  pass = std::max<int64_t>(1, std::min<int64_t>(pass, n_q));
-  const int64_t n_e = pass * h_kv * slots;
-  if (n_e >= INT32_MAX)
-    throw Error(fn + std::to_string(pass) + " queries per pass * h_kv * slots = " + std::to_string(n_e) +
-                " selection entries, expected fewer than 2^31 on the cuda backend");
   const bool need_ilse = p.index_lse == nullptr;
   const int64_t chunk = (int64_t(kKlChunkFactor) * slots * bk + kKlRows - 1) / kKlRows * kKlRows;
 
@@ -243,41 +236,82 @@ double run_index_kl(const IndexKLParams& p0, cudaStream_t stream, bool backward,
   sp.bk = bk;
   sp.bk_shift = log2_exact(bk);
   sp.chunk = int(std::min<int64_t>(chunk, INT32_MAX / 2));
-  size_t sched_bytes = 0;
-  if (n_q > 0) {
-    SparseScheduleParams full = sp, tail = sp;
-    full.n_q = pass;
-    tail.n_q = n_q % pass == 0 ? pass : n_q % pass;
-    sched_bytes = align256(std::max(sparse_schedule_bytes(full), sparse_schedule_bytes(tail)));
-  }
   const bool q_vec = is_aligned(p.q, 16) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0;
   const bool qi_vec = is_aligned(p.q_idx, 16) && p.stride_q_idx_tok % 8 == 0 && p.stride_q_idx_head % 8 == 0;
 
-  // Workspace map.
-  size_t off = 0;
-  auto take = [&](size_t bytes, bool use) {
-    const size_t at = off;
-    if (use) off += align256(bytes);
-    return at;
+  // The workspace map of a pass size; the total grows with the pass.
+  struct Map {
+    int64_t pass = 0, n_e = 0;
+    size_t sched_bytes = 0, o_sched, o_plse, o_ilse_acc, o_ilse, o_sel, o_pdq, o_ds, o_dq_acc, o_dk_acc, o_klp, o_kls,
+           o_q, o_qi, total = 0;
   };
-  const int64_t rows = pass * h_kv;
-  const size_t o_sched = take(sched_bytes, true);
-  const size_t o_plse = take(size_t(n_e) * 4, need_ilse);
-  const size_t o_ilse_acc = take(size_t(rows) * 4, need_ilse && n_ranges > 1);
-  const size_t o_ilse = take(size_t(rows) * 4, need_ilse);
-  const size_t o_sel = take(size_t(n_e) * 4, !sparse);
-  const size_t o_pdq = take(size_t(n_e) * di * 4, backward);
-  const size_t o_ds = take(size_t(n_e) * bk * 2, backward);
-  const size_t o_dq_acc = take(size_t(rows) * di * 4, backward && n_ranges > 1);
-  const size_t o_dk_acc = take(size_t(std::max<int64_t>(n_k, 1)) * di * 4, backward);
-  const size_t o_klp = take(size_t(n_e) * 8, !backward);
-  const size_t o_kls = take(size_t(kKlReduceBlocks) * 8 + 8, !backward);
-  const size_t o_q = take(size_t(pass) * p.h_q * d * 2, !q_vec);
-  const size_t o_qi = take(size_t(pass) * h_kv * di * 2, !qi_vec);
+  auto map_for = [&](int64_t pass_rows) {
+    Map m;
+    m.pass = std::max<int64_t>(1, std::min<int64_t>(pass_rows, n_q));
+    m.n_e = m.pass * h_kv * slots;
+    if (n_q > 0) {
+      SparseScheduleParams full = sp, tail = sp;
+      full.n_q = m.pass;
+      tail.n_q = n_q % m.pass == 0 ? m.pass : n_q % m.pass;
+      m.sched_bytes = align256(std::max(sparse_schedule_bytes(full), sparse_schedule_bytes(tail)));
+    }
+    size_t off = 0;
+    auto take = [&](size_t bytes, bool use) {
+      const size_t at = off;
+      if (use) off += align256(bytes);
+      return at;
+    };
+    const size_t n_e = size_t(m.n_e), rows = size_t(m.pass * h_kv);
+    m.o_sched = take(m.sched_bytes, true);
+    m.o_plse = take(n_e * 4, need_ilse);
+    m.o_ilse_acc = take(rows * 4, need_ilse && n_ranges > 1);
+    m.o_ilse = take(rows * 4, need_ilse);
+    m.o_sel = take(n_e * 4, !sparse);
+    m.o_pdq = take(n_e * di * 4, backward);
+    m.o_ds = take(n_e * bk * 2, backward);
+    m.o_dq_acc = take(rows * di * 4, backward && n_ranges > 1);
+    m.o_dk_acc = take(size_t(std::max<int64_t>(n_k, 1)) * di * 4, backward);
+    m.o_klp = take(n_e * 8, !backward);
+    m.o_kls = take(size_t(kKlReduceBlocks) * 8 + 8, !backward);
+    m.o_q = take(size_t(m.pass) * p.h_q * d * 2, !q_vec);
+    m.o_qi = take(rows * di * 2, !qi_vec);
+    m.total = std::max<size_t>(off, 256);
+    return m;
+  };
+  // Entry ids, sorted positions and item starts are 32-bit per pass.
+  const int64_t max_pass = std::max<int64_t>(1, (INT32_MAX - 1) / (h_kv * slots));
+  Map map;
+  if (opt.pass_queries > 0) {
+    map = map_for(std::min(opt.pass_queries, max_pass));
+  } else if (opt.max_workspace_bytes == 0) {
+    map = map_for(std::min(max_pass, std::max<int64_t>(1, kKlPassBytes / (h_kv * slots * int64_t(di) * 4))));
+  } else {
+    // The largest pass whose workspace fits the caller's budget.
+    const size_t limit = opt.max_workspace_bytes;
+    map = map_for(1);
+    if (map.total > limit)
+      throw Error(fn + "max_workspace_bytes = " + std::to_string(limit) + ", expected at least " +
+                  std::to_string(map.total) + " (one query per pass)");
+    int64_t lo = 1, hi = std::max<int64_t>(1, std::min(n_q, max_pass));
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo + 1) / 2;
+      const Map cand = map_for(mid);
+      if (cand.total <= limit) {
+        lo = mid;
+        map = cand;
+      } else {
+        hi = mid - 1;
+      }
+    }
+  }
+  const int64_t pass = map.pass;
+  const size_t sched_bytes = map.sched_bytes, o_sched = map.o_sched, o_plse = map.o_plse, o_ilse_acc = map.o_ilse_acc,
+               o_ilse = map.o_ilse, o_sel = map.o_sel, o_pdq = map.o_pdq, o_ds = map.o_ds, o_dq_acc = map.o_dq_acc,
+               o_dk_acc = map.o_dk_acc, o_klp = map.o_klp, o_kls = map.o_kls, o_q = map.o_q, o_qi = map.o_qi;
 
   ScratchGuard ws;
   ws.stream = stream;
-  check_cuda(op, cudaMallocAsync(&ws.ptr, std::max<size_t>(off, 256), stream), "cudaMallocAsync");
+  check_cuda(op, cudaMallocAsync(&ws.ptr, map.total, stream), "cudaMallocAsync");
   uint8_t* base = static_cast<uint8_t*>(ws.ptr);
   auto at = [&](size_t o) { return static_cast<void*>(base + o); };
 

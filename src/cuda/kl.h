@@ -13,7 +13,8 @@ namespace msa::cuda {
 
 // Knobs for measurements; the defaults are what the public API runs.
 struct KlOptions {
-  int64_t pass_queries = 0;  // most query rows per pass; 0: from kKlPassBytes
+  int64_t pass_queries = 0;        // most query rows per pass; 0: from max_workspace_bytes or kKlPassBytes
+  size_t max_workspace_bytes = 0;  // Exec::max_workspace_bytes: the largest pass whose workspace fits
   // Recorded on the stream (in the last pass) when set: after the index-lse pre-pass (or at the
   // start when index_lse is given), and after the main kernels (before the dK kernel and combines).
   cudaEvent_t after_lse = nullptr;
