@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "bench_fill.h"
 #include "cli.h"
 #include "msa/msa.h"
@@ -31,86 +32,6 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 // Device memory kept free beyond the tensors: the sparse forward's workspace (one pass of 16384
 // queries at this shape, 4.4 GB, docs/sparse_attention.md) plus slack for CUB and the allocator.
 constexpr double kWorkspaceReserve = 5.5e9;
-
-void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string("msa bench: ") + what + ": " + cudaGetErrorString(e));
-}
-
-// A device allocation that reports failure instead of throwing (the caller skips the size).
-struct DevMem {
-  void* ptr = nullptr;
-  DevMem() = default;
-  DevMem(const DevMem&) = delete;
-  DevMem& operator=(const DevMem&) = delete;
-  ~DevMem() {
-    if (ptr) cudaFree(ptr);
-  }
-  bool alloc(size_t bytes) {
-    if (cudaMalloc(&ptr, bytes) != cudaSuccess) {
-      ptr = nullptr;
-      cudaGetLastError();  // an out-of-memory error is not sticky: clear it
-      return false;
-    }
-    return true;
-  }
-  template <class T>
-  T* as() const {
-    return static_cast<T*>(ptr);
-  }
-};
-
-struct Timing {
-  double median_ms = 0, min_ms = 0;
-  int runs = 0;
-  bool separate_warmup = true;  // false: the one timed call was also the first call at this size
-};
-
-// CUDA events around each call, queued back to back on the stream. The first call warms up (module
-// load, allocator pool, TMA descriptors) and sizes the repetitions: up to iters runs within about
-// budget_ms; a call longer than the budget is measured once, by that first call.
-Timing time_calls(const std::function<void()>& call, cudaStream_t stream, int iters, double budget_ms) {
-  cudaEvent_t a, b;
-  ok(cudaEventCreate(&a), "cudaEventCreate");
-  ok(cudaEventCreate(&b), "cudaEventCreate");
-  ok(cudaEventRecord(a, stream), "cudaEventRecord");
-  call();
-  ok(cudaEventRecord(b, stream), "cudaEventRecord");
-  ok(cudaEventSynchronize(b), "first call");
-  float first = 0;
-  ok(cudaEventElapsedTime(&first, a, b), "cudaEventElapsedTime");
-  Timing t;
-  if (first >= budget_ms) {
-    t.median_ms = t.min_ms = first;
-    t.runs = 1;
-    t.separate_warmup = false;
-  } else {
-    const int reps = std::max(1, std::min(iters, int(budget_ms / std::max(first, 1e-3f))));
-    std::vector<cudaEvent_t> ev(2 * reps);
-    for (auto& e : ev) ok(cudaEventCreate(&e), "cudaEventCreate");
-    for (int r = 0; r < reps; ++r) {
-      ok(cudaEventRecord(ev[2 * r], stream), "cudaEventRecord");
-      call();
-      ok(cudaEventRecord(ev[2 * r + 1], stream), "cudaEventRecord");
-    }
-    ok(cudaStreamSynchronize(stream), "timed calls");
-    std::vector<double> ms(reps);
-    for (int r = 0; r < reps; ++r) {
-      float x = 0;
-      ok(cudaEventElapsedTime(&x, ev[2 * r], ev[2 * r + 1]), "cudaEventElapsedTime");
-      ms[r] = x;
-    }
-    for (auto& e : ev) cudaEventDestroy(e);
-    std::sort(ms.begin(), ms.end());
-    t.median_ms = reps % 2 ? ms[reps / 2] : 0.5 * (ms[reps / 2 - 1] + ms[reps / 2]);
-    t.min_ms = ms[0];
-    t.runs = reps;
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return t;
-}
-
-double tflops(double flops, double ms) { return ms > 0 ? flops / (ms * 1e-3) / 1e12 : 0; }
 
 double bf16_bits_to_double(uint16_t bits) { return double(bf16_to_float(bf16{bits})); }
 
@@ -366,31 +287,6 @@ Check check_dense(const Buffers& B, int64_t n) {
 
 // ---- output ----
 
-std::string jstr(const std::string& s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\')
-      out += '\\', out += c;
-    else if (c == '\n')
-      out += "\\n";
-    else
-      out += c;
-  }
-  return out + "\"";
-}
-
-std::string jnum(double x, int prec = 6) {
-  if (!std::isfinite(x)) return "null";
-  return strf("%.*g", prec, x);
-}
-
-std::string jtiming(const Timing& t, double flops) {
-  std::string s = strf("{\"median_ms\": %s, \"min_ms\": %s, \"runs\": %d, \"separate_warmup\": %s", jnum(t.median_ms).c_str(),
-                       jnum(t.min_ms).c_str(), t.runs, t.separate_warmup ? "true" : "false");
-  if (flops > 0) s += strf(", \"flops\": %s, \"tflops\": %s", jnum(flops, 10).c_str(), jnum(tflops(flops, t.median_ms), 5).c_str());
-  return s + "}";
-}
-
 std::string jcheck(const Check& c) {
   return strf("{\"rows\": %lld, \"o_worst_over_bound\": %s, \"lse_worst_over_bound\": %s, \"pass\": %s}",
               (long long)c.rows, jnum(c.o_worst, 4).c_str(), jnum(c.lse_worst, 4).c_str(), c.pass() ? "true" : "false");
@@ -467,10 +363,6 @@ std::string to_json(const Context& cx, const TopkResult& tk, const std::vector<S
   return j;
 }
 
-std::string fmt_ms(double ms) { return ms >= 100 ? strf("%.1f", ms) : ms >= 10 ? strf("%.2f", ms) : strf("%.3f", ms); }
-
-std::string runs_note(const Timing& t) { return t.runs >= 5 ? "" : strf(" (%d%s)", t.runs, t.separate_warmup ? "" : "*"); }
-
 std::string to_markdown(const Context& cx, const TopkResult& tk, const std::vector<SizeResult>& sizes) {
   std::string m = "# msa bench prefill — " + cx.date + "\n\n";
   m += "- GPU: " + cx.gpu + strf(" (%d SMs, %.1f GiB), CUDA runtime ", cx.sms, cx.mem_gib) + cx.runtime + "\n";
@@ -509,22 +401,6 @@ std::string to_markdown(const Context& cx, const TopkResult& tk, const std::vect
     m += strf("\nblock_topk [131072 x 1024] fp32, k = 16, force_last off: %.4f ms median of %d (%.0f GB/s effective).\n",
               tk.t.median_ms, tk.t.runs, tk.gbps);
   return m;
-}
-
-void write_file(const std::string& path, const std::string& text) {
-  FILE* f = std::fopen(path.c_str(), "w");
-  if (!f) throw std::runtime_error("msa bench: cannot write " + path);
-  std::fputs(text.c_str(), f);
-  std::fclose(f);
-}
-
-std::string today_utc() {
-  std::time_t t = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof(buf), "%Y-%m-%d", &tm);
-  return buf;
 }
 
 // ---- the measurements ----

@@ -36,11 +36,25 @@ struct BenchOptions {
   std::string command;    // the command line, recorded in the outputs
 };
 
+// `msa bench train` (GPU only; bench_train.cpp, compiled in CUDA builds).
+struct BenchTrainOptions {
+  std::vector<int64_t> ns = {32768, 131072};
+  std::vector<std::string> selections = {"planted", "random"};
+  int iters = 5;          // most timed runs per measurement (median reported)
+  double budget_s = 20;   // rough time cap per measurement; longer calls run fewer times
+  uint64_t seed = 1;
+  bool dense = true;      // the warm-up phase: our dense forward + backward and the full-prefix KL
+  std::string out;        // file prefix: writes out.json and out.md; empty: print only
+  std::string commit;     // recorded as the measured commit; empty: the one seen at configure time
+  std::string command;    // the command line, recorded in the outputs
+};
+
 // Each returns the process exit code: 0 ok, 1 a check failed, 2 the request cannot run here.
 int run_info();
 int run_check(const CheckOptions& o);
 int run_demo(const DemoOptions& o);
 int run_bench_prefill(const BenchOptions& o);
+int run_bench_train(const BenchTrainOptions& o);
 
 // printf into a std::string.
 std::string strf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));

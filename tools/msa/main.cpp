@@ -100,6 +100,30 @@ int main(int argc, char** argv) {
   cmd_prefill->add_option("--out", bench.out, "Write OUT.json and OUT.md");
   cmd_prefill->add_option("--commit", bench.commit, "Commit to record (default: the one seen at configure time)");
 
+  BenchTrainOptions bench_train;
+  auto* cmd_train = cmd_bench->add_subcommand(
+      "train", "One MSA layer's training step at the M3 shape: sparse and dense backward, KL backward, warm-up");
+  cmd_train->add_option("--n", bench_train.ns, "Sequence lengths, comma separated")
+      ->delimiter(',')
+      ->check(CLI::Range(int64_t(256), int64_t(1) << 22))
+      ->capture_default_str();
+  cmd_train
+      ->add_option("--selections", bench_train.selections, "Index inputs: planted (sink + local), random (Gaussian)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"random", "planted"}))
+      ->capture_default_str();
+  cmd_train->add_option("--iters", bench_train.iters, "Most timed runs per measurement (median reported)")
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
+  cmd_train
+      ->add_option("--budget-s", bench_train.budget_s, "Rough seconds per measurement; slower calls run fewer times")
+      ->check(CLI::Range(0.1, 3600.0))
+      ->capture_default_str();
+  cmd_train->add_option("--seed", bench_train.seed, "Seed of the random inputs")->capture_default_str();
+  cmd_train->add_flag("!--no-dense", bench_train.dense, "Skip the warm-up phase (dense forward + backward, full KL)");
+  cmd_train->add_option("--out", bench_train.out, "Write OUT.json and OUT.md");
+  cmd_train->add_option("--commit", bench_train.commit, "Commit to record (default: the one seen at configure time)");
+
 #ifdef MSA_WITH_TRAINER
   msa::train::Commands trainer;
   msa::train::add_commands(app, trainer);
@@ -146,6 +170,10 @@ int main(int argc, char** argv) {
       for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         bench.command += a.find_first_of(" \t'\"") == std::string::npos ? " " + a : " '" + a + "'";
+      }
+      if (cmd_train->parsed()) {
+        bench_train.command = bench.command;
+        return run_bench_train(bench_train);
       }
       return run_bench_prefill(bench);
 #else

@@ -1,0 +1,151 @@
+// Helpers shared by the `msa bench` subcommands (CUDA builds only): CUDA error checks, a device
+// allocation that reports failure, event timing of calls queued on one stream, and the JSON /
+// markdown / file helpers of the results.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cli.h"
+
+namespace msa::cli {
+
+inline void ok(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("msa bench: ") + what + ": " + cudaGetErrorString(e));
+}
+
+// A device allocation that reports failure instead of throwing (the caller skips the size).
+struct DevMem {
+  void* ptr = nullptr;
+  DevMem() = default;
+  DevMem(const DevMem&) = delete;
+  DevMem& operator=(const DevMem&) = delete;
+  ~DevMem() {
+    if (ptr) cudaFree(ptr);
+  }
+  bool alloc(size_t bytes) {
+    if (cudaMalloc(&ptr, bytes) != cudaSuccess) {
+      ptr = nullptr;
+      cudaGetLastError();  // an out-of-memory error is not sticky: clear it
+      return false;
+    }
+    return true;
+  }
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(ptr);
+  }
+};
+
+struct Timing {
+  double median_ms = 0, min_ms = 0;
+  int runs = 0;
+  bool separate_warmup = true;  // false: the one timed call was also the first call at this size
+};
+
+// CUDA events around each call, queued back to back on the stream. The first call warms up (module
+// load, allocator pool, TMA descriptors) and sizes the repetitions: up to iters runs within about
+// budget_ms; a call longer than the budget is measured once, by that first call.
+inline Timing time_calls(const std::function<void()>& call, cudaStream_t stream, int iters, double budget_ms) {
+  cudaEvent_t a, b;
+  ok(cudaEventCreate(&a), "cudaEventCreate");
+  ok(cudaEventCreate(&b), "cudaEventCreate");
+  ok(cudaEventRecord(a, stream), "cudaEventRecord");
+  call();
+  ok(cudaEventRecord(b, stream), "cudaEventRecord");
+  ok(cudaEventSynchronize(b), "first call");
+  float first = 0;
+  ok(cudaEventElapsedTime(&first, a, b), "cudaEventElapsedTime");
+  Timing t;
+  if (first >= budget_ms) {
+    t.median_ms = t.min_ms = first;
+    t.runs = 1;
+    t.separate_warmup = false;
+  } else {
+    const int reps = std::max(1, std::min(iters, int(budget_ms / std::max(first, 1e-3f))));
+    std::vector<cudaEvent_t> ev(2 * reps);
+    for (auto& e : ev) ok(cudaEventCreate(&e), "cudaEventCreate");
+    for (int r = 0; r < reps; ++r) {
+      ok(cudaEventRecord(ev[2 * r], stream), "cudaEventRecord");
+      call();
+      ok(cudaEventRecord(ev[2 * r + 1], stream), "cudaEventRecord");
+    }
+    ok(cudaStreamSynchronize(stream), "timed calls");
+    std::vector<double> ms(reps);
+    for (int r = 0; r < reps; ++r) {
+      float x = 0;
+      ok(cudaEventElapsedTime(&x, ev[2 * r], ev[2 * r + 1]), "cudaEventElapsedTime");
+      ms[r] = x;
+    }
+    for (auto& e : ev) cudaEventDestroy(e);
+    std::sort(ms.begin(), ms.end());
+    t.median_ms = reps % 2 ? ms[reps / 2] : 0.5 * (ms[reps / 2 - 1] + ms[reps / 2]);
+    t.min_ms = ms[0];
+    t.runs = reps;
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return t;
+}
+
+inline double tflops(double flops, double ms) { return ms > 0 ? flops / (ms * 1e-3) / 1e12 : 0; }
+
+inline std::string jstr(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\')
+      out += '\\', out += c;
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
+  }
+  return out + "\"";
+}
+
+inline std::string jnum(double x, int prec = 6) {
+  if (!std::isfinite(x)) return "null";
+  return strf("%.*g", prec, x);
+}
+
+inline std::string jtiming(const Timing& t, double flops) {
+  std::string s = strf("{\"median_ms\": %s, \"min_ms\": %s, \"runs\": %d, \"separate_warmup\": %s",
+                       jnum(t.median_ms).c_str(), jnum(t.min_ms).c_str(), t.runs, t.separate_warmup ? "true" : "false");
+  if (flops > 0)
+    s += strf(", \"flops\": %s, \"tflops\": %s", jnum(flops, 10).c_str(), jnum(tflops(flops, t.median_ms), 5).c_str());
+  return s + "}";
+}
+
+inline std::string fmt_ms(double ms) {
+  return ms >= 100 ? strf("%.1f", ms) : ms >= 10 ? strf("%.2f", ms) : strf("%.3f", ms);
+}
+
+inline std::string runs_note(const Timing& t) {
+  return t.runs >= 5 ? "" : strf(" (%d%s)", t.runs, t.separate_warmup ? "" : "*");
+}
+
+inline void write_file(const std::string& path, const std::string& text) {
+  FILE* f = std::fopen(path.c_str(), "w");
+  if (!f) throw std::runtime_error("msa bench: cannot write " + path);
+  std::fputs(text.c_str(), f);
+  std::fclose(f);
+}
+
+inline std::string today_utc() {
+  std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%d", &tm);
+  return buf;
+}
+
+}  // namespace msa::cli
