@@ -29,6 +29,9 @@ if ! "$msa" train --help >/dev/null 2>&1; then
 fi
 
 mkdir -p "$out"
+# Threads that sleep rather than spin while waiting: on a shared or busy machine spinning OpenMP
+# threads make the two-thread evaluation several times slower.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 common=(--config tiny --steps "$steps" --threads 1 --quiet)
 say "training tiny dense and tiny msa-pt, $steps steps of $seq_len tokens each (warm-up $warm_steps steps), in parallel"
 start=$SECONDS

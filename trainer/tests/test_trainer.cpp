@@ -2,6 +2,7 @@
 // the MSA layer's modes, the LM's shapes, the routes' checkpoints and exact resume.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 
@@ -17,6 +18,13 @@
 #include "train.h"
 
 namespace {
+
+// One thread for every test: the float64 checks need no speed, and OpenMP threads that spin while
+// waiting make a loaded machine much slower.
+struct OneThread : ::testing::Environment {
+  void SetUp() override { at::set_num_threads(1); }
+};
+const auto* const one_thread = ::testing::AddGlobalTestEnvironment(new OneThread);
 
 using at::Tensor;
 using namespace msa::train;
@@ -244,12 +252,13 @@ TrainOptions tiny_run(const std::string& out, int64_t steps) {
   o.route = "msa-pt";
   o.out = out;
   o.steps = steps;
-  o.seq_len = 512;  // the shortest the retrieval documents of the mix fit in
-  o.batch = 1;
+  o.seq_len = 256;  // 4 blocks of 64: topk 2 drops keys
+  o.retrieval_fraction = 0;  // retrieval documents need >= 415 tokens
+  o.batch = 2;
   o.warmup_tokens = 2 * 512;  // steps 0-1 warm-up, then sparse
   o.log_every = 1;
   o.valid_samples = 0;
-  o.threads = 2;
+  o.threads = 1;  // one thread: exact reruns, and no OpenMP spinning on a busy machine
   o.quiet = true;
   o.topk = 2;
   return o;
@@ -296,7 +305,7 @@ TEST(Train, DenseThenCpt) {
   TrainOptions cpt = tiny_run(c, 3);
   cpt.route = "msa-cpt";
   cpt.init = d + "/final.ckpt";
-  cpt.warmup_tokens = 512;
+  cpt.warmup_tokens = 512;  // step 0 warm-up, then sparse
   cpt.dense_layers = 1;
   ASSERT_EQ(run_train(cpt), 0);
   Checkpoint cd = load_checkpoint(d + "/final.ckpt"), cc = load_checkpoint(c + "/final.ckpt");
