@@ -8,12 +8,14 @@ namespace msa::train {
 
 void add_commands(CLI::App& app, Commands& c) {
   TrainOptions& t = c.train;
-  auto* tr = app.add_subcommand("train", "Train a small LM: dense, or with MSA (msa-pt from scratch, msa-cpt from dense)");
+  auto* tr =
+      app.add_subcommand("train", "Train a small LM: dense, or with MSA (msa-pt from scratch, msa-cpt from dense)");
   c.train_cmd = tr;
   tr->add_option("--config", t.config, "Named configuration: tiny (CPU), gpu-40m-16k, gpu-40m-32k")
       ->check(CLI::IsMember({"tiny", "gpu-40m-16k", "gpu-40m-32k"}))
       ->capture_default_str();
-  tr->add_option("--route", t.route, "dense | msa-pt (warm-up, then sparse) | msa-cpt (convert --init, warm-up, sparse)")
+  tr->add_option("--route", t.route,
+                 "dense | msa-pt (warm-up, then sparse) | msa-cpt (convert --init, warm-up, sparse)")
       ->check(CLI::IsMember({"dense", "msa-pt", "msa-cpt"}))
       ->capture_default_str();
   tr->add_option("--out", t.out, "Run folder: metrics.jsonl, checkpoints, log")->capture_default_str();
@@ -40,28 +42,37 @@ void add_commands(CLI::App& app, Commands& c) {
   tr->add_option("--log-every", t.log_every, "Steps between metrics lines")->check(CLI::PositiveNumber);
   tr->add_option("--save-every", t.save_every, "Steps between checkpoints (0: only the final one)")
       ->check(CLI::NonNegativeNumber);
+  tr->add_option("--eval-every", t.eval_every, "Steps between validation losses in the metrics (0: only at the end)")
+      ->check(CLI::NonNegativeNumber);
   tr->add_option("--valid-samples", t.valid_samples, "Validation sequences at the end")->check(CLI::NonNegativeNumber);
   tr->add_option("--stop-at", t.stop_at, "Stop with a checkpoint after this step (an interrupted run)")
       ->check(CLI::PositiveNumber);
   tr->add_flag("-q,--quiet", t.quiet, "No progress line");
 
   EvalOptions& e = c.eval;
-  auto* ev = app.add_subcommand("eval", "Validation loss, retrieval accuracy and selection recall of checkpoints, side by side");
+  auto* ev = app.add_subcommand(
+      "eval", "Validation loss, retrieval accuracy and selection recall of checkpoints, side by side");
   c.eval_cmd = ev;
   ev->add_option("checkpoints", e.checkpoints, "Checkpoints (final.ckpt of msa train runs)")->required();
   ev->add_option("--corpus", e.corpus, "Text file or folder (default: the built-in text)");
   ev->add_option("--device", e.device, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   ev->add_option("--threads", e.threads, "CPU threads (0: torch's default)")->check(CLI::Range(0, 4096));
-  ev->add_option("--valid-samples", e.valid_samples, "Validation sequences")->check(CLI::PositiveNumber)->capture_default_str();
+  ev->add_option("--valid-samples", e.valid_samples, "Validation sequences")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   ev->add_option("--seq-len", e.seq_len, "Validation length (default: the training length)")
       ->check(CLI::Range(int64_t(64), int64_t(1) << 22));
   ev->add_option("--contexts", e.contexts, "Retrieval context lengths (default: seq_len/2, seq_len)")
       ->delimiter(',')
       ->check(CLI::Range(int64_t(256), int64_t(1) << 22));
-  ev->add_option("--depths", e.depths, "Needle depths in [0, 1]")->delimiter(',')->check(CLI::Range(0.0, 1.0))
+  ev->add_option("--depths", e.depths, "Needle depths in [0, 1]")
+      ->delimiter(',')
+      ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   ev->add_option("--tasks", e.tasks, "Retrieval tasks, comma separated, or all")->capture_default_str();
-  ev->add_option("--cases", e.cases, "Cases per (task, context, depth)")->check(CLI::PositiveNumber)->capture_default_str();
+  ev->add_option("--cases", e.cases, "Cases per (task, context, depth)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   ev->add_option("--recall-queries", e.recall_queries, "Selection recall over the last this many queries")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

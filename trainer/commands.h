@@ -25,6 +25,7 @@ struct TrainOptions {
   int threads = 0;               // CPU threads (0: torch's default); fix it for bitwise reruns
   // Overrides of the named configuration; < 0 (or empty) keeps the config's value.
   int64_t steps = -1, batch = -1, seq_len = -1, warmup_tokens = -1, log_every = -1, save_every = -1;
+  int64_t eval_every = -1;
   int64_t valid_samples = -1, topk = -1, dense_layers = -1;
   double lr = -1, index_lr = -1, kl_lambda = -1, retrieval_fraction = -1;
   int64_t stop_at = -1;  // stop (with a checkpoint) after this many steps, as an interrupted run
@@ -37,27 +38,27 @@ struct EvalOptions {
   std::string device = "cpu";
   int threads = 0;
   int64_t valid_samples = 8;
-  int64_t seq_len = -1;                  // validation length; < 0: each checkpoint's training length
-  std::vector<int64_t> contexts;         // retrieval context lengths; empty: seq_len / 2 and seq_len
+  int64_t seq_len = -1;           // validation length; < 0: each checkpoint's training length
+  std::vector<int64_t> contexts;  // retrieval context lengths; empty: seq_len / 2 and seq_len
   std::vector<double> depths = {0.0, 0.25, 0.5, 0.75, 1.0};
   std::string tasks = "niah_single,niah_multikey,mqar";
-  int64_t cases = 2;                     // retrieval cases per (task, context, depth)
-  int64_t recall_queries = 2048;         // recall over the last this many queries of the sample
-  std::string mode = "auto";             // auto (dense ckpt: dense, MSA ckpt: sparse) | dense | sparse
-  std::string json;                      // also write the results here
+  int64_t cases = 2;              // retrieval cases per (task, context, depth)
+  int64_t recall_queries = 2048;  // recall over the last this many queries of the sample
+  std::string mode = "auto";      // auto (dense ckpt: dense, MSA ckpt: sparse) | dense | sparse
+  std::string json;               // also write the results here
   uint64_t seed = 7;
 };
 
 struct VizOptions {
-  std::string what;        // heatmap | curves
-  std::string input;       // heatmap: a checkpoint; curves: a metrics.jsonl
-  std::string out;         // PNG path
+  std::string what;   // heatmap | curves
+  std::string input;  // heatmap: a checkpoint; curves: a metrics.jsonl
+  std::string out;    // PNG path
   std::string corpus;
-  int64_t layer = -1;      // heatmap: layer (default: the first MSA layer)
-  int64_t group = 0;       // heatmap: KV head
-  int64_t seq_len = -1;    // heatmap: sample length (default: the training length)
-  int64_t sample = 0;      // heatmap: validation sample index
-  std::string task = "text";  // heatmap: text or a retrieval task (a needle case at depth 0.5)
+  int64_t layer = -1;             // heatmap: layer (default: the first MSA layer)
+  int64_t group = 0;              // heatmap: KV head
+  int64_t seq_len = -1;           // heatmap: sample length (default: the training length)
+  int64_t sample = 0;             // heatmap: validation sample index
+  std::string task = "text";      // heatmap: text or a retrieval task (a needle case at depth 0.5)
   std::vector<std::string> keys;  // curves: metric keys (default: lm_loss, val_loss, kl, lr)
   std::string device = "cpu";     // heatmap: where the forward runs
   int threads = 0;

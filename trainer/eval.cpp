@@ -129,7 +129,8 @@ int run_eval(const EvalOptions& o) {
       AttnMode mode = ck.route == Route::dense ? AttnMode::dense : AttnMode::sparse;
       if (o.mode == "dense") mode = AttnMode::dense;
       if (o.mode == "sparse") {
-        if (ck.route == Route::dense) throw Error("msa eval: --mode sparse, but " + path + " is a dense checkpoint (no trained index)");
+        if (ck.route == Route::dense)
+          throw Error("msa eval: --mode sparse, but " + path + " is a dense checkpoint (no trained index)");
         mode = AttnMode::sparse;
       }
       r.mode = mode_name(mode);
@@ -268,7 +269,8 @@ int run_eval(const EvalOptions& o) {
       for (auto& [n, c] : rows) w[j] = std::max(w[j], c[j].size());
     }
     std::string out = std::string(w0, ' ');
-    for (size_t j = 0; j < results.size(); ++j) out += "  " + results[j].label + std::string(w[j] - results[j].label.size(), ' ');
+    for (size_t j = 0; j < results.size(); ++j)
+      out += "  " + results[j].label + std::string(w[j] - results[j].label.size(), ' ');
     out += "\n";
     for (auto& [n, c] : rows) {
       out += n + std::string(w0 - n.size(), ' ');
@@ -343,7 +345,8 @@ int run_viz(const VizOptions& o) {
       throw Error("msa viz heatmap: --layer " + std::to_string(layer) + " is not an MSA layer (layers " +
                   std::to_string(mc.dense_layers) + ".." + std::to_string(mc.n_layers - 1) + ")");
     if (o.group >= mc.h_kv)
-      throw Error("msa viz heatmap: --group " + std::to_string(o.group) + ", expected < h_kv = " + std::to_string(mc.h_kv));
+      throw Error("msa viz heatmap: --group " + std::to_string(o.group) +
+                  ", expected < h_kv = " + std::to_string(mc.h_kv));
     const data::Corpus corpus = data::Corpus::load(o.corpus.empty() ? ck.corpus : o.corpus);
     const int64_t seq_len = o.seq_len > 0 ? o.seq_len : ck.cfg.seq_len;
     std::vector<int64_t> in;
@@ -361,8 +364,8 @@ int run_viz(const VizOptions& o) {
           at::tensor(std::vector<int32_t>{0, int32_t(n)}, at::kInt).to(device), AttnMode::sparse, &trace);
     at::Tensor sel = trace[layer].topk_idx.to(at::kCPU).contiguous();
     viz::selection_heatmap(sel.data_ptr<int32_t>(), n, mc.h_kv, mc.topk, mc.bk, o.group).write_png(o.out);
-    std::fprintf(stderr, "msa viz: wrote %s (layer %lld, group %lld, %lld tokens)\n", o.out.c_str(),
-                 (long long)layer, (long long)o.group, (long long)n);
+    std::fprintf(stderr, "msa viz: wrote %s (layer %lld, group %lld, %lld tokens)\n", o.out.c_str(), (long long)layer,
+                 (long long)o.group, (long long)n);
     return 0;
   });
 }

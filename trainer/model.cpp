@@ -25,7 +25,7 @@ struct Rope {
 Rope make_rope(const Tensor& pos, int64_t dim, double theta, at::ScalarType dt) {
   auto f64 = pos.options().dtype(at::kDouble);
   Tensor inv = at::pow(theta, -at::arange(0, dim, 2, f64) / double(dim));  // [dim/2]
-  Tensor ang = pos.to(at::kDouble).unsqueeze(1) * inv.unsqueeze(0);       // [n, dim/2]
+  Tensor ang = pos.to(at::kDouble).unsqueeze(1) * inv.unsqueeze(0);        // [n, dim/2]
   return {ang.cos().to(dt).unsqueeze(1), ang.sin().to(dt).unsqueeze(1)};
 }
 
@@ -106,9 +106,9 @@ TrainConfig named_config(const std::string& name) {
 
 std::string describe(const ModelConfig& m) {
   std::ostringstream os;
-  os << "d_model " << m.d_model << ", layers " << m.n_layers << " (first " << m.dense_layers << " dense), h_q "
-     << m.h_q << ", h_kv " << m.h_kv << ", d " << m.d_head << ", d_idx " << m.d_idx << ", d_ff " << m.d_ff << ", bk "
-     << m.bk << ", topk " << m.topk << ", vocab " << m.vocab;
+  os << "d_model " << m.d_model << ", layers " << m.n_layers << " (first " << m.dense_layers << " dense), h_q " << m.h_q
+     << ", h_kv " << m.h_kv << ", d " << m.d_head << ", d_idx " << m.d_idx << ", d_ff " << m.d_ff << ", bk " << m.bk
+     << ", topk " << m.topk << ", vocab " << m.vocab;
   return os.str();
 }
 
@@ -230,8 +230,8 @@ ForwardOut LM::forward(const Tensor& tokens, const Tensor& cu_seqlens, AttnMode 
         std::tie(o, lse) = dense_attention(q, k, v, cu);
         if (need_kl) kl = index_kl(q, k, qi, ki, std::nullopt, cu, lse, std::nullopt, c.bk, 0.0, 0.0, want_kl_value);
       } else {
-        auto [topk_idx, scores, index_lse] = msa_torch::index_topk(qi.detach(), ki.detach(), cu, cu, std::nullopt,
-                                                                   c.bk, c.topk, 0.0, false, true, std::nullopt);
+        auto [topk_idx, scores, index_lse] = msa_torch::index_topk(qi.detach(), ki.detach(), cu, cu, std::nullopt, c.bk,
+                                                                   c.topk, 0.0, false, true, std::nullopt);
         std::tie(o, lse) = sparse_attention(q, k, v, topk_idx, cu, c.bk);
         if (need_kl) kl = index_kl(q, k, qi, ki, topk_idx, cu, lse, index_lse, c.bk, 0.0, 0.0, want_kl_value);
         if (tr) tr->topk_idx = topk_idx;

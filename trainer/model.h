@@ -33,21 +33,21 @@ struct TrainConfig {
   std::string name;
   ModelConfig model;
   int64_t seq_len = 1024;
-  int64_t batch = 1;             // sequences per step
+  int64_t batch = 1;  // sequences per step
   int64_t steps = 200;
   double lr = 3e-3, min_lr_ratio = 0.1;  // peak LR; cosine decays to min_lr_ratio * lr
   int64_t lr_warmup_steps = 20;
   double weight_decay = 0.1;
   double beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8;
-  double clip = 1.0;              // global grad-norm clip, applied to the LM and index params separately
-  double index_lr = 3e-3;         // peak LR of the index projections (same schedule)
-  double kl_lambda = 1.0;         // loss = LM + kl_lambda * sum over layers of L_KL
-  int64_t warmup_tokens = 0;      // T_warm of msa-pt / msa-cpt (0: route default, 20% of the tokens)
+  double clip = 1.0;                 // global grad-norm clip, applied to the LM and index params separately
+  double index_lr = 3e-3;            // peak LR of the index projections (same schedule)
+  double kl_lambda = 1.0;            // loss = LM + kl_lambda * sum over layers of L_KL
+  int64_t warmup_tokens = 0;         // T_warm of msa-pt / msa-cpt (0: route default, 20% of the tokens)
   double retrieval_fraction = 0.25;  // share of retrieval documents in the training mix
   int64_t log_every = 10;
-  int64_t eval_every = 0;         // 0: validation only at the end
-  int64_t save_every = 0;         // 0: checkpoint only at the end
-  int64_t valid_samples = 8;      // validation sequences for the end-of-run (and periodic) loss
+  int64_t eval_every = 0;     // 0: validation only at the end
+  int64_t save_every = 0;     // 0: checkpoint only at the end
+  int64_t valid_samples = 8;  // validation sequences for the end-of-run (and periodic) loss
 };
 
 // The named configurations: tiny (CPU, default) and the GPU ones. Throws msa::Error (listing the
@@ -61,9 +61,9 @@ const char* mode_name(AttnMode m);
 
 // What one layer saw, for recall and heat-maps (filled only when a Trace is passed).
 struct LayerTrace {
-  Tensor q, k;        // [n, h_q, d], [n, h_kv, d] after RoPE (main branch)
+  Tensor q, k;          // [n, h_q, d], [n, h_kv, d] after RoPE (main branch)
   Tensor q_idx, k_idx;  // [n, h_kv, d_idx], [n, d_idx] after norm and RoPE (undefined for dense layers/mode)
-  Tensor topk_idx;    // [n, h_kv, topk] the index selection (sparse mode), else undefined
+  Tensor topk_idx;      // [n, h_kv, topk] the index selection (sparse mode), else undefined
 };
 using Trace = std::vector<LayerTrace>;
 

@@ -33,10 +33,9 @@ struct SparseAttentionFn : torch::autograd::Function<SparseAttentionFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
     Tensor d_o = grads[0].defined() ? grads[0] : at::zeros_like(s[3]);
-    auto [dq, dk, dv] = msa_torch::sparse_attention_bwd(d_o, s[0], s[1], s[2], s[3], s[4], s[5],
-                                                        opt(ctx->saved_data["cu"]), opt(ctx->saved_data["cu"]),
-                                                        std::nullopt, ctx->saved_data["bk"].toInt(),
-                                                        ctx->saved_data["scale"].toDouble());
+    auto [dq, dk, dv] = msa_torch::sparse_attention_bwd(
+        d_o, s[0], s[1], s[2], s[3], s[4], s[5], opt(ctx->saved_data["cu"]), opt(ctx->saved_data["cu"]), std::nullopt,
+        ctx->saved_data["bk"].toInt(), ctx->saved_data["scale"].toDouble());
     return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
@@ -90,10 +89,9 @@ struct IndexKLFn : torch::autograd::Function<IndexKLFn> {
     auto s = ctx->get_saved_variables();
     auto& m = ctx->saved_data;
     Tensor lambda = grads[0].defined() ? grads[0].to(at::kCPU, at::kDouble) : at::ones({}, at::kDouble);
-    auto [dq_idx, dk_idx] = msa_torch::index_kl_bwd(s[2], s[3], s[0], s[1], opt(m["topk_idx"]), opt(m["cu"]),
-                                                    opt(m["cu"]), std::nullopt, opt(m["lse"]), opt(m["index_lse"]),
-                                                    m["bk"].toInt(), m["scale"].toDouble(),
-                                                    m["index_scale"].toDouble(), lambda);
+    auto [dq_idx, dk_idx] = msa_torch::index_kl_bwd(
+        s[2], s[3], s[0], s[1], opt(m["topk_idx"]), opt(m["cu"]), opt(m["cu"]), std::nullopt, opt(m["lse"]),
+        opt(m["index_lse"]), m["bk"].toInt(), m["scale"].toDouble(), m["index_scale"].toDouble(), lambda);
     return {dq_idx,   dk_idx,   Tensor(), Tensor(), Tensor(), Tensor(),
             Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
@@ -118,8 +116,8 @@ Tensor index_kl(const Tensor& q, const Tensor& k, const Tensor& q_idx, const Ten
                 const std::optional<Tensor>& lse, const std::optional<Tensor>& index_lse, int64_t bk, double scale,
                 double index_scale, bool compute_value) {
   auto det = [](const std::optional<Tensor>& t) { return t ? std::optional<Tensor>(t->detach()) : t; };
-  return IndexKLFn::apply(q_idx, k_idx, q.detach(), k.detach(), det(topk_idx), cu_seqlens, det(lse), det(index_lse),
-                          bk, scale, index_scale, compute_value)[0];
+  return IndexKLFn::apply(q_idx, k_idx, q.detach(), k.detach(), det(topk_idx), cu_seqlens, det(lse), det(index_lse), bk,
+                          scale, index_scale, compute_value)[0];
 }
 
 }  // namespace msa::train

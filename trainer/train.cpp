@@ -5,9 +5,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/core/grad_mode.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/grad_mode.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -52,13 +52,15 @@ std::string num(double x) {
 }
 
 // Every TrainConfig / ModelConfig field, once, for the checkpoint header.
-#define MSA_TRAIN_FIELDS(X)                                                                           \
-  X(seq_len) X(batch) X(steps) X(lr) X(min_lr_ratio) X(lr_warmup_steps) X(weight_decay) X(beta1)    \
-  X(beta2) X(adam_eps) X(clip) X(index_lr) X(kl_lambda) X(warmup_tokens) X(retrieval_fraction)      \
+// clang-format off
+#define MSA_TRAIN_FIELDS(X)                                                                          \
+  X(seq_len) X(batch) X(steps) X(lr) X(min_lr_ratio) X(lr_warmup_steps) X(weight_decay) X(beta1)   \
+  X(beta2) X(adam_eps) X(clip) X(index_lr) X(kl_lambda) X(warmup_tokens) X(retrieval_fraction)     \
   X(log_every) X(eval_every) X(save_every) X(valid_samples)
-#define MSA_MODEL_FIELDS(X)                                                                           \
-  X(vocab) X(d_model) X(n_layers) X(h_q) X(h_kv) X(d_head) X(d_idx) X(d_ff) X(dense_layers) X(bk)   \
+#define MSA_MODEL_FIELDS(X)                                                                          \
+  X(vocab) X(d_model) X(n_layers) X(h_q) X(h_kv) X(d_head) X(d_idx) X(d_ff) X(dense_layers) X(bk)  \
   X(topk) X(rope_theta) X(norm_eps)
+// clang-format on
 
 template <class T>
 void parse_into(T& x, const std::string& s) {
@@ -141,6 +143,7 @@ TrainConfig resolve_config(const TrainOptions& o) {
   if (o.retrieval_fraction >= 0) c.retrieval_fraction = o.retrieval_fraction;
   if (o.log_every > 0) c.log_every = o.log_every;
   if (o.save_every >= 0) c.save_every = o.save_every;
+  if (o.eval_every >= 0) c.eval_every = o.eval_every;
   if (o.valid_samples >= 0) c.valid_samples = o.valid_samples;
   if (o.topk > 0) c.model.topk = o.topk;
   if (o.dense_layers >= 0) c.model.dense_layers = o.dense_layers;
@@ -301,7 +304,9 @@ at::Device parse_device(const std::string& s) {
   if (s == "cpu") return at::Device(at::kCPU);
   if (s == "cuda") {
 #ifndef MSA_TRAINER_CUDA
-    throw Error("msa: --device cuda, but this build of the trainer has no CUDA (torch with CUDA and -DMSA_WITH_CUDA=ON needed)");
+    throw Error(
+        "msa: --device cuda, but this build of the trainer has no CUDA (torch with CUDA and -DMSA_WITH_CUDA=ON "
+        "needed)");
 #else
     if (!at::hasCUDA()) throw Error("msa: --device cuda, but torch sees no CUDA device");
     return at::Device(at::kCUDA, 0);
@@ -357,7 +362,9 @@ int report_errors(const char* cmd, const std::function<int()>& body) {
   return 1;
 }
 
-int run_train(const TrainOptions& o) { return report_errors("train", [&] { return train_impl(o); }); }
+int run_train(const TrainOptions& o) {
+  return report_errors("train", [&] { return train_impl(o); });
+}
 
 int train_impl(const TrainOptions& o) {
   namespace fs = std::filesystem;
@@ -435,8 +442,9 @@ int train_impl(const TrainOptions& o) {
   {
     std::ostringstream head;
     head << "msa train: config " << cfg.name << ", route " << route_name(route) << ", device " << device.str()
-         << ", threads " << at::get_num_threads() << "\n  model: " << describe(cfg.model) << "\n  params: "
-         << model.num_params(false) << " (+" << model.num_params(true) - model.num_params(false) << " index)"
+         << ", threads " << at::get_num_threads() << "\n  model: " << describe(cfg.model)
+         << "\n  params: " << model.num_params(false) << " (+" << model.num_params(true) - model.num_params(false)
+         << " index)"
          << "\n  data: " << corpus.source << ", seq_len " << cfg.seq_len << ", batch " << cfg.batch << ", retrieval "
          << cfg.retrieval_fraction << "\n  steps " << cfg.steps << " (" << cfg.steps * tok_per_step << " tokens)";
     if (route != Route::dense) head << ", warm-up " << cfg.warmup_tokens << " tokens, kl_lambda " << cfg.kl_lambda;
@@ -517,10 +525,10 @@ int train_impl(const TrainOptions& o) {
          << ", \"tokens_per_s\": " << num(tok_s) << ", \"elapsed_s\": " << num(elapsed) << "}\n";
       metrics << js.str();
       metrics.flush();
-      std::string line = "step " + std::to_string(step + 1) + "/" + std::to_string(cfg.steps) + " " +
-                         mode_name(mode) + " loss " + fmt("%.4f", lm_v) + " kl " +
-                         (std::isfinite(kl_last) ? fmt("%.4f", kl_last) : std::string("-")) + " lr " +
-                         fmt("%.2e", lr) + " " + fmt("%.0f", tok_s) + " tok/s ETA " + duration(eta);
+      std::string line = "step " + std::to_string(step + 1) + "/" + std::to_string(cfg.steps) + " " + mode_name(mode) +
+                         " loss " + fmt("%.4f", lm_v) + " kl " +
+                         (std::isfinite(kl_last) ? fmt("%.4f", kl_last) : std::string("-")) + " lr " + fmt("%.2e", lr) +
+                         " " + fmt("%.0f", tok_s) + " tok/s ETA " + duration(eta);
       log << line << "\n";
       log.flush();
       if (!o.quiet) {
@@ -532,6 +540,14 @@ int train_impl(const TrainOptions& o) {
           std::fprintf(stderr, "%s\n", line.c_str());
         }
       }
+    }
+    if (cfg.eval_every > 0 && cfg.valid_samples > 0 && (step + 1) % cfg.eval_every == 0 && step + 1 < cfg.steps) {
+      // The attention the model trains with now (warm-up steps: dense; the index is not ready).
+      const AttnMode vm = mode == AttnMode::sparse ? AttnMode::sparse : AttnMode::dense;
+      ValidLoss vl = validation_loss(model, valid, cfg.valid_samples, vm, std::min<int64_t>(2048, cfg.seq_len / 4));
+      metrics << "{\"step\": " << step + 1 << ", \"tokens\": " << st.tokens << ", \"val_loss\": " << num(vl.all)
+              << ", \"val_loss_tail\": " << num(vl.tail) << "}\n";
+      metrics.flush();
     }
     if (cfg.save_every > 0 && (step + 1) % cfg.save_every == 0 && step + 1 < last_step)
       checkpoint("step-" + std::to_string(step + 1) + ".ckpt");
@@ -547,7 +563,8 @@ int train_impl(const TrainOptions& o) {
   checkpoint("final.ckpt");
   if (cfg.valid_samples > 0) {
     const AttnMode eval_mode = route == Route::dense ? AttnMode::dense : AttnMode::sparse;
-    ValidLoss vl = validation_loss(model, valid, cfg.valid_samples, eval_mode, std::min<int64_t>(2048, cfg.seq_len / 4));
+    ValidLoss vl =
+        validation_loss(model, valid, cfg.valid_samples, eval_mode, std::min<int64_t>(2048, cfg.seq_len / 4));
     metrics << "{\"step\": " << st.step << ", \"tokens\": " << st.tokens << ", \"val_loss\": " << num(vl.all)
             << ", \"val_loss_tail\": " << num(vl.tail) << "}\n";
     std::string line = "validation (" + std::string(mode_name(eval_mode)) + "): loss " + fmt("%.4f", vl.all) +

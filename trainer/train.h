@@ -32,11 +32,11 @@ struct Checkpoint {
   TrainConfig cfg;
   Route route = Route::dense;
   uint64_t seed = 1;
-  int64_t step = 0;           // optimizer steps done
-  int64_t tokens = 0;         // training tokens seen
-  std::string corpus;         // Corpus::load argument
+  int64_t step = 0;    // optimizer steps done
+  int64_t tokens = 0;  // training tokens seen
+  std::string corpus;  // Corpus::load argument
   std::vector<std::pair<std::string, at::Tensor>> params, adam_m, adam_v;
-  at::Tensor rng_state;       // CPU generator state (uint8)
+  at::Tensor rng_state;  // CPU generator state (uint8)
 };
 // Binary format: a text header of key=value lines ending in "end\n", then per tensor its name,
 // dtype, sizes and raw little-endian bytes. Throws msa::Error naming the file on any problem.
@@ -64,7 +64,7 @@ double lr_at(const TrainConfig& c, int64_t step, double peak);  // linear warm-u
 AttnMode mode_at(Route r, int64_t tokens_before_step, int64_t warmup_tokens);
 
 at::Device parse_device(const std::string& s);  // cpu | cuda; throws when CUDA is unavailable
-void set_threads(int threads);                 // 0 keeps torch's default
+void set_threads(int threads);                  // 0 keeps torch's default
 
 // Validation loss of a model over `samples` sequences of the valid split: mean over all targets,
 // and over the last `tail` targets of each sequence.

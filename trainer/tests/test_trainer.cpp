@@ -11,8 +11,8 @@
 #include <functional>
 
 #include "commands.h"
-#include "msa/common.h"
 #include "model.h"
+#include "msa/common.h"
 #include "msa_torch.h"
 #include "ops.h"
 #include "train.h"
@@ -67,8 +67,8 @@ struct Case {
   Tensor q_idx = randn({40, 2, 8}, 4), k_idx = randn({40, 8}, 5);
   Tensor w = randn({40, 4, 8}, 6);  // weights of the scalar test function sum(o * w)
   Tensor topk_idx() const {
-    return std::get<0>(msa_torch::index_topk(q_idx, k_idx, cu, cu, std::nullopt, bk, topk, 0.0, false, false,
-                                             std::nullopt));
+    return std::get<0>(
+        msa_torch::index_topk(q_idx, k_idx, cu, cu, std::nullopt, bk, topk, 0.0, false, false, std::nullopt));
   }
 };
 
@@ -109,8 +109,8 @@ TEST(Ops, DenseAttentionMatchesFiniteDifferences) {
 
 TEST(Ops, SparseEqualsDenseWhenTopkCoversEveryBlock) {
   Case c;
-  Tensor all = std::get<0>(msa_torch::index_topk(c.q_idx, c.k_idx, c.cu, c.cu, std::nullopt, c.bk, 8, 0.0, false,
-                                                 false, std::nullopt));
+  Tensor all = std::get<0>(
+      msa_torch::index_topk(c.q_idx, c.k_idx, c.cu, c.cu, std::nullopt, c.bk, 8, 0.0, false, false, std::nullopt));
   auto [os, ls] = sparse_attention(c.q, c.k, c.v, all, c.cu, c.bk);
   auto [od, ld] = dense_attention(c.q, c.k, c.v, c.cu);
   EXPECT_LT((os - od).abs().max().item<double>(), 1e-12);
@@ -130,8 +130,8 @@ void kl_case(bool sparse) {
   EXPECT_FALSE(q.grad().defined());
   EXPECT_FALSE(k.grad().defined());
   auto f = [&] {
-    return 0.5 * msa_torch::index_kl_loss(q, k, qi, ki, sel, c.cu, c.cu, std::nullopt, std::nullopt, std::nullopt,
-                                          c.bk, 0.0, 0.0)
+    return 0.5 * msa_torch::index_kl_loss(q, k, qi, ki, sel, c.cu, c.cu, std::nullopt, std::nullopt, std::nullopt, c.bk,
+                                          0.0, 0.0)
                      .item<double>();
   };
   at::NoGradGuard ng;
@@ -252,7 +252,7 @@ TrainOptions tiny_run(const std::string& out, int64_t steps) {
   o.route = "msa-pt";
   o.out = out;
   o.steps = steps;
-  o.seq_len = 256;  // 4 blocks of 64: topk 2 drops keys
+  o.seq_len = 256;           // 4 blocks of 64: topk 2 drops keys
   o.retrieval_fraction = 0;  // retrieval documents need >= 415 tokens
   o.batch = 2;
   o.warmup_tokens = 2 * 512;  // steps 0-1 warm-up, then sparse
