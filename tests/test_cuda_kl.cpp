@@ -469,6 +469,19 @@ TEST(CudaKL, AwkwardLengthsSparse) {
   check(P, false, "sparse n = 4097");
 }
 
+// A sharp teacher: q scaled by 32 (exact in bf16) puts logit gaps of hundreds in every row, so the
+// head-averaged teacher probabilities of far keys are subnormal floats. Their terms must vanish,
+// not turn the loss into -inf (lg2.approx.ftz of a subnormal is log2(0)).
+TEST(CudaKL, SharpTeacherLossStaysFinite) {
+  REQUIRE_GPU();
+  for (int64_t topk : {0, 4}) {
+    Problem P = make_problem(150 + topk, {700}, {700}, 8, 2, 64, 64, 64, topk);
+    for (double& x : P.q) x *= 32;
+    if (topk) select_random(P, 151, true);
+    check(P, true, topk ? "sharp teacher, sparse" : "sharp teacher, warm-up");
+  }
+}
+
 TEST(CudaKL, AwkwardLengthsWarmup) {
   REQUIRE_GPU();
   uint64_t seed = 200;

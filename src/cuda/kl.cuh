@@ -431,7 +431,10 @@ __device__ __forceinline__ void student_finish(const KlKernelParams& p, float (&
         const float t2 = fmaf(x, p.iscale_log2, -il2[i]);  // log2 P_idx
         const float pi = vis ? ex2_approx(t2) : 0.f;
         const float pt_c = vis ? (c == 0 ? pt.x : pt.y) : 0.f;
-        if (loss && pt_c > 0.f) kl += pt_c * (lg2_approx(pt_c) - t2);
+        // Teacher terms below the smallest normal float contribute < 1e-36 each; skipping them keeps
+        // lg2.approx.ftz from flushing a subnormal to log2(0) = -inf (a sharp teacher head averaged
+        // over g heads lands there, and the loss of a training run turned non-finite).
+        if (loss && pt_c >= 1.17549435e-38f) kl += pt_c * (lg2_approx(pt_c) - t2);
         x = p.ds_coef * (pi - pt_c);
       }
     }
