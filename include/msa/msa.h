@@ -3,5 +3,6 @@
 
 #include "msa/attention.h"
 #include "msa/common.h"
+#include "msa/decode.h"
 #include "msa/index.h"
 #include "msa/kl.h"
