@@ -76,4 +76,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selection_recall(const Tensor& q, con
                                                             const OptTensor& cu_seqlens_k, const OptTensor& q_pos,
                                                             int64_t bk, double scale);
 
+// Decode over a paged KV cache (msa/decode.h; inference only). The cache: k_cache, v_cache
+// [n_pages, bk, h_kv, d] and k_idx_cache [n_pages, bk, d_idx] (or [n_pages, bk, 1, d_idx]), all
+// contiguous; block_table int32 [batch, max_blocks] maps logical block j of request b to a page;
+// seq_lens int32 [batch] counts the tokens in the cache, this step's new ones included. The query
+// tokens of request b (rows cu_seqlens_q[b] .. cu_seqlens_q[b+1], or all of them for a batch of
+// one) are its last cached tokens. bk must equal the cache's page size (dim 1).
+//
+// Writes k, v [n_new, h_kv, d] and k_idx [n_new, d_idx] of the new tokens (packed by cu_new
+// [batch + 1]) into their slots of the caches, in place. k_idx and k_idx_cache: both or neither.
+void append_kv(const Tensor& k_cache, const Tensor& v_cache, const OptTensor& k_idx_cache, const Tensor& block_table,
+               const Tensor& seq_lens, const Tensor& k, const Tensor& v, const OptTensor& k_idx,
+               const OptTensor& cu_new);
+// (topk_idx int32 [n_q, h_kv, topk] of LOGICAL block numbers, index_lse float32 [n_q, h_kv] or
+// empty ([0]) unless asked for): index_topk of q_idx [n_q, h_kv, d_idx] over the cached index keys.
+std::tuple<Tensor, Tensor> decode_index_topk(const Tensor& q_idx, const Tensor& k_idx_cache, const Tensor& block_table,
+                                             const Tensor& seq_lens, const OptTensor& cu_seqlens_q, int64_t bk,
+                                             int64_t topk, double index_scale, bool return_index_lse);
+// (o [n_q, h_q, d], lse float32 [n_q, h_q]): sparse attention of q over the cached blocks of topk_idx.
+std::tuple<Tensor, Tensor> decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                            const Tensor& block_table, const Tensor& seq_lens, const Tensor& topk_idx,
+                                            const OptTensor& cu_seqlens_q, int64_t bk, double scale);
+
 }  // namespace msa_torch

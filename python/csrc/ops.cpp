@@ -556,6 +556,221 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selection_recall(const Tensor& q, con
   return {block, score, block_rows, score_rows};
 }
 
+// ---- decode over a paged KV cache (msa/decode.h) ----
+
+namespace {
+
+// The block table and seq_lens of a paged cache, on the device of ref. They are handed to the core
+// as they are: their contents are validated there (on the CPU) and never read here, so a CUDA
+// call reaches the core's "no CUDA kernel" error without a device-to-host copy.
+struct Table {
+  Tensor block_table, seq_lens;
+};
+
+Table paged_table(const char* fn, const Tensor& block_table, const Tensor& seq_lens, const Tensor& ref,
+                  const char* ref_name) {
+  check_device(fn, "block_table", block_table, ref, ref_name);
+  check_dtype(fn, "block_table", block_table, at::kInt, "");
+  check_shape(fn, "block_table", block_table, {-1, -1}, "[batch, max_blocks]");
+  if (block_table.size(0) < 1)
+    fail(fn,
+         "block_table shape = " + shape_str(block_table.sizes()) + ", expected [batch, max_blocks] with batch >= 1");
+  Table t;
+  t.block_table = block_table.contiguous();  // the core reads rows of stride max_blocks
+  t.seq_lens = int_vector(fn, "seq_lens", seq_lens, ref, ref_name, block_table.size(0), "[batch]");
+  return t;
+}
+
+void bind_table(msa::PagedKvCache& c, const Table& t) {
+  c.batch = t.block_table.size(0);
+  c.max_blocks = t.block_table.size(1);
+  c.block_table = t.block_table.data_ptr<int32_t>();
+  c.seq_lens = t.seq_lens.data_ptr<int32_t>();
+}
+
+// bk, when given, must be the page size of the cache (a page is one MSA block).
+void check_bk(const char* fn, int64_t bk, const Tensor& cache, const char* cache_name) {
+  if (bk != cache.size(1))
+    fail(fn, "bk = " + std::to_string(bk) + ", expected the page size " + cache_name +
+                 ".shape[1] = " + std::to_string(cache.size(1)) + " (a page holds one block)");
+}
+
+// The K/V cache pages [n_pages, bk, h_kv, d] of one dtype and device as ref.
+void check_kv_cache(const char* fn, const Tensor& k_cache, const Tensor& v_cache, const Tensor& ref,
+                    const char* ref_name, int64_t h_kv, int64_t d) {
+  for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}}) {
+    check_device(fn, name, *t, ref, ref_name);
+    check_dtype(fn, name, *t, ref.scalar_type(), (std::string(" like ") + ref_name).c_str());
+  }
+  check_shape(fn, "k_cache", k_cache, {-1, -1, h_kv, d}, "[n_pages, bk, h_kv, d]");
+  check_shape(fn, "v_cache", v_cache, {k_cache.size(0), k_cache.size(1), h_kv, d}, "[n_pages, bk, h_kv, d]");
+}
+
+// The index-key cache as [n_pages, bk, d_idx] (a [n_pages, bk, 1, d_idx] single-head view is
+// accepted too, as for k_idx).
+Tensor index_cache(const char* fn, const Tensor& k_idx_cache, int64_t n_pages, int64_t bk, int64_t d_idx) {
+  if (k_idx_cache.dim() == 4) {
+    check_shape(fn, "k_idx_cache", k_idx_cache, {n_pages, bk, 1, d_idx}, "[n_pages, bk, 1, d_idx]");
+    return k_idx_cache.select(2, 0);
+  }
+  check_shape(fn, "k_idx_cache", k_idx_cache, {n_pages, bk, d_idx}, "[n_pages, bk, d_idx]");
+  return k_idx_cache;
+}
+
+// A cache written in place cannot be copied to make it contiguous.
+void check_writable(const char* fn, const char* name, const Tensor& t) {
+  if (!t.is_contiguous())
+    fail(fn, std::string(name) + " is not contiguous (strides " + shape_str(t.strides()) +
+                 "), expected a contiguous cache, which append_kv writes in place");
+}
+
+}  // namespace
+
+void append_kv(const Tensor& k_cache, const Tensor& v_cache, const OptTensor& k_idx_cache, const Tensor& block_table,
+               const Tensor& seq_lens, const Tensor& k, const Tensor& v, const OptTensor& k_idx,
+               const OptTensor& cu_new) {
+  const char* fn = "append_kv";
+  check_shape(fn, "k", k, {-1, -1, -1}, "[n_new, h_kv, d]");
+  msa::AppendKvParams p;
+  p.dtype = float_dtype(fn, "k", k);
+  const int64_t n_new = k.size(0), h_kv = k.size(1), d = k.size(2);
+  check_device(fn, "v", v, k, "k");
+  check_dtype(fn, "v", v, k.scalar_type(), " like k");
+  check_shape(fn, "v", v, {n_new, h_kv, d}, "[n_new, h_kv, d]");
+  check_kv_cache(fn, k_cache, v_cache, k, "k", h_kv, d);
+  check_writable(fn, "k_cache", k_cache);
+  check_writable(fn, "v_cache", v_cache);
+  const int64_t n_pages = k_cache.size(0), bk = k_cache.size(1);
+  c10::DeviceGuard guard(k.device());
+  Table table = paged_table(fn, block_table, seq_lens, k, "k");
+  msa::PagedKvCache& c = p.cache;
+  bind_table(c, table);
+  c.n_pages = n_pages;
+  c.bk = bk;
+  c.h_kv = h_kv;
+  c.d = d;
+  c.k_cache = k_cache.data_ptr();
+  c.v_cache = v_cache.data_ptr();
+  Tensor cu, k2 = rows(k), v2 = rows(v), k_idx2;
+  p.n_new = n_new;
+  if (cu_new.has_value()) {
+    cu = cu_seqlens(fn, "cu_new", *cu_new, k, "k", c.batch + 1);
+    p.cu_new = cu.data_ptr<int32_t>();
+  }
+  bind3(k2, p.k, p.stride_k_tok, p.stride_k_head);
+  bind3(v2, p.v, p.stride_v_tok, p.stride_v_head);
+  // Only one of k_idx / k_idx_cache set goes on to the core, which names the missing one.
+  if (k_idx_cache.has_value()) {
+    const Tensor& kc = *k_idx_cache;
+    check_device(fn, "k_idx_cache", kc, k, "k");
+    check_dtype(fn, "k_idx_cache", kc, k.scalar_type(), " like k");
+    c.d_idx = kc.size(-1);
+    Tensor kc2 = index_cache(fn, kc, n_pages, bk, c.d_idx);
+    check_writable(fn, "k_idx_cache", kc);
+    c.k_idx_cache = kc2.data_ptr();
+  }
+  if (k_idx.has_value()) {
+    check_device(fn, "k_idx", *k_idx, k, "k");
+    check_dtype(fn, "k_idx", *k_idx, k.scalar_type(), " like k");
+    if (!k_idx_cache.has_value()) c.d_idx = k_idx->size(-1);
+    Tensor k_idx_2d = index_keys(fn, *k_idx, c.d_idx);
+    check_shape(fn, "k_idx", k_idx_2d, {n_new, c.d_idx}, "[n_new, d_idx]");
+    k_idx2 = rows(k_idx_2d);
+    bind2(k_idx2, p.k_idx, p.stride_k_idx_tok);
+  }
+  msa::Exec ex = exec_for(fn, k);
+  core([&] { msa::append_kv(p, ex); });
+}
+
+std::tuple<Tensor, Tensor> decode_index_topk(const Tensor& q_idx, const Tensor& k_idx_cache, const Tensor& block_table,
+                                             const Tensor& seq_lens, const OptTensor& cu_seqlens_q, int64_t bk,
+                                             int64_t topk, double index_scale, bool return_index_lse) {
+  const char* fn = "decode_index_topk";
+  check_shape(fn, "q_idx", q_idx, {-1, -1, -1}, "[n_q, h_kv, d_idx]");
+  msa::DecodeIndexParams p;
+  p.dtype = float_dtype(fn, "q_idx", q_idx);
+  const int64_t n_q = q_idx.size(0), h_kv = q_idx.size(1), d_idx = q_idx.size(2);
+  check_device(fn, "k_idx_cache", k_idx_cache, q_idx, "q_idx");
+  check_dtype(fn, "k_idx_cache", k_idx_cache, q_idx.scalar_type(), " like q_idx");
+  if (k_idx_cache.dim() != 3 && k_idx_cache.dim() != 4)
+    check_shape(fn, "k_idx_cache", k_idx_cache, {-1, -1, d_idx}, "[n_pages, bk, d_idx]");
+  Tensor kc = index_cache(fn, k_idx_cache, k_idx_cache.size(0), k_idx_cache.size(1), d_idx);
+  check_bk(fn, bk, k_idx_cache, "k_idx_cache");
+  c10::DeviceGuard guard(q_idx.device());
+  Table table = paged_table(fn, block_table, seq_lens, q_idx, "q_idx");
+  Tensor cu;
+  if (cu_seqlens_q.has_value()) {
+    cu = cu_seqlens(fn, "cu_seqlens_q", *cu_seqlens_q, q_idx, "q_idx", table.block_table.size(0) + 1);
+    p.cu_seqlens_q = cu.data_ptr<int32_t>();
+  }
+  Tensor q2 = rows(q_idx);
+  kc = kc.contiguous();  // read only: a strided cache may be copied
+  // Sizes are clamped so that a bad topk reaches the core's validation, not at::empty's.
+  Tensor topk_idx = at::empty({n_q, h_kv, std::max<int64_t>(topk, 0)}, q_idx.options().dtype(at::kInt));
+  Tensor index_lse = at::empty(return_index_lse ? std::vector<int64_t>{n_q, h_kv} : std::vector<int64_t>{0},
+                               q_idx.options().dtype(at::kFloat));
+  msa::PagedKvCache& c = p.cache;
+  bind_table(c, table);
+  c.n_pages = kc.size(0);
+  c.bk = kc.size(1);
+  c.h_kv = h_kv;
+  c.d_idx = d_idx;
+  c.k_idx_cache = kc.data_ptr();
+  p.topk = topk;
+  p.index_scale = float(index_scale);
+  p.n_q = n_q;
+  bind3(q2, p.q_idx, p.stride_q_idx_tok, p.stride_q_idx_head);
+  p.topk_idx = topk_idx.data_ptr<int32_t>();
+  if (return_index_lse) p.index_lse = index_lse.data_ptr<float>();
+  msa::Exec ex = exec_for(fn, q_idx);
+  core([&] { msa::decode_index_topk(p, ex); });
+  return {topk_idx, index_lse};
+}
+
+std::tuple<Tensor, Tensor> decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                            const Tensor& block_table, const Tensor& seq_lens, const Tensor& topk_idx,
+                                            const OptTensor& cu_seqlens_q, int64_t bk, double scale) {
+  const char* fn = "decode_attention";
+  check_shape(fn, "q", q, {-1, -1, -1}, "[n_q, h_q, d]");
+  msa::DecodeAttentionParams p;
+  p.dtype = float_dtype(fn, "q", q);
+  const int64_t n_q = q.size(0), h_q = q.size(1), d = q.size(2);
+  check_shape(fn, "k_cache", k_cache, {-1, -1, -1, d}, "[n_pages, bk, h_kv, d]");
+  const int64_t h_kv = k_cache.size(2);
+  check_kv_cache(fn, k_cache, v_cache, q, "q", h_kv, d);
+  check_bk(fn, bk, k_cache, "k_cache");
+  c10::DeviceGuard guard(q.device());
+  Table table = paged_table(fn, block_table, seq_lens, q, "q");
+  Tensor cu;
+  if (cu_seqlens_q.has_value()) {
+    cu = cu_seqlens(fn, "cu_seqlens_q", *cu_seqlens_q, q, "q", table.block_table.size(0) + 1);
+    p.cu_seqlens_q = cu.data_ptr<int32_t>();
+  }
+  Tensor sel = selection(fn, topk_idx, q, "q", n_q, h_kv);
+  Tensor q2 = rows(q), kc = k_cache.contiguous(), vc = v_cache.contiguous();
+  Tensor o = at::empty({n_q, h_q, d}, q.options());
+  Tensor lse = at::empty({n_q, h_q}, q.options().dtype(at::kFloat));
+  msa::PagedKvCache& c = p.cache;
+  bind_table(c, table);
+  c.n_pages = kc.size(0);
+  c.bk = kc.size(1);
+  c.h_kv = h_kv;
+  c.d = d;
+  c.k_cache = kc.data_ptr();
+  c.v_cache = vc.data_ptr();
+  p.h_q = h_q;
+  p.scale = float(scale);
+  p.n_q = n_q;
+  bind3(q2, p.q, p.stride_q_tok, p.stride_q_head);
+  p.topk_idx = sel.data_ptr<int32_t>();
+  p.topk = sel.size(2);
+  bind3(o, p.o, p.stride_o_tok, p.stride_o_head);
+  p.lse = lse.data_ptr<float>();
+  msa::Exec ex = exec_for(fn, q);
+  core([&] { msa::decode_attention(p, ex); });
+  return {o, lse};
+}
+
 }  // namespace msa_torch
 
 // The Python package msa_torch holds the fake (meta) implementations and the autograd formulas.
@@ -594,6 +809,17 @@ TORCH_LIBRARY(msa, m) {
       "selection_recall(Tensor q, Tensor k, Tensor topk_idx, Tensor? cu_seqlens_q=None, "
       "Tensor? cu_seqlens_k=None, Tensor? q_pos=None, int bk=128, float scale=0.0) "
       "-> (Tensor block_recall, Tensor score_recall, Tensor block_recall_rows, Tensor score_recall_rows)");
+  // Decode over a paged KV cache (inference only: no backward). append_kv writes the caches in place.
+  m.def(
+      "append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? k_idx_cache, Tensor block_table, "
+      "Tensor seq_lens, Tensor k, Tensor v, Tensor? k_idx=None, Tensor? cu_new=None) -> ()");
+  m.def(
+      "decode_index_topk(Tensor q_idx, Tensor k_idx_cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor? cu_seqlens_q=None, int bk=128, int topk=16, float index_scale=0.0, bool return_index_lse=False) "
+      "-> (Tensor topk_idx, Tensor index_lse)");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor topk_idx, Tensor? cu_seqlens_q=None, int bk=128, float scale=0.0) -> (Tensor o, Tensor lse)");
 }
 
 // One implementation serves both devices: the core picks the kernel (or says it has none).
@@ -606,7 +832,10 @@ TORCH_LIBRARY(msa, m) {
   m.impl("dense_attention_bwd", TORCH_FN(msa_torch::dense_attention_bwd));   \
   m.impl("index_kl_loss", TORCH_FN(msa_torch::index_kl_loss));               \
   m.impl("index_kl_bwd", TORCH_FN(msa_torch::index_kl_bwd));                 \
-  m.impl("selection_recall", TORCH_FN(msa_torch::selection_recall))
+  m.impl("selection_recall", TORCH_FN(msa_torch::selection_recall));         \
+  m.impl("append_kv", TORCH_FN(msa_torch::append_kv));                       \
+  m.impl("decode_index_topk", TORCH_FN(msa_torch::decode_index_topk));       \
+  m.impl("decode_attention", TORCH_FN(msa_torch::decode_attention))
 
 TORCH_LIBRARY_IMPL(msa, CPU, m) { MSA_TORCH_IMPLS(m); }
 #ifdef MSA_TORCH_CUDA

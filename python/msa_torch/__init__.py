@@ -24,6 +24,9 @@ __all__ = [
     "dense_attention",
     "index_kl_loss",
     "selection_recall",
+    "append_kv",
+    "decode_index_topk",
+    "decode_attention",
 ]
 
 
@@ -114,6 +117,25 @@ def _(q, k, topk_idx, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, bk=128, 
     return f64, q.new_empty((), dtype=torch.float64), q.new_empty(rows, dtype=torch.float32), \
         q.new_empty(rows, dtype=torch.float32)
 
+
+# Decode (inference only: no autograd). append_kv mutates its caches and returns nothing.
+@torch.library.register_fake("msa::append_kv")
+def _(k_cache, v_cache, k_idx_cache, block_table, seq_lens, k, v, k_idx=None, cu_new=None):
+    return None
+
+
+@torch.library.register_fake("msa::decode_index_topk")
+def _(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q=None, bk=128, topk=16, index_scale=0.0,
+      return_index_lse=False):
+    n_q, h_kv = q_idx.shape[0], q_idx.shape[1]
+    topk_idx = q_idx.new_empty((n_q, h_kv, max(topk, 0)), dtype=torch.int32)
+    lse = q_idx.new_empty((n_q, h_kv) if return_index_lse else (0,), dtype=torch.float32)
+    return topk_idx, lse
+
+
+@torch.library.register_fake("msa::decode_attention")
+def _(q, k_cache, v_cache, block_table, seq_lens, topk_idx, cu_seqlens_q=None, bk=128, scale=0.0):
+    return _attention_fwd_fake(q)
 
 # ---- autograd ----
 # lse is an output for later use (the KL loss, combining partial results), not differentiable:
@@ -231,3 +253,46 @@ def selection_recall(q, k, topk_idx, cu_seqlens_q=None, cu_seqlens_k=None, q_pos
     block, score, block_rows, score_rows = _ops.selection_recall(q, k, topk_idx, cu_seqlens_q, cu_seqlens_k, q_pos,
                                                                  bk, scale)
     return (block, score, block_rows, score_rows) if return_rows else (block, score)
+
+# ---- decode over a paged KV cache (inference only) ----
+# The cache: k_cache, v_cache [n_pages, bk, h_kv, d] and k_idx_cache [n_pages, bk, d_idx], contiguous;
+# a page holds one MSA block of bk tokens. block_table int32 [batch, max_blocks] maps logical block
+# j of request b to its page (entries past ceil(seq_lens[b] / bk) are not read, -1 by convention);
+# seq_lens int32 [batch] counts the tokens in the cache, this step's new ones included. The query
+# tokens of request b (packed rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]) are its last cached tokens.
+# Only the CPU backend exists yet: CUDA tensors raise ValueError ("no CUDA kernel yet").
+
+def append_kv(k_cache, v_cache, k_idx_cache, block_table, seq_lens, k, v, k_idx=None, cu_new=None):
+    """Writes the new tokens' k, v [n_new, h_kv, d] and k_idx [n_new, d_idx] into the caches, in place.
+
+    Token t of request b (packed row cu_new[b] + t; cu_new may be None for a batch of one) goes to
+    position seq_lens[b] - n_new_b + t. Grow seq_lens and give new blocks a page before the call.
+    k_idx_cache and k_idx are both None for a layer without an index branch. Returns None.
+    """
+    _ops.append_kv(k_cache, v_cache, k_idx_cache, block_table, seq_lens, k, v, k_idx, cu_new)
+
+
+def decode_index_topk(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q=None, *, topk=16, index_scale=0.0,
+                      return_index_lse=False, bk=None):
+    """index_topk of the query tokens q_idx [n_q, h_kv, d_idx] over their request's cached index keys.
+
+    Returns (topk_idx int32 [n_q, h_kv, topk], index_lse float32 [n_q, h_kv] or None). The block
+    numbers are logical (the j of block_table[b, j]), as in a prefill selection of the same
+    sequence, and feed decode_attention unchanged. bk defaults to the page size, k_idx_cache.shape[1].
+    """
+    bk = k_idx_cache.shape[1] if bk is None else bk
+    topk_idx, lse = _ops.decode_index_topk(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, bk, topk,
+                                           index_scale, return_index_lse)
+    return topk_idx, lse if return_index_lse else None
+
+
+def decode_attention(q, k_cache, v_cache, block_table, seq_lens, topk_idx, cu_seqlens_q=None, *, scale=0.0,
+                     return_lse=False, bk=None):
+    """sparse_attention of the query tokens q [n_q, h_q, d] over the cached blocks listed in topk_idx.
+
+    Returns o [n_q, h_q, d], or (o, lse float32 [n_q, h_q]) with return_lse. Not differentiable.
+    bk defaults to the page size, k_cache.shape[1].
+    """
+    bk = k_cache.shape[1] if bk is None else bk
+    o, lse = _ops.decode_attention(q, k_cache, v_cache, block_table, seq_lens, topk_idx, cu_seqlens_q, bk, scale)
+    return (o, lse) if return_lse else o

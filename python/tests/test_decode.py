@@ -1,0 +1,325 @@
+# The decode operators (append_kv, decode_index_topk, decode_attention) on CPU tensors: over a
+# paged cache built from contiguous k / v / k_idx with a shuffled page order (NaN in the unused
+# pages and page tails), they equal index_topk + sparse_attention on the last tokens of each
+# sequence and the float64 formulas of reference.py; append_kv writes exactly the hand-filled
+# cache; opcheck on the functional ops; error messages; CUDA tensors raise ValueError.
+import math
+import re
+
+import pytest
+import torch
+
+import msa_torch
+import reference as ref
+
+ops = torch.ops.msa
+H_Q, H_KV, D, D_IDX = 4, 2, 16, 8
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def tolerance(dtype):
+    # Decode runs the prefill reference on the gathered tokens: equal up to summation order.
+    # Against float64: float32 a few ulps of the output, bfloat16 the output's rounding (2^-8).
+    return {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+
+
+def assert_close(actual, expected, tol, what):
+    actual, expected = actual.double(), expected.double()
+    assert torch.equal(torch.isinf(actual), torch.isinf(expected)), f"{what}: infinities misplaced"
+    finite = torch.isfinite(expected)
+    a, e = actual[finite], expected[finite]
+    if e.numel() == 0:
+        return
+    scale = e.abs().max().clamp_min(1.0)
+    err = (a - e).abs()
+    worst = int(err.argmax())
+    assert float(err.max()) <= tol * float(scale), (
+        f"{what}: worst |diff| {float(err.max()):.3e} (element {worst} of the finite ones): "
+        f"{float(a[worst])!r} vs {float(e[worst])!r} (tolerance {tol} x {float(scale):.3g})")
+
+
+def bits(t):
+    """The bytes of a tensor as integers, so that NaN slots compare equal too."""
+    return t.contiguous().view(torch.uint8)
+
+
+class Paged:
+    """A sequence batch as packed contiguous tensors and as a paged cache filled by hand."""
+
+    def __init__(self, lens, bk, dtype, seed, spare_pages=3):
+        g = torch.Generator().manual_seed(seed)
+        self.lens, self.bk, self.dtype = lens, bk, dtype
+        n_k = sum(lens)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+        self.k, self.v, self.k_idx = randn(n_k, H_KV, D), randn(n_k, H_KV, D), randn(n_k, D_IDX)
+        self.cu_k = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+        blocks = [(n + bk - 1) // bk for n in lens]
+        n_pages = sum(blocks) + spare_pages
+        max_blocks = max(blocks) + 2  # unused tail entries stay -1
+        perm = torch.randperm(n_pages, generator=g).tolist()
+        self.block_table = torch.full((len(lens), max_blocks), -1, dtype=torch.int32)
+        self.seq_lens = torch.tensor(lens, dtype=torch.int32)
+        nan = float("nan")
+        self.k_cache = torch.full((n_pages, bk, H_KV, D), nan, dtype=dtype)
+        self.v_cache = torch.full((n_pages, bk, H_KV, D), nan, dtype=dtype)
+        self.k_idx_cache = torch.full((n_pages, bk, D_IDX), nan, dtype=dtype)
+        for b, n in enumerate(lens):
+            k0 = int(self.cu_k[b])
+            for j in range(blocks[b]):
+                page = perm.pop()
+                self.block_table[b, j] = page
+                t0, t1 = j * bk, min(n, (j + 1) * bk)
+                self.k_cache[page, :t1 - t0] = self.k[k0 + t0:k0 + t1]
+                self.v_cache[page, :t1 - t0] = self.v[k0 + t0:k0 + t1]
+                self.k_idx_cache[page, :t1 - t0] = self.k_idx[k0 + t0:k0 + t1]
+
+    def empty_caches(self):
+        nan = float("nan")
+        return (torch.full_like(self.k_cache, nan), torch.full_like(self.v_cache, nan),
+                torch.full_like(self.k_idx_cache, nan))
+
+    def last_tokens(self, lens_q):
+        """Rows of the packed keys that are the last lens_q[b] tokens of each sequence."""
+        return torch.cat([torch.arange(int(self.cu_k[b + 1]) - n, int(self.cu_k[b + 1]))
+                          for b, n in enumerate(lens_q)]).long()
+
+
+def queries(n_q, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n_q, H_Q, D, generator=g, dtype=torch.float64).to(dtype),
+            torch.randn(n_q, H_KV, D_IDX, generator=g, dtype=torch.float64).to(dtype))
+
+
+# (bk, topk, lens, lens_q): one page, page boundaries (bk - 1, bk, bk + 1), more blocks than topk,
+# a request without queries (and one without tokens), up to 16 query tokens (speculative decoding).
+CASES = [
+    (16, 3, [1, 15, 16, 17, 100], [1, 2, 16, 1, 5]),
+    (8, 4, [0, 41, 7, 64], [0, 3, 7, 16]),
+    (32, 2, [129], [4]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"bk{c[0]}")
+def test_decode_equals_prefill_on_last_tokens(case, dtype):
+    bk, topk, lens, lens_q = case
+    c = Paged(lens, bk, dtype, seed=10 + bk)
+    n_q = sum(lens_q)
+    q, q_idx = queries(n_q, dtype, seed=20 + bk)
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    cu = None if len(lens) == 1 else cu_q
+
+    sel, idx_lse = msa_torch.decode_index_topk(q_idx, c.k_idx_cache, c.block_table, c.seq_lens, cu, topk=topk,
+                                               return_index_lse=True)
+    o, lse = msa_torch.decode_attention(q, c.k_cache, c.v_cache, c.block_table, c.seq_lens, sel, cu,
+                                        return_lse=True)
+    assert sel.shape == (n_q, H_KV, topk) and sel.dtype == torch.int32
+    assert o.shape == (n_q, H_Q, D) and o.dtype == dtype and lse.shape == (n_q, H_Q) and lse.dtype == torch.float32
+
+    # The prefill ops on the contiguous sequences, queries at their last positions.
+    want_sel, _, want_idx_lse = msa_torch.index_topk(q_idx, c.k_idx, cu_q, c.cu_k, bk=bk, topk=topk,
+                                                     return_index_lse=True)
+    rows = (sel != want_sel).any(dim=2).nonzero()
+    assert rows.numel() == 0, f"topk_idx differs in {len(rows)} rows, first {rows[0].tolist()}: " \
+        f"{sel[tuple(rows[0])].tolist()} vs {want_sel[tuple(rows[0])].tolist()}"
+    assert_close(idx_lse, want_idx_lse, 1e-6, "index_lse vs index_topk")
+    want_o, want_lse = msa_torch.sparse_attention(q, c.k, c.v, want_sel, cu_q, c.cu_k, bk=bk, return_lse=True)
+    assert_close(lse, want_lse, 1e-6, "lse vs sparse_attention")
+    assert_close(o, want_o, 1e-6 if dtype != torch.bfloat16 else 2.0**-8, "o vs sparse_attention")
+
+    # And the float64 formulas, independent of the library.
+    ref_o, ref_lse = ref.attention(q, c.k, c.v, sel, bk, 0.0, cu_q, c.cu_k)
+    assert_close(o, ref_o, tolerance(dtype), "o vs float64 reference")
+    assert_close(lse, ref_lse, tolerance(torch.float32), "lse vs float64 reference")
+    pos = ref.positions(n_q, sum(lens), cu_q, c.cu_k)
+    m = ref.block_scores(q_idx, c.k_idx, bk, max((n + bk - 1) // bk for n in lens), cu_q=cu_q, cu_k=c.cu_k)
+    assert torch.equal(sel, ref.select(m, topk, bk, pos)), "topk_idx vs the float64 selection"
+
+
+def test_no_index_lse_and_strided_queries():
+    c = Paged([40, 23], 8, torch.float32, seed=3)
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32)
+    q_wide, q_idx_wide = queries(5, torch.float32, seed=4)
+    q_wide = torch.cat([q_wide, q_wide], dim=2)[:, :, :D]  # padded head stride
+    q_idx = q_idx_wide.transpose(0, 1).contiguous().transpose(0, 1)  # token stride 1
+    sel, lse = msa_torch.decode_index_topk(q_idx, c.k_idx_cache, c.block_table, c.seq_lens, cu_q, topk=2)
+    assert lse is None
+    raw = ops.decode_index_topk(q_idx, c.k_idx_cache, c.block_table, c.seq_lens, cu_q, 8, 2)
+    assert torch.equal(raw[0], sel) and raw[1].shape == (0,)
+    # A single-head view of the index-key cache gives the same selection.
+    again, _ = msa_torch.decode_index_topk(q_idx.contiguous(), c.k_idx_cache.unsqueeze(2), c.block_table,
+                                           c.seq_lens, cu_q, topk=2)
+    assert torch.equal(sel, again)
+    o = msa_torch.decode_attention(q_wide, c.k_cache, c.v_cache, c.block_table, c.seq_lens, sel, cu_q)
+    want = msa_torch.decode_attention(q_wide.contiguous(), c.k_cache, c.v_cache, c.block_table, c.seq_lens, sel,
+                                      cu_q)
+    assert torch.equal(o, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_append_kv_equals_hand_filled_cache(dtype):
+    bk = 8
+    lens = [30, 1, 17, 0, 44]
+    c = Paged(lens, bk, dtype, seed=7)
+    k_cache, v_cache, k_idx_cache = c.empty_caches()
+    # Prompt, then two steps of 0..9 new tokens per request, crossing page boundaries; seq_lens
+    # grows before each call (it counts the new tokens).
+    g = torch.Generator().manual_seed(8)
+    done = [0] * len(lens)
+    steps = [[max(n - 12, 0) for n in lens]]
+    for _ in range(2):
+        steps.append([int(torch.randint(0, 10, (), generator=g)) for _ in lens])
+    steps.append(None)  # the rest
+    for step in steps:
+        new = [n - d if step is None else min(s, n - d) for s, n, d in zip(step or lens, lens, done)]
+        rows = torch.cat([torch.arange(int(c.cu_k[b]) + done[b], int(c.cu_k[b]) + done[b] + n)
+                          for b, n in enumerate(new)]).long()
+        done = [d + n for d, n in zip(done, new)]
+        cu_new = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32)
+        seq_lens = torch.tensor(done, dtype=torch.int32)
+        # Strided k (a slice of wider rows) exercises the stride plumbing.
+        k = torch.cat([c.k[rows], c.v[rows]], dim=2)[:, :, :D]
+        out = msa_torch.append_kv(k_cache, v_cache, k_idx_cache, c.block_table, seq_lens, k, c.v[rows],
+                                  c.k_idx[rows], cu_new)
+        assert out is None
+    assert done == lens
+    for name, got, want in [("k_cache", k_cache, c.k_cache), ("v_cache", v_cache, c.v_cache),
+                            ("k_idx_cache", k_idx_cache, c.k_idx_cache)]:
+        diff = (bits(got) != bits(want)).nonzero()
+        assert diff.numel() == 0, f"{name}: {len(diff)} bytes differ from the hand-filled cache"
+
+    # Decode on the appended cache equals prefill on the last tokens.
+    lens_q = [2, 1, 3, 0, 4]
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    q, q_idx = queries(sum(lens_q), dtype, seed=9)
+    sel, _ = msa_torch.decode_index_topk(q_idx, k_idx_cache, c.block_table, c.seq_lens, cu_q, topk=3)
+    want_sel, _, _ = msa_torch.index_topk(q_idx, c.k_idx, cu_q, c.cu_k, bk=bk, topk=3)
+    assert torch.equal(sel, want_sel)
+    o = msa_torch.decode_attention(q, k_cache, v_cache, c.block_table, c.seq_lens, sel, cu_q)
+    want_o = msa_torch.sparse_attention(q, c.k, c.v, sel, cu_q, c.cu_k, bk=bk)
+    assert_close(o, want_o, 1e-6 if dtype != torch.bfloat16 else 2.0**-8, "o on the appended cache")
+
+
+def test_append_kv_without_index_branch_and_single_request():
+    c = Paged([21], 8, torch.float32, seed=11)
+    k_cache, v_cache, k_idx_cache = c.empty_caches()
+    msa_torch.append_kv(k_cache, v_cache, None, c.block_table, c.seq_lens, c.k, c.v)  # cu_new None: batch of one
+    assert torch.equal(bits(k_cache), bits(c.k_cache)) and torch.equal(bits(v_cache), bits(c.v_cache))
+    assert bits(k_idx_cache).eq(bits(torch.full_like(k_idx_cache, float("nan")))).all()
+
+
+def make_opcheck(dtype, seed):
+    c = Paged([5, 37, 20], 8, dtype, seed=seed)
+    cu_q = torch.tensor([0, 1, 4, 6], dtype=torch.int32)
+    q, q_idx = queries(6, dtype, seed + 1)
+    return c, cu_q, q, q_idx
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_decode_index_topk(dtype):
+    c, cu_q, _, q_idx = make_opcheck(dtype, 30)
+    torch.library.opcheck(ops.decode_index_topk, (q_idx, c.k_idx_cache, c.block_table, c.seq_lens, cu_q, 8, 3, 0.0,
+                                                  True))
+    torch.library.opcheck(ops.decode_index_topk, (q_idx[4:], c.k_idx_cache, c.block_table[2:], c.seq_lens[2:]),
+                          dict(bk=8, topk=2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_decode_attention(dtype):
+    c, cu_q, q, q_idx = make_opcheck(dtype, 40)
+    sel, _ = ops.decode_index_topk(q_idx, c.k_idx_cache, c.block_table, c.seq_lens, cu_q, 8, 3)
+    torch.library.opcheck(ops.decode_attention, (q, c.k_cache, c.v_cache, c.block_table, c.seq_lens, sel, cu_q, 8,
+                                                 0.0))
+
+
+def test_opcheck_append_kv():
+    c = Paged([5, 13], 8, torch.float32, seed=50)
+    k_cache, v_cache, k_idx_cache = c.empty_caches()
+    torch.library.opcheck(ops.append_kv, (k_cache, v_cache, k_idx_cache, c.block_table, c.seq_lens, c.k, c.v,
+                                          c.k_idx, c.cu_k))
+
+
+def raises(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == message
+
+
+def test_errors_name_the_argument():
+    c = Paged([5, 20], 8, torch.float32, seed=60)
+    cu_q = torch.tensor([0, 1, 3], dtype=torch.int32)
+    q, q_idx = queries(3, torch.float32, seed=61)
+    sel, _ = msa_torch.decode_index_topk(q_idx, c.k_idx_cache, c.block_table, c.seq_lens, cu_q, topk=2)
+
+    def index(**kw):
+        a = dict(q_idx=q_idx, k_idx_cache=c.k_idx_cache, block_table=c.block_table, seq_lens=c.seq_lens)
+        a.update(kw)
+        return lambda: msa_torch.decode_index_topk(a["q_idx"], a["k_idx_cache"], a["block_table"], a["seq_lens"],
+                                                   cu_q, topk=2, bk=kw.get("bk"))
+
+    # A block table entry that is not a page: the core's check, with the entry and the request.
+    bad = c.block_table.clone()
+    bad[1, 2] = -1
+    with pytest.raises(ValueError, match=re.escape("msa::decode_index_topk: cache.block_table[1, 2] = -1, expected "
+                                                   "a page id 0 <= id < n_pages")):
+        index(block_table=bad)()
+    bad[1, 2] = c.k_cache.shape[0]
+    with pytest.raises(ValueError, match=re.escape("msa::decode_attention: cache.block_table[1, 2] = 7, expected")):
+        msa_torch.decode_attention(q, c.k_cache, c.v_cache, bad, c.seq_lens, sel, cu_q)
+    raises(index(block_table=c.block_table.long()),
+           "msa::decode_index_topk: block_table dtype = int64, expected int32")
+    raises(index(block_table=c.block_table[0]),
+           "msa::decode_index_topk: block_table shape = [5], expected [batch, max_blocks]")
+    raises(index(seq_lens=c.seq_lens[:1]), "msa::decode_index_topk: seq_lens shape = [1], expected [batch] = [2]")
+    raises(index(bk=16), "msa::decode_index_topk: bk = 16, expected the page size k_idx_cache.shape[1] = 8 "
+                         "(a page holds one block)")
+    raises(index(k_idx_cache=c.k_idx_cache[:, :, :4]),
+           "msa::decode_index_topk: k_idx_cache shape = [7, 8, 4], expected [n_pages, bk, d_idx] = [7, 8, 8]")
+    raises(index(k_idx_cache=c.k_idx_cache.double()),
+           "msa::decode_index_topk: k_idx_cache dtype = float64, expected float32 like q_idx")
+    with pytest.raises(ValueError, match=re.escape("msa::decode_index_topk: cache.seq_lens[0] = 99, expected")):
+        index(seq_lens=torch.tensor([99, 20], dtype=torch.int32))()
+    raises(lambda: msa_torch.decode_attention(q, c.k_cache, c.v_cache[:, :, :1], c.block_table, c.seq_lens, sel,
+                                              cu_q),
+           "msa::decode_attention: v_cache shape = [7, 8, 1, 16], expected [n_pages, bk, h_kv, d] = [7, 8, 2, 16]")
+    raises(lambda: msa_torch.decode_attention(q, c.k_cache, c.v_cache, c.block_table, c.seq_lens, sel[:, :1], cu_q),
+           "msa::decode_attention: topk_idx shape = [3, 1, 2], expected [n_q, h_kv, topk] = [3, 2, *]")
+    with pytest.raises(ValueError, match=r"^msa::decode_attention: .*cu_seqlens_q"):
+        msa_torch.decode_attention(q, c.k_cache, c.v_cache, c.block_table, c.seq_lens, sel)
+    k_cache, v_cache, k_idx_cache = c.empty_caches()
+    raises(lambda: msa_torch.append_kv(k_cache.transpose(2, 3).contiguous().transpose(2, 3), v_cache, k_idx_cache,
+                                       c.block_table, c.seq_lens, c.k, c.v, c.k_idx, c.cu_k),
+           "msa::append_kv: k_cache is not contiguous (strides [256, 32, 1, 2]), expected a contiguous cache, which "
+           "append_kv writes in place")
+    with pytest.raises(ValueError, match=r"^msa::append_kv: k_idx is null but the other is set"):
+        msa_torch.append_kv(k_cache, v_cache, k_idx_cache, c.block_table, c.seq_lens, c.k, c.v, None, c.cu_k)
+    with pytest.raises(ValueError, match=re.escape("msa::append_kv: cache.block_table[1, 0] = -1")):
+        bad = c.block_table.clone()
+        bad[1, 0] = -1
+        msa_torch.append_kv(k_cache, v_cache, k_idx_cache, bad, c.seq_lens, c.k, c.v, c.k_idx, c.cu_k)
+    # Nothing was written by the failed calls.
+    assert bits(k_cache).eq(bits(torch.full_like(k_cache, float("nan")))).all()
+
+
+def test_cuda_tensors_raise_value_error():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible: the decode ops' CUDA error was not checked")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("msa::decode_attention", "CUDA"):
+        pytest.skip("libmsa_torch was built without CUDA: the decode ops' CUDA error was not checked")
+    c = Paged([5, 20], 8, torch.bfloat16, seed=70)
+    cu_q = torch.tensor([0, 1, 3], dtype=torch.int32, device="cuda")
+    q, q_idx = queries(3, torch.bfloat16, seed=71)
+    t = {name: getattr(c, name).cuda() for name in ("k_cache", "v_cache", "k_idx_cache", "block_table", "seq_lens")}
+    q, q_idx = q.cuda(), q_idx.cuda()
+    sel = torch.zeros(3, H_KV, 2, dtype=torch.int32, device="cuda")
+    cuda_error = r"no CUDA kernel yet"
+    with pytest.raises(ValueError, match=r"^msa::decode_index_topk: .*" + cuda_error):
+        msa_torch.decode_index_topk(q_idx, t["k_idx_cache"], t["block_table"], t["seq_lens"], cu_q, topk=2)
+    with pytest.raises(ValueError, match=r"^msa::decode_attention: .*" + cuda_error):
+        msa_torch.decode_attention(q, t["k_cache"], t["v_cache"], t["block_table"], t["seq_lens"], sel, cu_q)
+    with pytest.raises(ValueError, match=r"^msa::append_kv: .*" + cuda_error):
+        msa_torch.append_kv(t["k_cache"], t["v_cache"], t["k_idx_cache"], t["block_table"], t["seq_lens"],
+                            c.k.cuda(), c.v.cuda(), c.k_idx.cuda(), c.cu_k.cuda())
