@@ -323,3 +323,35 @@ def test_cuda_tensors_raise_value_error():
     with pytest.raises(ValueError, match=r"^msa::append_kv: .*" + cuda_error):
         msa_torch.append_kv(t["k_cache"], t["v_cache"], t["k_idx_cache"], t["block_table"], t["seq_lens"],
                             c.k.cuda(), c.v.cuda(), c.k_idx.cuda(), c.cu_k.cuda())
+
+
+def decode_step(k_cache, v_cache, k_idx_cache, block_table, seq_lens, k, v, k_idx, cu_new, q, q_idx):
+    msa_torch.append_kv(k_cache, v_cache, k_idx_cache, block_table, seq_lens, k, v, k_idx, cu_new)
+    sel, _ = msa_torch.decode_index_topk(q_idx, k_idx_cache, block_table, seq_lens, cu_new, topk=3)
+    return msa_torch.decode_attention(q, k_cache, v_cache, block_table, seq_lens, sel, cu_new, return_lse=True)
+
+
+def test_compile_decode_step_fullgraph():
+    # Dynamo traces the in-place append_kv (functionalized through its alias annotations) and the
+    # fake implementations without graph breaks; the caches are written as in eager mode.
+    torch._dynamo.reset()
+    c = Paged([20, 9], 8, torch.float32, seed=80)
+    new = [3, 2]
+    rows = torch.cat([torch.arange(int(c.cu_k[b + 1]) - n, int(c.cu_k[b + 1])) for b, n in enumerate(new)]).long()
+    cu_new = torch.tensor([0, 3, 5], dtype=torch.int32)
+    q, q_idx = queries(5, torch.float32, seed=81)
+    results = []
+    for step in (decode_step, torch.compile(decode_step, backend="aot_eager", fullgraph=True)):
+        k_cache, v_cache, k_idx_cache = c.k_cache.clone(), c.v_cache.clone(), c.k_idx_cache.clone()
+        for b, n in enumerate(new):  # the slots of this step's tokens hold garbage before the append
+            for pos in range(c.lens[b] - n, c.lens[b]):
+                page = int(c.block_table[b, pos // 8])
+                k_cache[page, pos % 8] = 7.0
+                k_idx_cache[page, pos % 8] = -7.0
+        o, lse = step(k_cache, v_cache, k_idx_cache, c.block_table, c.seq_lens, c.k[rows], c.v[rows], c.k_idx[rows],
+                      cu_new, q, q_idx)
+        results.append((o, lse, k_cache, k_idx_cache))
+    (o, lse, k_cache, k_idx_cache), (o2, lse2, k_cache2, k_idx_cache2) = results
+    assert torch.equal(bits(k_cache), bits(c.k_cache)) and torch.equal(bits(k_cache2), bits(c.k_cache))
+    assert torch.equal(bits(k_idx_cache2), bits(c.k_idx_cache))
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
