@@ -659,24 +659,30 @@ void append_kv(const Tensor& k_cache, const Tensor& v_cache, const OptTensor& k_
   }
   bind3(k2, p.k, p.stride_k_tok, p.stride_k_head);
   bind3(v2, p.v, p.stride_v_tok, p.stride_v_head);
-  // Only one of k_idx / k_idx_cache set goes on to the core, which names the missing one.
+  // The index branch: k_idx and k_idx_cache both given, or neither (a layer without one).
+  if (k_idx.has_value() != k_idx_cache.has_value())
+    fail(fn, std::string(k_idx ? "k_idx_cache is None but k_idx is given" : "k_idx is None but k_idx_cache is given") +
+                 ", expected both (or neither, for a layer without an index branch)");
   if (k_idx_cache.has_value()) {
     const Tensor& kc = *k_idx_cache;
     check_device(fn, "k_idx_cache", kc, k, "k");
     check_dtype(fn, "k_idx_cache", kc, k.scalar_type(), " like k");
+    if (kc.dim() != 3 && kc.dim() != 4) check_shape(fn, "k_idx_cache", kc, {n_pages, bk, -1}, "[n_pages, bk, d_idx]");
     c.d_idx = kc.size(-1);
+    if (c.d_idx < 1) fail(fn, "k_idx_cache shape = " + shape_str(kc.sizes()) + ", expected d_idx >= 1");
     Tensor kc2 = index_cache(fn, kc, n_pages, bk, c.d_idx);
     check_writable(fn, "k_idx_cache", kc);
-    c.k_idx_cache = kc2.data_ptr();
-  }
-  if (k_idx.has_value()) {
     check_device(fn, "k_idx", *k_idx, k, "k");
     check_dtype(fn, "k_idx", *k_idx, k.scalar_type(), " like k");
-    if (!k_idx_cache.has_value()) c.d_idx = k_idx->size(-1);
     Tensor k_idx_2d = index_keys(fn, *k_idx, c.d_idx);
     check_shape(fn, "k_idx", k_idx_2d, {n_new, c.d_idx}, "[n_new, d_idx]");
-    k_idx2 = rows(k_idx_2d);
-    bind2(k_idx2, p.k_idx, p.stride_k_idx_tok);
+    // An empty tensor has no data pointer, which the core reads as "no index branch"; with no new
+    // token nothing is written, so the branch is left out then.
+    if (n_new > 0) {
+      c.k_idx_cache = kc2.data_ptr();
+      k_idx2 = rows(k_idx_2d);
+      bind2(k_idx2, p.k_idx, p.stride_k_idx_tok);
+    }
   }
   msa::Exec ex = exec_for(fn, k);
   core([&] { msa::append_kv(p, ex); });

@@ -211,6 +211,22 @@ def test_append_kv_without_index_branch_and_single_request():
     assert bits(k_idx_cache).eq(bits(torch.full_like(k_idx_cache, float("nan")))).all()
 
 
+def test_no_queries_and_no_new_tokens():
+    c = Paged([9, 0], 8, torch.float32, seed=12)
+    none = torch.zeros(3, dtype=torch.int32)
+    q, q_idx = queries(0, torch.float32, seed=13)
+    sel, lse = msa_torch.decode_index_topk(q_idx, c.k_idx_cache, c.block_table, c.seq_lens, none, topk=2,
+                                           return_index_lse=True)
+    assert sel.shape == (0, H_KV, 2) and lse.shape == (0, H_KV)
+    o, lse = msa_torch.decode_attention(q, c.k_cache, c.v_cache, c.block_table, c.seq_lens, sel, none,
+                                        return_lse=True)
+    assert o.shape == (0, H_Q, D) and lse.shape == (0, H_Q)
+    k_cache, v_cache, k_idx_cache = c.empty_caches()
+    msa_torch.append_kv(k_cache, v_cache, k_idx_cache, c.block_table, c.seq_lens, c.k[:0], c.v[:0], c.k_idx[:0],
+                        none)
+    assert bits(k_cache).eq(bits(torch.full_like(k_cache, float("nan")))).all()
+
+
 def make_opcheck(dtype, seed):
     c = Paged([5, 37, 20], 8, dtype, seed=seed)
     cu_q = torch.tensor([0, 1, 4, 6], dtype=torch.int32)
@@ -294,8 +310,13 @@ def test_errors_name_the_argument():
                                        c.block_table, c.seq_lens, c.k, c.v, c.k_idx, c.cu_k),
            "msa::append_kv: k_cache is not contiguous (strides [256, 32, 1, 2]), expected a contiguous cache, which "
            "append_kv writes in place")
-    with pytest.raises(ValueError, match=r"^msa::append_kv: k_idx is null but the other is set"):
-        msa_torch.append_kv(k_cache, v_cache, k_idx_cache, c.block_table, c.seq_lens, c.k, c.v, None, c.cu_k)
+    raises(lambda: msa_torch.append_kv(k_cache, v_cache, k_idx_cache, c.block_table, c.seq_lens, c.k, c.v, None,
+                                       c.cu_k),
+           "msa::append_kv: k_idx is None but k_idx_cache is given, expected both (or neither, for a layer without "
+           "an index branch)")
+    raises(lambda: msa_torch.append_kv(k_cache, v_cache, k_idx_cache[:, :4], c.block_table, c.seq_lens, c.k, c.v,
+                                       c.k_idx, c.cu_k),
+           "msa::append_kv: k_idx_cache shape = [7, 4, 8], expected [n_pages, bk, d_idx] = [7, 8, 8]")
     with pytest.raises(ValueError, match=re.escape("msa::append_kv: cache.block_table[1, 0] = -1")):
         bad = c.block_table.clone()
         bad[1, 0] = -1
