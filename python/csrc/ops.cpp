@@ -588,7 +588,7 @@ void bind_table(msa::PagedKvCache& c, const Table& t) {
   c.seq_lens = t.seq_lens.data_ptr<int32_t>();
 }
 
-// bk, when given, must be the page size of the cache (a page is one MSA block).
+// The bk argument must be the page size of the cache: a page is one MSA block.
 void check_bk(const char* fn, int64_t bk, const Tensor& cache, const char* cache_name) {
   if (bk != cache.size(1))
     fail(fn, "bk = " + std::to_string(bk) + ", expected the page size " + cache_name +
