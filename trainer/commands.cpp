@@ -1,4 +1,4 @@
-// trainer/commands.cpp — command-line options of msa train, msa eval and msa viz (CLI11), built
+// trainer/commands.cpp — command-line options of msa train, eval, viz and generate (CLI11), built
 // into the msa tool when the trainer is.
 #include "commands.h"
 
@@ -102,11 +102,35 @@ void add_commands(CLI::App& app, Commands& c) {
   cv->add_option("metrics", v.input, "metrics.jsonl of a run")->required();
   cv->add_option("--out", v.out, "PNG file")->required();
   cv->add_option("--keys", v.keys, "Metric keys (default: lm_loss, kl, val_loss, lr)")->delimiter(',');
+
+  GenerateOptions& g = c.generate;
+  auto* gn =
+      app.add_subcommand("generate", "Continue a prompt with a checkpoint: prefill, then decode over the KV cache");
+  c.generate_cmd = gn;
+  gn->add_option("checkpoint", g.checkpoint, "A checkpoint (final.ckpt of an msa train run)")->required();
+  gn->add_option("--prompt", g.prompt, "Prompt text (byte tokens after <bos>)")->required();
+  gn->add_option("--tokens", g.tokens, "New tokens at most")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 20))
+      ->capture_default_str();
+  gn->add_option("--temperature", g.temperature, "Sampling temperature (0: greedy)")
+      ->check(CLI::Range(0.0, 100.0))
+      ->capture_default_str();
+  gn->add_option("--seed", g.seed, "Seed of the sampling")->capture_default_str();
+  gn->add_option("--mode", g.mode, "auto (MSA checkpoints sparse, dense ones dense) | dense | sparse")
+      ->check(CLI::IsMember({"auto", "dense", "sparse"}))
+      ->capture_default_str();
+  gn->add_flag("!--no-stop", g.stop_at_eos, "Do not stop at <eos>");
+  gn->add_flag("--echo", g.echo, "Print the prompt before the continuation");
+  gn->add_option("--device", g.device, "cpu | cuda (decode has CPU kernels only so far)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  gn->add_option("--threads", g.threads, "CPU threads (0: torch's default)")->check(CLI::Range(0, 4096));
 }
 
 int dispatch(const Commands& c) {
   if (c.train_cmd && c.train_cmd->parsed()) return run_train(c.train);
   if (c.eval_cmd && c.eval_cmd->parsed()) return run_eval(c.eval);
+  if (c.generate_cmd && c.generate_cmd->parsed()) return run_generate(c.generate);
   if (c.viz_cmd && c.viz_cmd->parsed()) {
     VizOptions v = c.viz;
     v.what = c.viz_cmd->get_subcommand("heatmap")->parsed() ? "heatmap" : "curves";

@@ -1,4 +1,4 @@
-// trainer/commands.h — the trainer's subcommands of the msa tool (msa train, msa eval, msa viz):
+// trainer/commands.h — the trainer's subcommands of the msa tool (msa train, eval, viz, generate):
 // their options and entry points. Torch-free, so the command-line parser (commands.cpp, built
 // into the msa tool) does not compile LibTorch headers. docs/trainer.md documents the commands.
 #pragma once
@@ -64,9 +64,23 @@ struct VizOptions {
   int threads = 0;
 };
 
+struct GenerateOptions {
+  std::string checkpoint;
+  std::string prompt;          // text; the model sees kBos then its bytes
+  int64_t tokens = 64;         // new tokens at most
+  double temperature = 0.0;    // 0: greedy
+  uint64_t seed = 1;           // of the sampling
+  std::string mode = "auto";   // auto (dense ckpt: dense, MSA ckpt: sparse) | dense | sparse
+  bool stop_at_eos = true;     // end at the end-of-document token
+  bool echo = false;           // print the prompt before the continuation
+  std::string device = "cpu";  // cpu (the decode ops have no CUDA kernel yet) | cuda
+  int threads = 0;
+};
+
 int run_train(const TrainOptions& o);
 int run_eval(const EvalOptions& o);
 int run_viz(const VizOptions& o);
+int run_generate(const GenerateOptions& o);
 
 // The parser side, used by the msa tool: registers the subcommands on app, then dispatch() runs
 // the one that was given (returns its exit code), or returns -1 when none of them was.
@@ -74,9 +88,11 @@ struct Commands {
   TrainOptions train;
   EvalOptions eval;
   VizOptions viz;
+  GenerateOptions generate;
   CLI::App* train_cmd = nullptr;
   CLI::App* eval_cmd = nullptr;
   CLI::App* viz_cmd = nullptr;
+  CLI::App* generate_cmd = nullptr;
 };
 void add_commands(CLI::App& app, Commands& c);
 int dispatch(const Commands& c);

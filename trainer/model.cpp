@@ -215,6 +215,7 @@ ForwardOut LM::forward(const Tensor& tokens, const Tensor& cu_seqlens, AttnMode 
     if (tr) {
       tr->q = q.detach();
       tr->k = k.detach();
+      tr->v = v.detach();
     }
     if (m == AttnMode::dense) {
       o = dense_attention(q, k, v, cu).first;
@@ -251,6 +252,116 @@ ForwardOut LM::forward(const Tensor& tokens, const Tensor& cu_seqlens, AttnMode 
   Tensor logits = at::linear(x, p("embed"));
   if (logits.scalar_type() != at::kDouble) logits = logits.to(at::kFloat);
   return {logits, kl_sum};
+}
+
+KvCache LM::new_cache(int64_t capacity, AttnMode mode) const {
+  const ModelConfig& c = cfg_;
+  if (capacity < 1) throw Error("msa generate: cache capacity " + std::to_string(capacity) + ", expected >= 1");
+  KvCache cache;
+  cache.mode = mode == AttnMode::sparse ? AttnMode::sparse : AttnMode::dense;
+  const int64_t n_pages = (capacity + c.bk - 1) / c.bk;
+  cache.capacity = n_pages * c.bk;
+  const at::ScalarType pdt = params_[0].second.scalar_type();
+  auto opt = at::TensorOptions().device(device_).dtype(device_.is_cuda() ? at::kBFloat16 : pdt);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    KvCache::Layer L;
+    L.k = at::zeros({n_pages, c.bk, c.h_kv, c.d_head}, opt);
+    L.v = at::zeros({n_pages, c.bk, c.h_kv, c.d_head}, opt);
+    if (l >= c.dense_layers && cache.mode == AttnMode::sparse) L.k_idx = at::zeros({n_pages, c.bk, c.d_idx}, opt);
+    cache.layers.push_back(L);
+  }
+  // Pages in order: one sequence owns the whole pool, so the table is the identity.
+  auto i32 = at::TensorOptions().dtype(at::kInt);
+  cache.block_table = at::arange(n_pages, i32).view({1, n_pages}).to(device_);
+  cache.seq_lens = at::zeros({1}, i32).to(device_);
+  return cache;
+}
+
+namespace {
+
+void grow(KvCache& cache, int64_t n) {
+  if (cache.len + n > cache.capacity)
+    throw Error("msa generate: " + std::to_string(cache.len + n) + " tokens exceed the cache capacity " +
+                std::to_string(cache.capacity));
+  cache.len += n;
+  cache.seq_lens.fill_(cache.len);
+}
+
+}  // namespace
+
+Tensor LM::prefill(const Tensor& tokens, KvCache& cache) const {
+  if (cache.len != 0)
+    throw Error("msa generate: prefill needs an empty cache (it holds " + std::to_string(cache.len) + " tokens)");
+  const int64_t n = tokens.size(0);
+  if (n < 1) throw Error("msa generate: empty prompt, expected at least one token");
+  at::NoGradGuard ng;
+  Trace trace;
+  Tensor cu = at::tensor(std::vector<int32_t>{0, int32_t(n)}, at::kInt).to(device_);
+  ForwardOut out = forward(tokens, cu, cache.mode, false, &trace);
+  grow(cache, n);
+  for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+    KvCache::Layer& L = cache.layers[l];
+    const LayerTrace& t = trace[l];
+    std::optional<Tensor> ki, kic;
+    if (L.k_idx.defined()) ki = t.k_idx, kic = L.k_idx;
+    msa_torch::append_kv(L.k, L.v, kic, cache.block_table, cache.seq_lens, t.k.contiguous(), t.v.contiguous(), ki,
+                         std::nullopt);
+  }
+  return out.logits;
+}
+
+// The layer math of forward() for one new token; the KV-cache test checks that both agree.
+Tensor LM::decode_step(const Tensor& token, KvCache& cache) const {
+  const ModelConfig& c = cfg_;
+  if (token.dim() != 1 || token.size(0) != 1)
+    throw Error("msa generate: decode_step takes one token (int64 [1]), got " + std::to_string(token.numel()));
+  at::NoGradGuard ng;
+  const int64_t pos = cache.len;
+  grow(cache, 1);
+  const int64_t len = cache.len, n_blocks = (len + c.bk - 1) / c.bk;
+  Tensor pos_t = at::full({1}, pos, at::kLong).to(device_);
+  const at::ScalarType pdt = params_[0].second.scalar_type();
+  const at::ScalarType adt = device_.is_cuda() ? at::kBFloat16 : pdt;
+  Rope rope_main = make_rope(pos_t, c.d_head, c.rope_theta, at::kFloat);
+  Rope rope_idx = make_rope(pos_t, c.d_idx, c.rope_theta, at::kFloat);
+  const std::optional<Tensor> cu_q = at::tensor(std::vector<int32_t>{0, 1}, at::kInt).to(device_);
+  const std::optional<Tensor> cu_k = at::tensor(std::vector<int32_t>{0, int32_t(len)}, at::kInt).to(device_);
+  Tensor pages = cache.block_table[0].narrow(0, 0, n_blocks).to(at::kLong);
+
+  Tensor x = at::embedding(p("embed"), token);  // [1, d_model]
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    KvCache::Layer& L = cache.layers[l];
+    Tensor h = rms_norm(x, p(lname(l, "attn_norm")), c.norm_eps);
+    Tensor q = apply_rope(at::linear(h, p(lname(l, "wq"))).view({1, c.h_q, c.d_head}), rope_main).to(adt);
+    Tensor k = apply_rope(at::linear(h, p(lname(l, "wk"))).view({1, c.h_kv, c.d_head}), rope_main).to(adt);
+    Tensor v = at::linear(h, p(lname(l, "wv"))).view({1, c.h_kv, c.d_head}).to(adt).contiguous();
+    Tensor o;
+    if (L.k_idx.defined()) {
+      Tensor qi = at::linear(h, p(lname(l, "idx_wq"))).view({1, c.h_kv, c.d_idx});
+      qi = apply_rope(rms_norm(qi, p(lname(l, "idx_q_norm")), c.norm_eps), rope_idx).to(adt);
+      Tensor ki = at::linear(h, p(lname(l, "idx_wk"))).view({1, 1, c.d_idx});
+      ki = apply_rope(rms_norm(ki, p(lname(l, "idx_k_norm")), c.norm_eps), rope_idx).view({1, c.d_idx}).to(adt);
+      msa_torch::append_kv(L.k, L.v, L.k_idx, cache.block_table, cache.seq_lens, k, v, ki, std::nullopt);
+      Tensor topk_idx = std::get<0>(msa_torch::decode_index_topk(qi, L.k_idx, cache.block_table, cache.seq_lens,
+                                                                 std::nullopt, c.bk, c.topk, 0.0, false));
+      o = std::get<0>(msa_torch::decode_attention(q, L.k, L.v, cache.block_table, cache.seq_lens, topk_idx,
+                                                  std::nullopt, c.bk, 0.0));
+    } else {
+      // Dense: the cached tokens gathered from their pages, the query at the last position.
+      msa_torch::append_kv(L.k, L.v, std::nullopt, cache.block_table, cache.seq_lens, k, v, std::nullopt, std::nullopt);
+      Tensor kc = L.k.index_select(0, pages).view({n_blocks * c.bk, c.h_kv, c.d_head}).narrow(0, 0, len);
+      Tensor vc = L.v.index_select(0, pages).view({n_blocks * c.bk, c.h_kv, c.d_head}).narrow(0, 0, len);
+      o = std::get<0>(msa_torch::dense_attention_fwd(q, kc, vc, cu_q, cu_k, std::nullopt, 0.0));
+    }
+    x = x + at::linear(o.reshape({1, c.h_q * c.d_head}).to(h.scalar_type()), p(lname(l, "wo")));
+    Tensor h2 = rms_norm(x, p(lname(l, "mlp_norm")), c.norm_eps);
+    Tensor gate = at::silu(at::linear(h2, p(lname(l, "w_gate"))));
+    x = x + at::linear(gate * at::linear(h2, p(lname(l, "w_up"))), p(lname(l, "w_down")));
+  }
+  x = rms_norm(x, p("final_norm"), c.norm_eps);
+  Tensor logits = at::linear(x, p("embed"));
+  if (logits.scalar_type() != at::kDouble) logits = logits.to(at::kFloat);
+  return logits;
 }
 
 }  // namespace msa::train

@@ -61,11 +61,26 @@ const char* mode_name(AttnMode m);
 
 // What one layer saw, for recall and heat-maps (filled only when a Trace is passed).
 struct LayerTrace {
-  Tensor q, k;          // [n, h_q, d], [n, h_kv, d] after RoPE (main branch)
+  Tensor q, k, v;       // [n, h_q, d], [n, h_kv, d] (q, k after RoPE; main branch)
   Tensor q_idx, k_idx;  // [n, h_kv, d_idx], [n, d_idx] after norm and RoPE (undefined for dense layers/mode)
   Tensor topk_idx;      // [n, h_kv, topk] the index selection (sparse mode), else undefined
 };
 using Trace = std::vector<LayerTrace>;
+
+// Paged K/V caches of one sequence for generation (inference only; generate.h drives them). A
+// page is a block of bk tokens (msa/decode.h); per layer k, v [n_pages, bk, h_kv, d] after RoPE in
+// the attention dtype, and k_idx [n_pages, bk, d_idx] for MSA layers run sparse (else undefined).
+struct KvCache {
+  struct Layer {
+    Tensor k, v, k_idx;
+  };
+  std::vector<Layer> layers;
+  Tensor block_table;                // int32 [1, n_pages], on the model's device
+  Tensor seq_lens;                   // int32 [1]: tokens in the cache
+  int64_t len = 0;                   // host copy of seq_lens
+  int64_t capacity = 0;              // n_pages * bk
+  AttnMode mode = AttnMode::sparse;  // of the MSA layers: sparse or dense
+};
 
 struct ForwardOut {
   Tensor logits;  // [n, vocab] float32
@@ -81,6 +96,16 @@ class LM {
   // want_kl_value = false skips the KL forward (gradient still exact; ForwardOut::kl is NaN).
   ForwardOut forward(const Tensor& tokens, const Tensor& cu_seqlens, AttnMode mode, bool want_kl_value,
                      Trace* trace = nullptr) const;
+
+  // Generation over a KV cache (no gradient). new_cache: empty caches for up to `capacity` tokens;
+  // mode sparse runs MSA layers through the index selection, dense (or warmup) attends densely.
+  // prefill: the forward over tokens [n] (one sequence) appended to an empty cache; returns the
+  // logits [n, vocab]. decode_step: one token [1] at position cache.len, appended and attended
+  // over the cache (MSA layers: decode_index_topk + decode_attention; dense ones: dense over the
+  // cached tokens); returns its logits [1, vocab]. Both equal forward's rows on the same sequence.
+  KvCache new_cache(int64_t capacity, AttnMode mode) const;
+  Tensor prefill(const Tensor& tokens, KvCache& cache) const;
+  Tensor decode_step(const Tensor& token, KvCache& cache) const;
 
   const ModelConfig& config() const { return cfg_; }
   // (name, tensor) in a fixed order; the tensors are the leaves that require grad.

@@ -128,7 +128,7 @@ int main(int argc, char** argv) {
   msa::train::Commands trainer;
   msa::train::add_commands(app, trainer);
 #else
-  const char* trainer_cmds[] = {"train", "eval", "viz"};
+  const char* trainer_cmds[] = {"train", "eval", "viz", "generate"};
   for (const char* name : trainer_cmds)
     app.add_subcommand(name, "(needs the torch layer: not in this build)")->allow_extras()->prefix_command();
 #endif

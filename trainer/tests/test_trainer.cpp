@@ -1,5 +1,6 @@
 // Tests of the trainer: autograd wrappers against finite differences (float64, CPU reference),
-// the MSA layer's modes, the LM's shapes, the routes' checkpoints and exact resume.
+// the MSA layer's modes, the LM's shapes, the routes' checkpoints and exact resume, generation over
+// the KV cache against the full forward.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -11,6 +12,7 @@
 #include <functional>
 
 #include "commands.h"
+#include "generate.h"
 #include "model.h"
 #include "msa/common.h"
 #include "msa_torch.h"
@@ -330,6 +332,82 @@ TEST(Train, LrScheduleWarmsUpThenDecays) {
   EXPECT_GT(lr_at(c, 30, 1.0), lr_at(c, 60, 1.0));
   EXPECT_NEAR(lr_at(c, 99, 1.0), c.min_lr_ratio, 1e-3);
   EXPECT_THROW(named_config("huge"), msa::Error);
+}
+
+// Decode over the paged KV cache against the full forward over prompt + generated tokens: each
+// decode step's logits must be the forward's row at that position. small_model has a dense first
+// layer and two MSA layers with bk 16, topk 2; 45 + 99 tokens span 9 blocks, so late queries of the
+// MSA layers drop 7 of them, and decode crosses page boundaries 6 times. Temperature sampling
+// keeps the random model's tokens varied.
+void check_generation(at::ScalarType dt, AttnMode mode, double tol) {
+  LM lm(small_model(), 11, at::Device(at::kCPU));
+  if (dt != at::kFloat) {
+    at::NoGradGuard ng;
+    for (auto& [name, t] : lm.params()) Tensor(t).set_data(t.detach().to(dt));
+  }
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(21);
+  Tensor pt = at::randint(0, 256, {45}, gen, at::kLong);
+  std::vector<int64_t> prompt(pt.data_ptr<int64_t>(), pt.data_ptr<int64_t>() + 45);
+  SampleConfig sc;
+  sc.max_new = 100;
+  sc.temperature = 1.0;
+  sc.seed = 5;
+  sc.keep_logits = true;
+  Generation g = generate(lm, prompt, mode, sc);
+  ASSERT_EQ(g.tokens.size(), 100u);
+  ASSERT_EQ(g.logits.size(0), 100);
+  EXPECT_EQ(g.logits.scalar_type(), dt);
+  // The same seed draws the same tokens.
+  EXPECT_EQ(generate(lm, prompt, mode, sc).tokens, g.tokens);
+
+  std::vector<int64_t> all = prompt;
+  all.insert(all.end(), g.tokens.begin(), g.tokens.end() - 1);
+  const int64_t n = int64_t(all.size());
+  at::NoGradGuard ng;
+  Tensor cu = at::tensor(std::vector<int32_t>{0, int32_t(n)}, at::kInt);
+  Trace trace;
+  Tensor full = lm.forward(at::tensor(all, at::kLong), cu, mode, false, &trace).logits.narrow(0, 44, 100);
+  const double err = (full - g.logits).abs().max().item<double>();
+  const int64_t worst = (full - g.logits).abs().amax(1).argmax().item<int64_t>();
+  const double scale = 1 + full.abs().max().item<double>();
+  std::printf("[ generate ] %s %s: worst |decode - forward| %.3g at step %lld (logit scale %.3g)\n", mode_name(mode),
+              c10::toString(dt), err, (long long)worst, scale);
+  EXPECT_LT(err, tol * scale) << mode_name(mode) << " " << c10::toString(dt) << ": worst step " << worst;
+  if (mode == AttnMode::sparse) {
+    // The selection really drops blocks at the end, and so changes the logits against dense.
+    Tensor sel = trace[2].topk_idx[n - 1];
+    EXPECT_EQ((sel >= 0).sum().item<int64_t>(), 2 * small_model().h_kv);
+    EXPECT_EQ((n + 15) / 16, 9);
+    Tensor dense = lm.forward(at::tensor(all, at::kLong), cu, AttnMode::dense, false).logits.narrow(0, 44, 100);
+    EXPECT_GT((dense - full).abs().max().item<double>(), 1e3 * tol * scale);
+  }
+}
+TEST(Generate, SparseDecodeEqualsForwardF64) { check_generation(at::kDouble, AttnMode::sparse, 1e-12); }
+TEST(Generate, SparseDecodeEqualsForwardF32) { check_generation(at::kFloat, AttnMode::sparse, 1e-5); }
+TEST(Generate, DenseDecodeEqualsForwardF64) { check_generation(at::kDouble, AttnMode::dense, 1e-12); }
+
+TEST(Generate, GreedyIsArgmaxAndStops) {
+  LM lm(small_model(), 12, at::Device(at::kCPU));
+  std::vector<int64_t> prompt{256, 72, 105};
+  SampleConfig sc;
+  sc.max_new = 20;
+  sc.keep_logits = true;
+  sc.vocab_limit = 200;
+  Generation g = generate(lm, prompt, AttnMode::sparse, sc);
+  ASSERT_EQ(g.tokens.size(), 20u);
+  Tensor masked = g.logits.narrow(1, 0, 200);
+  for (int64_t i = 0; i < 20; ++i) EXPECT_EQ(g.tokens[i], masked[i].argmax().item<int64_t>()) << "step " << i;
+  // Stopping at a token: generation ends right after producing it.
+  sc.stop_token = g.tokens[4];
+  Generation s = generate(lm, prompt, AttnMode::sparse, sc);
+  int64_t first = 0;
+  while (g.tokens[first] != sc.stop_token) ++first;
+  EXPECT_EQ(s.tokens, std::vector<int64_t>(g.tokens.begin(), g.tokens.begin() + first + 1));
+  EXPECT_THROW(generate(lm, {}, AttnMode::sparse, sc), msa::Error);
+  // The cache refuses tokens beyond its capacity.
+  KvCache cache = lm.new_cache(16, AttnMode::sparse);
+  lm.prefill(at::arange(16, at::kLong), cache);
+  EXPECT_THROW(lm.decode_step(at::full({1}, 3, at::kLong), cache), msa::Error);
 }
 
 }  // namespace
