@@ -121,11 +121,6 @@ namespace db_detail {
 
 using namespace hopper;
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
 // D[64 x 64] (+)= A[64 x 16] B[16 x 64], both operands MN-major in shared memory (imm-trans-a =
 // imm-trans-b = 1): A is dS stored key-major (its M = query rows contiguous), B is K as TMA left it
 // (its N = head dim contiguous).

@@ -111,11 +111,6 @@ namespace dn_detail {
 
 using namespace hopper;
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
 // S[64 x 128] = Q_wg[64 x D] K_stage[128 x D]^T (Q_wg: this warpgroup's 64 rows of the Q tile).
 template <int D>
 __device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t q_wg, uint32_t k_stage) {

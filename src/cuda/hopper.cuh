@@ -1,10 +1,12 @@
 // hopper.cuh — thin inline-PTX wrappers for the sm_90a features the msa CUDA kernels share:
 // mbarriers, TMA tensor loads, wgmma (shared-memory descriptors, fence / commit / wait, the
-// instruction shapes the kernels use), setmaxnreg and ex2. Internal to src/cuda; every kernel
-// that needs Hopper-only instructions includes it instead of keeping its own copy.
+// instruction shapes the kernels use), setmaxnreg, ex2 / lg2, cp.async copies, the SW128 tile
+// offset and bf16 packing. Internal to src/cuda; every kernel that needs Hopper-only instructions
+// includes it instead of keeping its own copy.
 #pragma once
 
 #include <cuda.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -251,6 +253,43 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 __device__ __forceinline__ float ex2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 16-byte global -> shared copy (cp.async, L2 only); src_bytes = 0 writes zeros (padding rows).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Byte offset of element (row, col) in a K-major SW128 tile of `rows` rows: [cols / 64] atoms of
+// [rows][128 bytes], 16-byte chunk c of a row stored at chunk c ^ (row % 8).
+__device__ __forceinline__ uint32_t sw128_offset(int rows, int row, int col) {
+  return uint32_t((col >> 6) * rows * 128 + row * 128 + ((((col & 63) >> 3) ^ (row & 7)) << 4) + ((col & 7) << 1));
+}
+
+// 8 consecutive bf16 of a row: one 16-byte load when rows are aligned, else eight 2-byte loads.
+__device__ __forceinline__ uint4 load8(const uint16_t* src, bool vec) {
+  if (vec) return __ldg(reinterpret_cast<const uint4*>(src));
+  uint32_t w[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) w[e] = uint32_t(__ldg(src + 2 * e)) | (uint32_t(__ldg(src + 2 * e + 1)) << 16);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Two floats as a bf16x2 word (round to nearest even), lo in the low half.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float lg2_approx(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
 

@@ -98,26 +98,22 @@ __host__ __device__ inline uint32_t kl_dk_stage_bytes(int d_idx, int bk) {
 
 namespace kl_detail {
 
+using hopper::cp_async_16;
+using hopper::cp_async_commit;
+using hopper::cp_async_wait;
 using hopper::ex2_approx;
 using hopper::fence_proxy_async;
+using hopper::lg2_approx;
+using hopper::load8;
+using hopper::pack_bf16;
 using hopper::sw128_desc;
 using hopper::sw128_desc_mn;
+using hopper::sw128_offset;
 using hopper::wgmma_commit;
 using hopper::wgmma_fence;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-// The small PTX helpers below mirror sparse_fwd.cuh's; they are kept here so that this kernel does
-// not depend on that file's internal namespace.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 
 // Barrier of one consumer warpgroup (ids 1, 2; 0 is __syncthreads), immediate ids so that racecheck
 // can tell them from __syncthreads.
@@ -127,31 +123,6 @@ __device__ __forceinline__ void wg_barrier(int wg) {
     asm volatile("bar.sync 1, 128;" ::: "memory");
   else
     asm volatile("bar.sync 2, 128;" ::: "memory");
-}
-
-// Byte offset of element (row, col) in a K-major SW128 tile of `rows` rows: [cols / 64] atoms of
-// [rows][128 bytes], 16-byte chunk c of a row stored at chunk c ^ (row % 8).
-__device__ __forceinline__ uint32_t sw128_offset(int rows, int row, int col) {
-  return uint32_t((col >> 6) * rows * 128 + row * 128 + ((((col & 63) >> 3) ^ (row & 7)) << 4) + ((col & 7) << 1));
-}
-
-__device__ __forceinline__ float lg2_approx(float x) {
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-__device__ __forceinline__ uint4 load8(const uint16_t* src, bool vec) {
-  if (vec) return __ldg(reinterpret_cast<const uint4*>(src));
-  uint32_t w[4];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) w[e] = uint32_t(__ldg(src + 2 * e)) | (uint32_t(__ldg(src + 2 * e + 1)) << 16);
-  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // Teacher-P tile index of (row, col): rows of bk floats, bits 3..4 of the column flipped by row % 4,

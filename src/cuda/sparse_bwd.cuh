@@ -112,23 +112,21 @@ __host__ __device__ inline SbSmemLayout sb_smem_layout(int d, int bk) {
 
 namespace sb_detail {
 
+using hopper::cp_async_16;
+using hopper::cp_async_commit;
+using hopper::cp_async_wait;
 using hopper::ex2_approx;
 using hopper::fence_proxy_async;
+using hopper::load8;
+using hopper::pack_bf16;
 using hopper::sw128_desc;
 using hopper::sw128_desc_mn;
+using hopper::sw128_offset;
 using hopper::wgmma_commit;
 using hopper::wgmma_fence;
 
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
 __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 // Barrier of the 128 threads of warpgroup wg (ids 1, 2; 0 is __syncthreads). Immediate ids, as in
@@ -138,12 +136,6 @@ __device__ __forceinline__ void wg_barrier(int wg) {
     asm volatile("bar.sync 1, 128;" ::: "memory");
   else
     asm volatile("bar.sync 2, 128;" ::: "memory");
-}
-
-// Byte offset of element (row, col) in a K-major SW128 tile of `rows` rows: [cols / 64] atoms of
-// [rows][128 bytes], 16-byte chunk c of a row stored at chunk c ^ (row % 8).
-__device__ __forceinline__ uint32_t sw128_offset(int rows, int row, int col) {
-  return uint32_t((col >> 6) * rows * 128 + row * 128 + ((((col & 63) >> 3) ^ (row & 7)) << 4) + ((col & 7) << 1));
 }
 
 // D (+)= A B on wgmma with both operands in shared memory; TA / TB = 1 reads that operand MN-major
@@ -195,20 +187,6 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_
     wgmma_ss_n64<TA, TB>(d, da, db, scale_d);
   else
     wgmma_ss_n128<TA, TB>(d, da, db, scale_d);
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// 8 consecutive bf16 of a row: one 16-byte load when rows are aligned, else eight 2-byte loads.
-__device__ __forceinline__ uint4 load8(const uint16_t* src, bool vec) {
-  if (vec) return __ldg(reinterpret_cast<const uint4*>(src));
-  uint32_t w[4];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) w[e] = uint32_t(__ldg(src + 2 * e)) | (uint32_t(__ldg(src + 2 * e + 1)) << 16);
-  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // The accumulator fragment gives lane (lane % 4 = q) columns 2 q, 2 q + 1 of two rows (a0, a1 of

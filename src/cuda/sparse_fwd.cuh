@@ -80,22 +80,18 @@ __host__ __device__ inline SpSmemLayout sp_smem_layout(int d, int bk) {
 
 namespace sp_detail {
 
+using hopper::cp_async_16;
+using hopper::cp_async_commit;
+using hopper::cp_async_wait;
 using hopper::ex2_approx;
 using hopper::fence_proxy_async;
+using hopper::lg2_approx;
+using hopper::load8;
+using hopper::pack_bf16;
 using hopper::sw128_desc;
+using hopper::sw128_offset;
 using hopper::wgmma_commit;
 using hopper::wgmma_fence;
-
-// 16-byte global -> shared copy; src_bytes = 0 writes zeros (rows past the item's entries).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 
 // Barrier of the 128 threads of one warpgroup (ids 1..3; 0 is __syncthreads). The ids are
 // immediates: with a register id ptxas reserves all 16 barriers and compute-sanitizer's racecheck
@@ -108,12 +104,6 @@ __device__ __forceinline__ void wg_barrier(int wg) {
     asm volatile("bar.sync 2, 128;" ::: "memory");
   else
     asm volatile("bar.sync 3, 128;" ::: "memory");
-}
-
-// Byte offset of element (row, col) in a K-major SW128 tile of `rows` rows: [cols / 64] atoms of
-// [rows][128 bytes], 16-byte chunk c of a row stored at chunk c ^ (row % 8).
-__device__ __forceinline__ uint32_t sw128_offset(int rows, int row, int col) {
-  return uint32_t((col >> 6) * rows * 128 + row * 128 + ((((col & 63) >> 3) ^ (row & 7)) << 4) + ((col & 7) << 1));
 }
 
 // The register-A forms stay here: hopper.cuh's read B MN-major (imm-trans-b = 1), these read the
@@ -175,26 +165,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
     wgmma_rs_n64(d, a, db, scale_d);
   else
     wgmma_rs_n128(d, a, db, scale_d);
-}
-
-__device__ __forceinline__ float lg2_approx(float x) {
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// 8 consecutive bf16 of a row: one 16-byte load when rows are aligned, else eight 2-byte loads.
-__device__ __forceinline__ uint4 load8(const uint16_t* src, bool vec) {
-  if (vec) return __ldg(reinterpret_cast<const uint4*>(src));
-  uint32_t w[4];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) w[e] = uint32_t(__ldg(src + 2 * e)) | (uint32_t(__ldg(src + 2 * e + 1)) << 16);
-  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 // K block rows [kstart, kstart + BK) of kv head r as a K-major SW128 tile [BK][D], and V^T as a
