@@ -26,9 +26,6 @@
 namespace msa::cli {
 namespace {
 
-// The M3 shape (MiniMax M3 attention layer), batch 1, bf16.
-constexpr int64_t kHq = 64, kHkv = 4, kG = kHq / kHkv, kD = 128, kDidx = 128, kBk = 128, kTopk = 16;
-constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 // Device memory kept free beyond the tensors: the sparse forward's workspace (one pass of 16384
 // queries at this shape, 4.4 GB, docs/sparse_attention.md) plus slack for CUB and the allocator.
 constexpr double kWorkspaceReserve = 5.5e9;
@@ -292,25 +289,9 @@ std::string jcheck(const Check& c) {
               (long long)c.rows, jnum(c.o_worst, 4).c_str(), jnum(c.lse_worst, 4).c_str(), c.pass() ? "true" : "false");
 }
 
-struct Context {
-  std::string gpu, date, commit, commit_source, command, runtime;
-  int sms = 0;
-  double mem_gib = 0;
-  int iters = 0;
-  double budget_s = 0;
-};
-
 std::string to_json(const Context& cx, const TopkResult& tk, const std::vector<SizeResult>& sizes) {
   std::string j = "{\n";
-  j += "  \"benchmark\": \"msa bench prefill\",\n";
-  j += "  \"date\": " + jstr(cx.date) + ",\n";
-  j += "  \"gpu\": " + jstr(cx.gpu) + ",\n";
-  j += strf("  \"sms\": %d,\n  \"gpu_memory_gib\": %s,\n", cx.sms, jnum(cx.mem_gib, 4).c_str());
-  j += "  \"cuda_runtime\": " + jstr(cx.runtime) + ",\n";
-  j += "  \"msa_version\": " + jstr(version()) + ",\n";
-  j += "  \"commit\": " + jstr(cx.commit) + ",\n";
-  j += "  \"commit_source\": " + jstr(cx.commit_source) + ",\n";
-  j += "  \"command\": " + jstr(cx.command) + ",\n";
+  j += jcontext(cx, "msa bench prefill");
   j += strf("  \"shape\": {\"h_q\": %lld, \"h_kv\": %lld, \"d\": %lld, \"d_idx\": %lld, \"bk\": %lld, \"topk\": %lld, "
             "\"dtype\": \"bf16\", \"batch\": 1, \"causal\": true},\n",
             (long long)kHq, (long long)kHkv, (long long)kD, (long long)kDidx, (long long)kBk, (long long)kTopk);
@@ -554,35 +535,10 @@ int run_bench_prefill(const BenchOptions& o) {
     std::fprintf(stderr, "msa bench: no CUDA device is visible\n");
     return 2;
   }
-  for (const std::string& s : o.selections)
-    if (s != "random" && s != "planted") {
-      std::fprintf(stderr, "msa bench: unknown selection '%s' (random, planted)\n", s.c_str());
-      return 2;
-    }
-  Context cx;
+  if (check_selections(o.selections) != 0) return 2;
   int dev = 0;
-  ok(cudaGetDevice(&dev), "cudaGetDevice");
-  cudaDeviceProp prop{};
-  ok(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
-  int rt = 0;
-  ok(cudaRuntimeGetVersion(&rt), "cudaRuntimeGetVersion");
-  cx.gpu = prop.name;
-  cx.sms = prop.multiProcessorCount;
-  cx.mem_gib = double(prop.totalGlobalMem) / kGiB;
-  cx.runtime = strf("%d.%d", rt / 1000, (rt % 1000) / 10);
-  cx.date = today_utc();
-  cx.commit = o.commit.empty() ? MSA_CLI_COMMIT : o.commit;
-  cx.commit_source = o.commit.empty() ? "recorded when the build was configured" : "--commit";
-  cx.command = o.command;
-  cx.iters = o.iters;
-  cx.budget_s = o.budget_s;
-
-  // The sparse forward takes its workspace from the default stream-ordered pool on every call:
-  // keep it mapped between calls (docs/sparse_attention.md), as a serving engine would.
-  cudaMemPool_t pool;
-  ok(cudaDeviceGetDefaultMemPool(&pool, dev), "cudaDeviceGetDefaultMemPool");
-  uint64_t keep = UINT64_MAX;
-  ok(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
+  const Context cx = bench_context(o.commit, MSA_CLI_COMMIT, o.command, o.iters, o.budget_s, &dev);
+  cudaMemPool_t pool = keep_pool_mapped(dev);
   cudaStream_t stream;
   ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
 

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cli.h"
+#include "msa/msa.h"
 
 namespace msa::cli {
 
@@ -146,6 +147,79 @@ inline std::string today_utc() {
   char buf[32];
   std::strftime(buf, sizeof(buf), "%Y-%m-%d", &tm);
   return buf;
+}
+
+// The M3 shape (MiniMax M3 attention layer), batch 1, bf16: what both benchmarks measure.
+constexpr int64_t kHq = 64, kHkv = 4, kG = kHq / kHkv, kD = 128, kDidx = 128, kBk = 128, kTopk = 16;
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+// Where and how a benchmark ran, recorded in its outputs.
+struct Context {
+  std::string gpu, date, commit, commit_source, command, runtime;
+  int sms = 0;
+  double mem_gib = 0;
+  int iters = 0;
+  double budget_s = 0;
+};
+
+// The current device's name, SMs and memory, the CUDA runtime, today's date, and the commit: --commit
+// when given, else the one the build was configured at (configured_commit).
+inline Context bench_context(const std::string& commit, const char* configured_commit, const std::string& command,
+                             int iters, double budget_s, int* dev_out) {
+  Context cx;
+  int dev = 0;
+  ok(cudaGetDevice(&dev), "cudaGetDevice");
+  cudaDeviceProp prop{};
+  ok(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
+  int rt = 0;
+  ok(cudaRuntimeGetVersion(&rt), "cudaRuntimeGetVersion");
+  cx.gpu = prop.name;
+  cx.sms = prop.multiProcessorCount;
+  cx.mem_gib = double(prop.totalGlobalMem) / kGiB;
+  cx.runtime = strf("%d.%d", rt / 1000, (rt % 1000) / 10);
+  cx.date = today_utc();
+  cx.commit = commit.empty() ? configured_commit : commit;
+  cx.commit_source = commit.empty() ? "recorded when the build was configured" : "--commit";
+  cx.command = command;
+  cx.iters = iters;
+  cx.budget_s = budget_s;
+  *dev_out = dev;
+  return cx;
+}
+
+// The JSON fields of the context, from "benchmark" to "command", one per line.
+inline std::string jcontext(const Context& cx, const char* benchmark) {
+  std::string j = std::string("  \"benchmark\": ") + jstr(benchmark) + ",\n";
+  j += "  \"date\": " + jstr(cx.date) + ",\n";
+  j += "  \"gpu\": " + jstr(cx.gpu) + ",\n";
+  j += strf("  \"sms\": %d,\n  \"gpu_memory_gib\": %s,\n", cx.sms, jnum(cx.mem_gib, 4).c_str());
+  j += "  \"cuda_runtime\": " + jstr(cx.runtime) + ",\n";
+  j += "  \"msa_version\": " + jstr(version()) + ",\n";
+  j += "  \"commit\": " + jstr(cx.commit) + ",\n";
+  j += "  \"commit_source\": " + jstr(cx.commit_source) + ",\n";
+  j += "  \"command\": " + jstr(cx.command) + ",\n";
+  return j;
+}
+
+// Exit code 2 with a message unless every selection is random or planted (0: all known).
+inline int check_selections(const std::vector<std::string>& selections) {
+  for (const std::string& s : selections)
+    if (s != "random" && s != "planted") {
+      std::fprintf(stderr, "msa bench: unknown selection '%s' (random, planted)\n", s.c_str());
+      return 2;
+    }
+  return 0;
+}
+
+// The operations take their workspaces from the device's default stream-ordered pool on every call:
+// keep that memory mapped between calls, as a serving engine or a training framework's caching
+// allocator would (docs/sparse_attention.md).
+inline cudaMemPool_t keep_pool_mapped(int dev) {
+  cudaMemPool_t pool;
+  ok(cudaDeviceGetDefaultMemPool(&pool, dev), "cudaDeviceGetDefaultMemPool");
+  uint64_t keep = UINT64_MAX;
+  ok(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
+  return pool;
 }
 
 }  // namespace msa::cli

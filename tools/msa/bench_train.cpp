@@ -26,9 +26,6 @@
 namespace msa::cli {
 namespace {
 
-// The M3 shape (MiniMax M3 attention layer), batch 1, bf16.
-constexpr int64_t kHq = 64, kHkv = 4, kG = kHq / kHkv, kD = 128, kDidx = 128, kBk = 128, kTopk = 16;
-constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 // Device memory kept free beyond the tensors for the stream-ordered workspaces the calls take: the
 // largest is the KL backward's (~7 GB at 128K, docs/kl_backward.md); the pool keeps each
 // operation's workspace mapped between calls (the sparse phase's are trimmed before the dense one).
@@ -236,25 +233,9 @@ std::string jsanity(const Sanity& s) {
 
 double ratio(double a, double b) { return std::isfinite(a) && std::isfinite(b) && b > 0 ? a / b : NAN; }
 
-struct Context {
-  std::string gpu, date, commit, commit_source, command, runtime;
-  int sms = 0;
-  double mem_gib = 0;
-  int iters = 0;
-  double budget_s = 0;
-};
-
 std::string to_json(const Context& cx, const std::vector<SizeResult>& sizes) {
   std::string j = "{\n";
-  j += "  \"benchmark\": \"msa bench train\",\n";
-  j += "  \"date\": " + jstr(cx.date) + ",\n";
-  j += "  \"gpu\": " + jstr(cx.gpu) + ",\n";
-  j += strf("  \"sms\": %d,\n  \"gpu_memory_gib\": %s,\n", cx.sms, jnum(cx.mem_gib, 4).c_str());
-  j += "  \"cuda_runtime\": " + jstr(cx.runtime) + ",\n";
-  j += "  \"msa_version\": " + jstr(version()) + ",\n";
-  j += "  \"commit\": " + jstr(cx.commit) + ",\n";
-  j += "  \"commit_source\": " + jstr(cx.commit_source) + ",\n";
-  j += "  \"command\": " + jstr(cx.command) + ",\n";
+  j += jcontext(cx, "msa bench train");
   j += strf(
       "  \"shape\": {\"h_q\": %lld, \"h_kv\": %lld, \"d\": %lld, \"d_idx\": %lld, \"bk\": %lld, \"topk\": %lld, "
       "\"dtype\": \"bf16\", \"batch\": 1, \"causal\": true, \"lambda\": 1},\n",
@@ -669,35 +650,10 @@ int run_bench_train(const BenchTrainOptions& o) {
     std::fprintf(stderr, "msa bench: no CUDA device is visible\n");
     return 2;
   }
-  for (const std::string& s : o.selections)
-    if (s != "random" && s != "planted") {
-      std::fprintf(stderr, "msa bench: unknown selection '%s' (random, planted)\n", s.c_str());
-      return 2;
-    }
-  Context cx;
+  if (check_selections(o.selections) != 0) return 2;
   int dev = 0;
-  ok(cudaGetDevice(&dev), "cudaGetDevice");
-  cudaDeviceProp prop{};
-  ok(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
-  int rt = 0;
-  ok(cudaRuntimeGetVersion(&rt), "cudaRuntimeGetVersion");
-  cx.gpu = prop.name;
-  cx.sms = prop.multiProcessorCount;
-  cx.mem_gib = double(prop.totalGlobalMem) / kGiB;
-  cx.runtime = strf("%d.%d", rt / 1000, (rt % 1000) / 10);
-  cx.date = today_utc();
-  cx.commit = o.commit.empty() ? MSA_CLI_COMMIT : o.commit;
-  cx.commit_source = o.commit.empty() ? "recorded when the build was configured" : "--commit";
-  cx.command = o.command;
-  cx.iters = o.iters;
-  cx.budget_s = o.budget_s;
-
-  // The calls take their workspaces from the default stream-ordered pool: keep them mapped between
-  // calls, as a training framework's caching allocator would.
-  cudaMemPool_t pool;
-  ok(cudaDeviceGetDefaultMemPool(&pool, dev), "cudaDeviceGetDefaultMemPool");
-  uint64_t keep = UINT64_MAX;
-  ok(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
+  const Context cx = bench_context(o.commit, MSA_CLI_COMMIT, o.command, o.iters, o.budget_s, &dev);
+  cudaMemPool_t pool = keep_pool_mapped(dev);
   cudaStream_t stream;
   ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
 
