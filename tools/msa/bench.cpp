@@ -133,35 +133,6 @@ double index_flops(int64_t n) { return 2.0 * kHkv * kDidx * (double(n) * (n + 1)
 double dense_flops(int64_t n) { return 4.0 * kHq * kD * (double(n) * (n + 1) / 2); }
 double sparse_flops(double attended) { return 4.0 * kG * kD * attended; }
 
-// Tokens attended per (query, group) summed from the selection, and how often the selection holds
-// block 0 (the sink) and the block before the query's own, over the queries that see more than
-// topk blocks (the others keep every block).
-void selection_stats(const std::vector<int32_t>& idx, int64_t n, SelectionResult& s) {
-  double attended = 0, rows = 0, sink = 0, local = 0;
-#pragma omp parallel for reduction(+ : attended, rows, sink, local) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t own = i / kBk;
-    for (int64_t r = 0; r < kHkv; ++r) {
-      const int32_t* row = idx.data() + (i * kHkv + r) * kTopk;
-      bool has_sink = false, has_prev = false;
-      for (int64_t t = 0; t < kTopk; ++t) {
-        const int64_t b = row[t];
-        if (b < 0 || b > own) continue;
-        attended += double(std::min<int64_t>(kBk, i - b * kBk + 1));
-        has_sink |= b == 0;
-        has_prev |= b == own - 1;
-      }
-      if (own >= kTopk) {
-        rows += 1;
-        sink += has_sink;
-        local += has_prev;
-      }
-    }
-  }
-  s.attended = attended;
-  s.sink_frac = rows > 0 ? sink / rows : 0;
-  s.local_frac = rows > 0 ? local / rows : 0;
-}
 
 // The buffers of one size. q/k/v/o are [n, heads, d] contiguous; k_idx [n, d_idx].
 struct Buffers {
@@ -485,7 +456,10 @@ SizeResult bench_size(int64_t n, const BenchOptions& o, cudaStream_t stream) {
     s.index = time_calls([&] { index_topk(ip, ex); }, stream, o.iters, budget_ms);
     std::vector<int32_t> idx(size_t(n * kHkv * kTopk));
     ok(cudaMemcpy(idx.data(), B.topk_idx.ptr, idx_bytes, cudaMemcpyDeviceToHost), "download");
-    selection_stats(idx, n, s);
+    const SelectionStats st = selection_stats(idx, n);
+    s.attended = st.attended;
+    s.sink_frac = st.sink_frac;
+    s.local_frac = st.prev_frac;
     std::printf(", sparse forward");
     std::fflush(stdout);
     s.sparse = time_calls([&] { sparse_attention_forward(sp, ex); }, stream, o.iters, budget_ms);

@@ -222,4 +222,41 @@ inline cudaMemPool_t keep_pool_mapped(int dev) {
   return pool;
 }
 
+// Tokens attended per (query, group) summed from a selection [n, kHkv, kTopk] of one causal sequence
+// of n tokens at the M3 shape, and how often it holds block 0 (the sink) and the block before the
+// query's own, over the queries that see more than topk blocks (the others keep every block).
+struct SelectionStats {
+  double attended = 0;
+  double sink_frac = 0, prev_frac = 0;
+};
+
+inline SelectionStats selection_stats(const std::vector<int32_t>& idx, int64_t n) {
+  double attended = 0, rows = 0, sink = 0, prev = 0;
+#pragma omp parallel for reduction(+ : attended, rows, sink, prev) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t own = i / kBk;
+    for (int64_t r = 0; r < kHkv; ++r) {
+      const int32_t* row = idx.data() + (i * kHkv + r) * kTopk;
+      bool has_sink = false, has_prev = false;
+      for (int64_t t = 0; t < kTopk; ++t) {
+        const int64_t b = row[t];
+        if (b < 0 || b > own) continue;
+        attended += double(std::min<int64_t>(kBk, i - b * kBk + 1));
+        has_sink |= b == 0;
+        has_prev |= b == own - 1;
+      }
+      if (own >= kTopk) {
+        rows += 1;
+        sink += has_sink;
+        prev += has_prev;
+      }
+    }
+  }
+  SelectionStats st;
+  st.attended = attended;
+  st.sink_frac = rows > 0 ? sink / rows : 0;
+  st.prev_frac = rows > 0 ? prev / rows : 0;
+  return st;
+}
+
 }  // namespace msa::cli

@@ -174,34 +174,6 @@ double dense_bwd_flops(int64_t n) { return 2.5 * dense_fwd_flops(n); }
 // of 2 d_idx (3 with the index lse given, 4 with its pre-pass).
 double kl_flops(double pairs, int products) { return pairs * (2.0 * kG * kD + products * 2.0 * kDidx); }
 
-// Tokens attended per (query, group) summed from the selection, and how often it holds block 0
-// (the sink) and the block before the query's own, over the queries that see more than topk blocks.
-void selection_stats(const std::vector<int32_t>& idx, int64_t n, SelectionResult& s) {
-  double attended = 0, rows = 0, sink = 0, prev = 0;
-#pragma omp parallel for reduction(+ : attended, rows, sink, prev) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t own = i / kBk;
-    for (int64_t r = 0; r < kHkv; ++r) {
-      const int32_t* row = idx.data() + (i * kHkv + r) * kTopk;
-      bool has_sink = false, has_prev = false;
-      for (int64_t t = 0; t < kTopk; ++t) {
-        const int64_t b = row[t];
-        if (b < 0 || b > own) continue;
-        attended += double(std::min<int64_t>(kBk, i - b * kBk + 1));
-        has_sink |= b == 0;
-        has_prev |= b == own - 1;
-      }
-      if (own >= kTopk) {
-        rows += 1;
-        sink += has_sink;
-        prev += has_prev;
-      }
-    }
-  }
-  s.attended = attended;
-  s.sink_frac = rows > 0 ? sink / rows : 0;
-  s.prev_frac = rows > 0 ? prev / rows : 0;
-}
 
 // The buffers of one size: [n, heads, d] contiguous; k_idx and dk_idx [n, d_idx].
 struct Buffers {
@@ -533,7 +505,10 @@ SizeResult bench_size(int64_t n, const BenchTrainOptions& o, cudaStream_t stream
     }
     std::vector<int32_t> idx(size_t(n * kHkv * kTopk));
     ok(cudaMemcpy(idx.data(), B.topk_idx.ptr, idx_bytes, cudaMemcpyDeviceToHost), "download");
-    selection_stats(idx, n, s);
+    const SelectionStats st = selection_stats(idx, n);
+    s.attended = st.attended;
+    s.sink_frac = st.sink_frac;
+    s.prev_frac = st.prev_frac;
     s.sparse_fwd = measure(
         "sparse fwd", [&] { sparse_attention_forward(sp, ex); }, stream, o.iters, budget_ms);
     s.sparse_bwd = measure(
