@@ -37,15 +37,7 @@ SeqInfo check_attention(const char* fn, AttentionParams& p, const Exec& ex, bool
   if (!sparse && p.topk_idx != nullptr)
     fail(fn, "topk_idx is set, expected nullptr for dense attention (use sparse_attention_*)");
   resolve_scale(fn, "scale", p.scale, float(1.0 / std::sqrt(double(p.d))));
-  SeqInfo s;
-  if (cuda) {
-    check_varlen_shape(fn, p.seq);
-    s.n_q = p.seq.n_q;
-    s.n_k = p.seq.n_k;
-    s.batch = p.seq.batch;
-  } else {
-    s = resolve_varlen(fn, p.seq);
-  }
+  SeqInfo s = check_varlen(fn, p.seq, cuda);
   resolve_strides3(fn, "q", s.n_q, p.h_q, p.d, p.stride_q_tok, p.stride_q_head, false);
   resolve_strides3(fn, "k", s.n_k, p.h_kv, p.d, p.stride_k_tok, p.stride_k_head, false);
   resolve_strides3(fn, "v", s.n_k, p.h_kv, p.d, p.stride_v_tok, p.stride_v_head, false);

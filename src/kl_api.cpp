@@ -32,15 +32,7 @@ SeqInfo check_kl(const char* fn, IndexKLParams& p, const Exec& ex, bool backward
   resolve_scale(fn, "index_scale", p.index_scale, float(1.0 / std::sqrt(double(p.d_idx))));
   if (backward && !std::isfinite(p.lambda))
     fail(fn, "lambda = " + std::to_string(p.lambda) + ", expected a finite number");
-  SeqInfo s;
-  if (cuda) {
-    check_varlen_shape(fn, p.seq);
-    s.n_q = p.seq.n_q;
-    s.n_k = p.seq.n_k;
-    s.batch = p.seq.batch;
-  } else {
-    s = resolve_varlen(fn, p.seq);
-  }
+  SeqInfo s = check_varlen(fn, p.seq, cuda);
   bool any = s.n_q > 0;
   resolve_strides3(fn, "q", s.n_q, p.h_q, p.d, p.stride_q_tok, p.stride_q_head, false);
   resolve_strides3(fn, "k", s.n_k, p.h_kv, p.d, p.stride_k_tok, p.stride_k_head, false);

@@ -203,6 +203,16 @@ void check_varlen_shape(const char* fn, const Varlen& seq) {
   }
 }
 
+SeqInfo check_varlen(const char* fn, const Varlen& seq, bool device) {
+  if (!device) return resolve_varlen(fn, seq);
+  check_varlen_shape(fn, seq);
+  SeqInfo s;
+  s.n_q = seq.n_q;
+  s.n_k = seq.n_k;
+  s.batch = seq.batch;
+  return s;
+}
+
 void check_topk_idx(const char* fn, const SeqInfo& s, const int32_t* topk_idx, int64_t h_kv, int64_t topk,
                     int64_t bk) {
   check_ptr(fn, "topk_idx", topk_idx, s.n_q > 0);

@@ -57,6 +57,10 @@ SeqInfo resolve_varlen(const char* fn, const Varlen& seq);
 // required when n_k != n_q, and n_q <= n_k for a single bottom-right aligned sequence.
 void check_varlen_shape(const char* fn, const Varlen& seq);
 
+// The backend's check of seq: resolve_varlen for host arrays (the CPU backend), check_varlen_shape
+// for device arrays (the CUDA backend), whose SeqInfo then holds only n_q, n_k and batch.
+SeqInfo check_varlen(const char* fn, const Varlen& seq, bool device);
+
 // Validates a [n_q, h_kv, topk] selection: entries are -1 only as tail padding, otherwise blocks
 // the query can see (0 <= b <= p / bk), no duplicates within a row. Order within a row is free.
 void check_topk_idx(const char* fn, const SeqInfo& s, const int32_t* topk_idx, int64_t h_kv, int64_t topk,
