@@ -28,6 +28,23 @@ inline void check_cuda(const char* op, cudaError_t e, const char* what) {
 // bytes is a power of two.
 inline bool is_aligned(const void* ptr, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0; }
 
+// Workspace pieces start at 256-byte boundaries.
+inline size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
+
+// The smallest l with 2^l >= x: log2 of a power of two (group sizes, block sizes).
+inline int log2_exact(int64_t x) {
+  int l = 0;
+  while ((int64_t(1) << l) < x) ++l;
+  return l;
+}
+
+// The documented default of a zero stride in a [tokens, h, d] tensor: contiguous heads of d
+// elements, tokens of h heads.
+inline void default_strides(int64_t& tok, int64_t& head, int64_t h, int64_t d) {
+  if (head == 0) head = d;
+  if (tok == 0) tok = h * head;
+}
+
 // Frees stream-ordered scratch once the work queued before it is done, also on a throw.
 struct ScratchGuard {
   void* ptr = nullptr;

@@ -28,8 +28,6 @@ extern template void launch_kl_main<128, 128, 128>(const KlKernelParams&, const 
 
 namespace {
 
-size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
-
 unsigned grid_for(int64_t n) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>((n + kKlSmallThreads - 1) / kKlSmallThreads, 16384)));
 }
@@ -141,24 +139,14 @@ __global__ void kl_reduce_final_kernel(const double* block_sums, int nb, double*
   }
 }
 
-int log2_exact(int64_t x) {
-  int l = 0;
-  while ((int64_t(1) << l) < x) ++l;
-  return l;
-}
-
 // Zero strides and scales get their documented defaults here too, so that a direct caller (the
 // benchmark) cannot hand the kernels stride-0 tensors.
 IndexKLParams resolved(const IndexKLParams& p0) {
   IndexKLParams p = p0;
-  auto contiguous = [](int64_t& tok, int64_t& head, int64_t h, int64_t d) {
-    if (head == 0) head = d;
-    if (tok == 0) tok = h * head;
-  };
-  contiguous(p.stride_q_tok, p.stride_q_head, p.h_q, p.d);
-  contiguous(p.stride_k_tok, p.stride_k_head, p.h_kv, p.d);
-  contiguous(p.stride_q_idx_tok, p.stride_q_idx_head, p.h_kv, p.d_idx);
-  contiguous(p.stride_dq_idx_tok, p.stride_dq_idx_head, p.h_kv, p.d_idx);
+  default_strides(p.stride_q_tok, p.stride_q_head, p.h_q, p.d);
+  default_strides(p.stride_k_tok, p.stride_k_head, p.h_kv, p.d);
+  default_strides(p.stride_q_idx_tok, p.stride_q_idx_head, p.h_kv, p.d_idx);
+  default_strides(p.stride_dq_idx_tok, p.stride_dq_idx_head, p.h_kv, p.d_idx);
   if (p.stride_k_idx_tok == 0) p.stride_k_idx_tok = p.d_idx;
   if (p.stride_dk_idx_tok == 0) p.stride_dk_idx_tok = p.d_idx;
   if (p.scale == 0.f) p.scale = float(1.0 / std::sqrt(double(p.d)));

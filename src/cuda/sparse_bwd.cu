@@ -25,16 +25,8 @@ namespace {
 constexpr const char* kOp = "sparse_attention_backward";
 constexpr int kThreads = 256;
 
-size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
-
 unsigned grid_for(int64_t threads) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>((threads + kThreads - 1) / kThreads, 16384)));
-}
-
-int log2_exact(int64_t g) {
-  int l = 0;
-  while ((int64_t(1) << l) < g) ++l;
-  return l;
 }
 
 using sb_detail::load8;
@@ -193,18 +185,14 @@ __global__ void dkv_convert_kernel(const float* dk_acc, const float* dv_acc, int
 // benchmark cannot hand the kernels stride-0 tensors).
 AttentionBwdParams resolved(const AttentionBwdParams& p0) {
   AttentionBwdParams p = p0;
-  auto contiguous = [](int64_t& tok, int64_t& head, int64_t h, int64_t d) {
-    if (head == 0) head = d;
-    if (tok == 0) tok = h * head;
-  };
-  contiguous(p.stride_q_tok, p.stride_q_head, p.h_q, p.d);
-  contiguous(p.stride_k_tok, p.stride_k_head, p.h_kv, p.d);
-  contiguous(p.stride_v_tok, p.stride_v_head, p.h_kv, p.d);
-  contiguous(p.stride_o_tok, p.stride_o_head, p.h_q, p.d);
-  contiguous(p.stride_do_tok, p.stride_do_head, p.h_q, p.d);
-  contiguous(p.stride_dq_tok, p.stride_dq_head, p.h_q, p.d);
-  contiguous(p.stride_dk_tok, p.stride_dk_head, p.h_kv, p.d);
-  contiguous(p.stride_dv_tok, p.stride_dv_head, p.h_kv, p.d);
+  default_strides(p.stride_q_tok, p.stride_q_head, p.h_q, p.d);
+  default_strides(p.stride_k_tok, p.stride_k_head, p.h_kv, p.d);
+  default_strides(p.stride_v_tok, p.stride_v_head, p.h_kv, p.d);
+  default_strides(p.stride_o_tok, p.stride_o_head, p.h_q, p.d);
+  default_strides(p.stride_do_tok, p.stride_do_head, p.h_q, p.d);
+  default_strides(p.stride_dq_tok, p.stride_dq_head, p.h_q, p.d);
+  default_strides(p.stride_dk_tok, p.stride_dk_head, p.h_kv, p.d);
+  default_strides(p.stride_dv_tok, p.stride_dv_head, p.h_kv, p.d);
   if (p.scale == 0.f) p.scale = float(1.0 / std::sqrt(double(p.d)));
   return p;
 }

@@ -24,8 +24,6 @@ namespace {
 
 constexpr const char* kOp = "sparse_attention_forward";
 
-size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
-
 // cp.async gathers Q in 16-byte pieces; other layouts are first copied to a packed [n_q, h_q, d]
 // buffer (one extra pass over q, only for such layouts).
 __global__ void repack_q_kernel(const uint16_t* src, int64_t stride_tok, int64_t stride_head, uint16_t* dst, int64_t n,
@@ -37,24 +35,14 @@ __global__ void repack_q_kernel(const uint16_t* src, int64_t stride_tok, int64_t
   }
 }
 
-int log2_exact(int64_t g) {
-  int l = 0;
-  while ((int64_t(1) << l) < g) ++l;
-  return l;
-}
-
 // Zero strides and scale get their documented defaults here too, so that a direct caller (the
 // benchmark) cannot hand the kernels stride-0 tensors.
 AttentionParams resolved(const AttentionParams& p0) {
   AttentionParams p = p0;
-  auto contiguous = [](int64_t& tok, int64_t& head, int64_t h, int64_t d) {
-    if (head == 0) head = d;
-    if (tok == 0) tok = h * head;
-  };
-  contiguous(p.stride_q_tok, p.stride_q_head, p.h_q, p.d);
-  contiguous(p.stride_k_tok, p.stride_k_head, p.h_kv, p.d);
-  contiguous(p.stride_v_tok, p.stride_v_head, p.h_kv, p.d);
-  contiguous(p.stride_o_tok, p.stride_o_head, p.h_q, p.d);
+  default_strides(p.stride_q_tok, p.stride_q_head, p.h_q, p.d);
+  default_strides(p.stride_k_tok, p.stride_k_head, p.h_kv, p.d);
+  default_strides(p.stride_v_tok, p.stride_v_head, p.h_kv, p.d);
+  default_strides(p.stride_o_tok, p.stride_o_head, p.h_q, p.d);
   if (p.scale == 0.f) p.scale = float(1.0 / std::sqrt(double(p.d)));
   return p;
 }

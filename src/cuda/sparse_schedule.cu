@@ -110,8 +110,6 @@ struct MaxOp {
   __device__ __forceinline__ int32_t operator()(int32_t a, int32_t b) const { return a > b ? a : b; }
 };
 
-size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
-
 int key_bits(uint64_t invalid) {
   int bits = 1;
   while (bits < 64 && (uint64_t(1) << bits) <= invalid) ++bits;
