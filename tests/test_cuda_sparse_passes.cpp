@@ -16,6 +16,7 @@
 #include "test_util.h"
 
 #ifdef MSA_WITH_CUDA
+#include "cuda/host.h"
 #include "cuda/sparse_fwd.h"
 #endif
 
@@ -276,6 +277,32 @@ TEST(CudaSparsePasses, WorkspaceBudgetPicksThePassSize) {
   opt.max_workspace_bytes = one - 1;
   EXPECT_THROW(cuda::sparse_fwd_workspace_bytes(a, opt), Error);
   EXPECT_THROW(run(P, -1, 0, one - 1), Error);
+}
+
+// The pass-size search behind Exec::max_workspace_bytes (host only): the largest pass whose plan fits,
+// against a brute-force scan, for workspaces growing with the pass (linearly, and with a fixed part),
+// and the error below one query.
+TEST(CudaSparsePasses, LargestFittingPlanSearch) {
+  struct FakePlan {
+    int64_t pass;
+    size_t bytes;
+  };
+  for (size_t fixed : {size_t(0), size_t(1000)})
+    for (size_t per : {size_t(1), size_t(7), size_t(260)})
+      for (int64_t max_pass : {1, 2, 3, 100, 16385})
+        for (size_t limit : {fixed + per, fixed + 5 * per + 3, fixed + 99 * per, fixed + per * 20000}) {
+          auto plan = [&](int64_t pass) { return FakePlan{pass, fixed + per * size_t(pass)}; };
+          const FakePlan got = cuda::largest_fitting_plan("f: ", limit, max_pass, plan,
+                                                          [](const FakePlan& f) { return f.bytes; });
+          int64_t want = 1;
+          for (int64_t q = 1; q <= max_pass; ++q)
+            if (plan(q).bytes <= limit) want = q;
+          EXPECT_EQ(got.pass, want) << "fixed " << fixed << " per " << per << " max " << max_pass << " limit " << limit;
+        }
+  auto plan = [](int64_t pass) { return FakePlan{pass, 100 + size_t(pass)}; };
+  EXPECT_TRUE(throws_error(
+      [&] { cuda::largest_fitting_plan("f: ", 100, 10, plan, [](const FakePlan& f) { return f.bytes; }); },
+      {"f: max_workspace_bytes = 100, expected at least 101 (one query per pass)"}));
 }
 
 #endif  // MSA_WITH_CUDA

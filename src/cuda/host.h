@@ -13,6 +13,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "msa/common.h"
+
 namespace msa::cuda {
 
 // op is the public function without the namespace ("index_topk"): messages read
@@ -43,6 +45,29 @@ inline int log2_exact(int64_t x) {
 inline void default_strides(int64_t& tok, int64_t& head, int64_t h, int64_t d) {
   if (head == 0) head = d;
   if (tok == 0) tok = h * head;
+}
+
+// The workspace plan of the largest query pass in [1, max_pass] that fits limit bytes, for ops
+// whose workspace grows with the pass: plan(pass) builds a plan, bytes(plan) is its size. fn is the
+// error prefix ("msa::op: "); a budget below one query's plan throws msa::Error.
+template <class MakePlan, class Bytes>
+auto largest_fitting_plan(const std::string& fn, size_t limit, int64_t max_pass, MakePlan plan, Bytes bytes) {
+  auto best = plan(int64_t(1));
+  if (bytes(best) > limit)
+    throw Error(fn + "max_workspace_bytes = " + std::to_string(limit) + ", expected at least " +
+                std::to_string(bytes(best)) + " (one query per pass)");
+  int64_t lo = 1, hi = max_pass > 1 ? max_pass : 1;  // lo fits
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    auto cand = plan(mid);
+    if (bytes(cand) <= limit) {
+      lo = mid;
+      best = cand;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return best;
 }
 
 // Frees stream-ordered scratch once the work queued before it is done, also on a throw.

@@ -275,22 +275,8 @@ double run_index_kl(const IndexKLParams& p0, cudaStream_t stream, bool backward,
     map = map_for(std::min(max_pass, std::max<int64_t>(1, kKlPassBytes / (h_kv * slots * int64_t(di) * 4))));
   } else {
     // The largest pass whose workspace fits the caller's budget.
-    const size_t limit = opt.max_workspace_bytes;
-    map = map_for(1);
-    if (map.total > limit)
-      throw Error(fn + "max_workspace_bytes = " + std::to_string(limit) + ", expected at least " +
-                  std::to_string(map.total) + " (one query per pass)");
-    int64_t lo = 1, hi = std::max<int64_t>(1, std::min(n_q, max_pass));
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo + 1) / 2;
-      const Map cand = map_for(mid);
-      if (cand.total <= limit) {
-        lo = mid;
-        map = cand;
-      } else {
-        hi = mid - 1;
-      }
-    }
+    map = largest_fitting_plan(fn, opt.max_workspace_bytes, std::min(n_q, max_pass), map_for,
+                               [](const Map& m) { return m.total; });
   }
   const int64_t pass = map.pass;
   const size_t sched_bytes = map.sched_bytes, o_sched = map.o_sched, o_plse = map.o_plse, o_ilse_acc = map.o_ilse_acc,

@@ -110,24 +110,11 @@ Plan make_plan(const AttentionParams& p, const SparseFwdOptions& opt) {
   if (opt.pass_queries > 0) return make_plan_for(p, opt, opt.pass_queries);
   if (opt.max_workspace_bytes == 0)
     return make_plan_for(p, opt, std::max<int64_t>(1, kSpPassRows / (p.h_q * p.topk)));
-  const size_t limit = opt.max_workspace_bytes;
-  Plan best = make_plan_for(p, opt, 1);
-  if (best.total() > limit)
-    throw Error("msa::sparse_attention_forward: max_workspace_bytes = " + std::to_string(limit) +
-                ", expected at least " + std::to_string(best.total()) + " (one query per pass)");
-  // lo fits; passes past the 32-bit entry-id bound are not candidates.
-  int64_t lo = 1, hi = std::max<int64_t>(1, std::min<int64_t>(p.seq.n_q, (INT32_MAX - 1) / (p.h_kv * p.topk)));
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo + 1) / 2;
-    Plan cand = make_plan_for(p, opt, mid);
-    if (cand.total() <= limit) {
-      lo = mid;
-      best = cand;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return best;
+  // Passes past the 32-bit entry-id bound are not candidates.
+  return largest_fitting_plan(
+      "msa::sparse_attention_forward: ", opt.max_workspace_bytes,
+      std::min<int64_t>(p.seq.n_q, (INT32_MAX - 1) / (p.h_kv * p.topk)),
+      [&](int64_t pass) { return make_plan_for(p, opt, pass); }, [](const Plan& plan) { return plan.total(); });
 }
 
 }  // namespace
