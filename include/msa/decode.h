@@ -112,7 +112,53 @@ struct DecodeAttentionParams {
   float* lse = nullptr;  // [n_q, h_q] out, contiguous
 };
 
-// Only the CPU reference exists so far; Backend::cuda throws msa::Error.
+// ---- Plan / run ----
+// A decode step on the GPU is planned once on the host for a batch shape and then run any number
+// of times. The run calls allocate nothing, never synchronise with the host and never read device
+// memory on the host, so a whole step (append_kv, decode_index_topk, decode_attention) can be
+// captured in a CUDA graph and replayed while contexts grow: seq_lens and the block table are
+// read by the kernels at run time, only their upper bounds are fixed by the plan.
+
+// Upper bounds of a step, all known on the host. A plan serves every step whose batch, n_q,
+// largest per-request query count and max_blocks are at most the planned ones, with the same
+// bk, heads, dims, topk and dtype.
+struct DecodeShape {
+  int64_t batch = 1;       // requests
+  int64_t n_q = 1;         // packed query tokens of one step (all requests together)
+  int64_t max_q = 1;       // most query tokens of one request in a step (speculative decoding)
+  int64_t max_blocks = 0;  // width of the block table: a context is at most max_blocks * bk tokens
+  int64_t bk = 128;
+  int64_t h_kv = 0;
+  int64_t h_q = 0;         // 0: plan the index pass only
+  int64_t d = 0;           // 0: plan the index pass only
+  int64_t d_idx = 0;       // 0: plan the attention only
+  int64_t topk = 16;
+  DType dtype = DType::bf16;
+};
+
+// What plan_decode chose. workspace_bytes of device memory (256-byte aligned) serve both run calls
+// of a step: the index pass and the attention use disjoint parts, so one buffer is passed to both.
+// The other fields are the kernels' work split, recorded for benchmarks and logs.
+struct DecodePlan {
+  DecodeShape shape;
+  Backend backend = Backend::cpu;
+  size_t workspace_bytes = 0;
+  size_t index_workspace_offset = 0;      // where the index pass's part starts
+  size_t attention_workspace_offset = 0;  // where the attention's part starts
+  int64_t index_split = 0;      // blocks of one request scored per CTA of the index pass (0 on the CPU)
+  int64_t attention_split = 0;  // selected blocks per CTA of the attention (0 on the CPU)
+};
+
+DecodePlan plan_decode(const DecodeShape& shape, const Exec& ex = {});
+
+// The run calls. p must fit plan (checked on the host from the fields of p; contents of device
+// arrays are never read). workspace: plan.workspace_bytes of memory of the backend (nullptr when
+// that is 0; the CPU needs none).
+void decode_index_topk(const DecodeIndexParams& p, const DecodePlan& plan, void* workspace, const Exec& ex = {});
+void decode_attention(const DecodeAttentionParams& p, const DecodePlan& plan, void* workspace, const Exec& ex = {});
+
+// Convenience forms: plan for exactly this call and take the workspace from the stream-ordered
+// allocator (CUDA) for its duration. Not for graph capture; the results equal the planned form's.
 void append_kv(const AppendKvParams& p, const Exec& ex = {});
 void decode_index_topk(const DecodeIndexParams& p, const Exec& ex = {});
 void decode_attention(const DecodeAttentionParams& p, const Exec& ex = {});
