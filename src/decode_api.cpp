@@ -1,5 +1,8 @@
 // Public entry points of decode (append_kv, decode_index_topk, decode_attention): validation of
-// the paged cache and the packed requests, then dispatch. Only the CPU reference exists so far.
+// the paged cache and the packed requests, then dispatch to the CPU reference or the CUDA kernels.
+// On the CPU the device arrays (seq_lens, block table, offsets, selections) are host memory and
+// are checked entry by entry; on CUDA they are device memory and only shapes are checked on the
+// host (the kernels clamp what the arrays hold), which keeps the run calls capturable.
 #include <cmath>
 #include <sstream>
 #include <unordered_map>
@@ -7,6 +10,9 @@
 
 #include "cpu/decode.h"
 #include "validate.h"
+#ifdef MSA_WITH_CUDA
+#include "cuda/decode.h"
+#endif
 
 namespace msa {
 
@@ -14,14 +20,12 @@ using namespace detail;
 
 namespace {
 
-// The CUDA kernels come later behind the same API; until then the cuda backend throws before any
-// pointer (device memory there) is read on the host.
-constexpr bool kCudaDecode = false;
+constexpr bool kCudaDecode = true;
 
 int64_t blocks_of(int64_t len, int64_t bk) { return (len + bk - 1) / bk; }
 
-// Dimensions of the cache and its seq_lens, read as host memory. Returns seq_lens.
-std::vector<int32_t> check_cache(const char* fn, const PagedKvCache& c, bool need_kv, bool need_idx) {
+// Dimensions of the cache, checked on the host for both backends.
+void check_cache_dims(const char* fn, const PagedKvCache& c, bool need_kv, bool need_idx) {
   check_range(fn, "cache.batch", c.batch, 1, INT32_MAX);
   check_range(fn, "cache.n_pages", c.n_pages, 0, INT32_MAX);
   check_range(fn, "cache.bk", c.bk, 1, 4096);
@@ -30,6 +34,11 @@ std::vector<int32_t> check_cache(const char* fn, const PagedKvCache& c, bool nee
   if (need_idx) check_range(fn, "cache.d_idx", c.d_idx, 1, 512);
   check_range(fn, "cache.max_blocks", c.max_blocks, 0, INT32_MAX);
   check_ptr(fn, "cache.seq_lens", c.seq_lens);
+}
+
+// Dimensions of the cache and its seq_lens, read as host memory (CPU backend). Returns seq_lens.
+std::vector<int32_t> check_cache(const char* fn, const PagedKvCache& c, bool need_kv, bool need_idx) {
+  check_cache_dims(fn, c, need_kv, need_idx);
   std::vector<int32_t> lens(c.seq_lens, c.seq_lens + c.batch);
   const int64_t cap = c.max_blocks * c.bk;
   for (int64_t b = 0; b < c.batch; ++b)
@@ -121,6 +130,72 @@ SeqInfo resolve_queries(const char* fn, const PagedKvCache& c, const std::vector
   return s;
 }
 
+// On CUDA a null offsets array means one request, as on the CPU; its contents are not read.
+void check_offsets_ptr(const char* fn, const char* name, const int32_t* cu, int64_t batch) {
+  if (cu == nullptr && batch != 1)
+    fail(fn, std::string(name) + " is null with batch = " + std::to_string(batch) +
+                 ", expected offsets for a batch of several requests");
+}
+
+void check_plan_backend(const char* fn, const DecodePlan& plan, const Exec& ex) {
+  if (plan.backend != ex.backend)
+    fail(fn, std::string("plan.backend = ") + backend_name(plan.backend) + ", expected the call's backend " +
+                 backend_name(ex.backend) + " (plan_decode with the same Exec)");
+}
+
+void check_plan_eq(const char* fn, const char* arg, int64_t value, const char* field, int64_t planned) {
+  if (value != planned)
+    fail(fn, std::string(arg) + " = " + std::to_string(value) + ", expected plan.shape." + field + " = " +
+                 std::to_string(planned) + " (the shape the plan was made for)");
+}
+
+void check_plan_le(const char* fn, const char* arg, int64_t value, const char* field, int64_t planned) {
+  if (value > planned)
+    fail(fn, std::string(arg) + " = " + std::to_string(value) + ", expected at most plan.shape." + field + " = " +
+                 std::to_string(planned) + " (the bound the plan was made for)");
+}
+
+// What every run call shares: the batch, query and table bounds and the cache layout.
+void check_plan_fit(const char* fn, const DecodePlan& plan, const PagedKvCache& c, int64_t n_q, DType dtype) {
+  const DecodeShape& s = plan.shape;
+  if (dtype != s.dtype)
+    fail(fn, std::string("dtype = ") + dtype_name(dtype) + ", expected plan.shape.dtype = " + dtype_name(s.dtype));
+  check_plan_le(fn, "cache.batch", c.batch, "batch", s.batch);
+  check_plan_le(fn, "n_q", n_q, "n_q", s.n_q);
+  check_plan_le(fn, "cache.max_blocks", c.max_blocks, "max_blocks", s.max_blocks);
+  check_plan_eq(fn, "cache.bk", c.bk, "bk", s.bk);
+  check_plan_eq(fn, "cache.h_kv", c.h_kv, "h_kv", s.h_kv);
+}
+
+void check_workspace(const char* fn, const DecodePlan& plan, const void* workspace) {
+  if (plan.workspace_bytes > 0 && workspace == nullptr)
+    fail(fn, "workspace is null, expected plan.workspace_bytes = " + std::to_string(plan.workspace_bytes) +
+                 " bytes of device memory");
+  if (reinterpret_cast<uintptr_t>(workspace) % 256 != 0)
+    fail(fn, "workspace is not 256-byte aligned, expected an allocation of plan.workspace_bytes with 256-byte alignment");
+}
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+// Stream-ordered scratch for the convenience forms (CUDA only), freed after the launches of f.
+template <class F>
+void with_scratch(size_t bytes, const Exec& ex, F&& f) {
+#ifdef MSA_WITH_CUDA
+  auto stream = static_cast<cudaStream_t>(ex.stream);
+  void* ws = bytes ? cuda::scratch_alloc(bytes, stream) : nullptr;
+  try {
+    f(ws);
+  } catch (...) {
+    if (ws) cuda::scratch_free(ws, stream);
+    throw;
+  }
+  if (ws) cuda::scratch_free(ws, stream);
+#else
+  (void)bytes, (void)ex;
+  f(nullptr);
+#endif
+}
+
 }  // namespace
 
 void append_kv(const AppendKvParams& p0, const Exec& ex) {
@@ -130,6 +205,31 @@ void append_kv(const AppendKvParams& p0, const Exec& ex) {
   check_dtype(fn, p.dtype, ex);
   const PagedKvCache& c = p.cache;
   const bool with_idx = p.k_idx != nullptr || c.k_idx_cache != nullptr;
+  if (ex.backend == Backend::cuda) {
+#ifdef MSA_WITH_CUDA
+    check_cache_dims(fn, c, true, with_idx);
+    check_range(fn, "n_new", p.n_new, 0, INT32_MAX);
+    check_offsets_ptr(fn, "cu_new", p.cu_new, c.batch);
+    resolve_strides3(fn, "k", p.n_new, c.h_kv, c.d, p.stride_k_tok, p.stride_k_head, false);
+    resolve_strides3(fn, "v", p.n_new, c.h_kv, c.d, p.stride_v_tok, p.stride_v_head, false);
+    const bool any = p.n_new > 0;
+    check_ptr(fn, "k", p.k, any);
+    check_ptr(fn, "v", p.v, any);
+    check_ptr(fn, "cache.k_cache", c.k_cache, any);
+    check_ptr(fn, "cache.v_cache", c.v_cache, any);
+    check_ptr(fn, "cache.block_table", c.block_table, any);
+    if (with_idx) {
+      if (p.k_idx == nullptr || c.k_idx_cache == nullptr)
+        fail(fn, std::string(p.k_idx ? "cache.k_idx_cache" : "k_idx") +
+                     " is null but the other is set, expected k_idx and cache.k_idx_cache both set (or both null "
+                     "for a layer without an index branch)");
+      resolve_strides2(fn, "k_idx", p.n_new, c.d_idx, p.stride_k_idx_tok, false);
+    }
+    if (!any) return;
+    cuda::run_append_kv(p, static_cast<cudaStream_t>(ex.stream));
+    return;
+#endif
+  }
   std::vector<int32_t> lens = check_cache(fn, c, true, with_idx);
   std::vector<int32_t> cu = check_cu(fn, "cu_new", p.cu_new, p.n_new, "n_new", lens, "new tokens");
   resolve_strides3(fn, "k", p.n_new, c.h_kv, c.d, p.stride_k_tok, p.stride_k_head, false);
@@ -170,14 +270,38 @@ void append_kv(const AppendKvParams& p0, const Exec& ex) {
   cpu::append_kv(p, cu, lens, ex.num_threads);
 }
 
-void decode_index_topk(const DecodeIndexParams& p0, const Exec& ex) {
+void decode_index_topk(const DecodeIndexParams& p0, const DecodePlan& plan, void* workspace, const Exec& ex) {
   const char* fn = "decode_index_topk";
   DecodeIndexParams p = p0;
   check_backend(fn, ex, kCudaDecode);
   check_dtype(fn, p.dtype, ex);
+  check_plan_backend(fn, plan, ex);
   const PagedKvCache& c = p.cache;
-  std::vector<int32_t> lens = check_cache(fn, c, false, true);
   check_range(fn, "topk", p.topk, 1, kMaxTopk);
+  if (ex.backend == Backend::cuda) {
+#ifdef MSA_WITH_CUDA
+    check_cache_dims(fn, c, false, true);
+    resolve_scale(fn, "index_scale", p.index_scale, float(1.0 / std::sqrt(double(c.d_idx))));
+    check_range(fn, "n_q", p.n_q, 0, INT32_MAX);
+    check_offsets_ptr(fn, "cu_seqlens_q", p.cu_seqlens_q, c.batch);
+    resolve_strides3(fn, "q_idx", p.n_q, c.h_kv, c.d_idx, p.stride_q_idx_tok, p.stride_q_idx_head, false);
+    const bool any = p.n_q > 0;
+    check_ptr(fn, "q_idx", p.q_idx, any);
+    check_ptr(fn, "cache.k_idx_cache", c.k_idx_cache, any);
+    check_ptr(fn, "cache.block_table", c.block_table, any);
+    check_ptr(fn, "topk_idx", p.topk_idx, any);
+    const DecodeShape& s = plan.shape;
+    if (s.d_idx == 0) fail(fn, "plan.shape.d_idx = 0: the plan has no index pass, expected a plan made with d_idx > 0");
+    check_plan_fit(fn, plan, c, p.n_q, p.dtype);
+    check_plan_eq(fn, "cache.d_idx", c.d_idx, "d_idx", s.d_idx);
+    check_plan_eq(fn, "topk", p.topk, "topk", s.topk);
+    if (!any) return;
+    check_workspace(fn, plan, workspace);
+    cuda::run_decode_index_topk(p, plan, workspace, static_cast<cudaStream_t>(ex.stream));
+    return;
+#endif
+  }
+  std::vector<int32_t> lens = check_cache(fn, c, false, true);
   resolve_scale(fn, "index_scale", p.index_scale, float(1.0 / std::sqrt(double(c.d_idx))));
   SeqInfo s = resolve_queries(fn, c, lens, p.n_q, p.cu_seqlens_q);
   resolve_strides3(fn, "q_idx", s.n_q, c.h_kv, c.d_idx, p.stride_q_idx_tok, p.stride_q_idx_head, false);
@@ -189,15 +313,47 @@ void decode_index_topk(const DecodeIndexParams& p0, const Exec& ex) {
   cpu::decode_index_topk(p, s, lens, ex.num_threads);
 }
 
-void decode_attention(const DecodeAttentionParams& p0, const Exec& ex) {
+void decode_attention(const DecodeAttentionParams& p0, const DecodePlan& plan, void* workspace, const Exec& ex) {
   const char* fn = "decode_attention";
   DecodeAttentionParams p = p0;
   check_backend(fn, ex, kCudaDecode);
   check_dtype(fn, p.dtype, ex);
+  check_plan_backend(fn, plan, ex);
   const PagedKvCache& c = p.cache;
+  const bool dense = p.topk_idx == nullptr;  // every visible block (dense decode)
+  if (!dense) check_range(fn, "topk", p.topk, 1, kMaxTopk);
+  if (ex.backend == Backend::cuda) {
+#ifdef MSA_WITH_CUDA
+    check_cache_dims(fn, c, true, false);
+    check_heads(fn, p.h_q, c.h_kv);
+    resolve_scale(fn, "scale", p.scale, float(1.0 / std::sqrt(double(c.d))));
+    check_range(fn, "n_q", p.n_q, 0, INT32_MAX);
+    check_offsets_ptr(fn, "cu_seqlens_q", p.cu_seqlens_q, c.batch);
+    resolve_strides3(fn, "q", p.n_q, p.h_q, c.d, p.stride_q_tok, p.stride_q_head, false);
+    resolve_strides3(fn, "o", p.n_q, p.h_q, c.d, p.stride_o_tok, p.stride_o_head, true);
+    const bool any = p.n_q > 0;
+    check_ptr(fn, "q", p.q, any);
+    check_ptr(fn, "cache.k_cache", c.k_cache, any);
+    check_ptr(fn, "cache.v_cache", c.v_cache, any);
+    check_ptr(fn, "cache.block_table", c.block_table, any);
+    check_ptr(fn, "o", p.o, any);
+    check_ptr(fn, "lse", p.lse, any);
+    const DecodeShape& s = plan.shape;
+    if (s.h_q == 0 || s.d == 0)
+      fail(fn, "plan.shape.h_q = " + std::to_string(s.h_q) + ", plan.shape.d = " + std::to_string(s.d) +
+                   ": the plan has no attention, expected a plan made with h_q > 0 and d > 0");
+    check_plan_fit(fn, plan, c, p.n_q, p.dtype);
+    check_plan_eq(fn, "h_q", p.h_q, "h_q", s.h_q);
+    check_plan_eq(fn, "cache.d", c.d, "d", s.d);
+    check_plan_eq(fn, "topk (0: topk_idx is null, dense decode)", dense ? 0 : p.topk, "topk", s.topk);
+    if (!any) return;
+    check_workspace(fn, plan, workspace);
+    cuda::run_decode_attention(p, plan, workspace, static_cast<cudaStream_t>(ex.stream));
+    return;
+#endif
+  }
   std::vector<int32_t> lens = check_cache(fn, c, true, false);
   check_heads(fn, p.h_q, c.h_kv);
-  check_range(fn, "topk", p.topk, 1, kMaxTopk);
   resolve_scale(fn, "scale", p.scale, float(1.0 / std::sqrt(double(c.d))));
   SeqInfo s = resolve_queries(fn, c, lens, p.n_q, p.cu_seqlens_q);
   resolve_strides3(fn, "q", s.n_q, p.h_q, c.d, p.stride_q_tok, p.stride_q_head, false);
@@ -208,9 +364,101 @@ void decode_attention(const DecodeAttentionParams& p0, const Exec& ex) {
   check_ptr(fn, "cache.v_cache", c.v_cache, any);
   check_ptr(fn, "o", p.o, any);
   check_ptr(fn, "lse", p.lse, any);
-  check_topk_idx(fn, s, p.topk_idx, c.h_kv, p.topk, c.bk);
+  if (!dense) check_topk_idx(fn, s, p.topk_idx, c.h_kv, p.topk, c.bk);
   if (!any) return;
   cpu::decode_attention(p, s, lens, ex.num_threads);
+}
+
+DecodePlan plan_decode(const DecodeShape& s, const Exec& ex) {
+  const char* fn = "plan_decode";
+  check_backend(fn, ex, kCudaDecode);
+  check_dtype(fn, s.dtype, ex);
+  check_range(fn, "shape.batch", s.batch, 1, INT32_MAX);
+  check_range(fn, "shape.n_q", s.n_q, 0, INT32_MAX);
+  check_range(fn, "shape.max_q", s.max_q, 1, INT32_MAX);
+  check_range(fn, "shape.max_blocks", s.max_blocks, 0, INT32_MAX);
+  check_range(fn, "shape.bk", s.bk, 1, 4096);
+  check_range(fn, "shape.h_kv", s.h_kv, 1, 1024);
+  check_range(fn, "shape.d", s.d, 0, 512);
+  check_range(fn, "shape.d_idx", s.d_idx, 0, 512);
+  check_range(fn, "shape.topk", s.topk, 0, kMaxTopk);
+  const bool attn = s.h_q > 0 || s.d > 0;
+  if (attn) {
+    check_heads(fn, s.h_q, s.h_kv);
+    check_range(fn, "shape.d", s.d, 1, 512);
+  }
+  if (s.d_idx > 0 && s.topk == 0)
+    fail(fn, "shape.topk = 0 with shape.d_idx = " + std::to_string(s.d_idx) +
+                 ", expected 1 <= topk <= " + std::to_string(kMaxTopk) + " for an index pass");
+  if (!attn && s.d_idx == 0) fail(fn, "shape plans nothing (h_q, d and d_idx all 0), expected an attention, an index pass or both");
+  DecodePlan plan;
+  plan.shape = s;
+  plan.backend = ex.backend;
+  if (ex.backend == Backend::cuda) {
+#ifdef MSA_WITH_CUDA
+    const size_t idx = s.d_idx > 0 ? align256(cuda::plan_decode_index(plan)) : 0;
+    const size_t att = attn ? align256(cuda::plan_decode_attention(plan)) : 0;
+    plan.index_workspace_offset = 0;
+    plan.attention_workspace_offset = idx;
+    plan.workspace_bytes = idx + att;
+#endif
+  }
+  return plan;
+}
+
+// The convenience forms plan for exactly the call at hand. On CUDA the per-request query count is
+// unknown on the host (the offsets are device memory): the plan takes the packed count, capped at
+// 16, as its hint; the kernels are correct for any count.
+namespace {
+
+DecodeShape shape_of(const PagedKvCache& c, int64_t n_q, DType dtype) {
+  DecodeShape s;
+  s.batch = c.batch;
+  s.n_q = n_q;
+  s.max_q = std::max<int64_t>(1, std::min<int64_t>(n_q, 16));
+  s.max_blocks = c.max_blocks;
+  s.bk = c.bk;
+  s.h_kv = c.h_kv;
+  s.dtype = dtype;
+  s.h_q = 0;
+  s.d = 0;
+  s.d_idx = 0;
+  return s;
+}
+
+}  // namespace
+
+void decode_index_topk(const DecodeIndexParams& p, const Exec& ex) {
+  DecodePlan plan;
+  plan.backend = Backend::cpu;
+  if (ex.backend != Backend::cuda) return decode_index_topk(p, plan, nullptr, ex);
+  check_backend("decode_index_topk", ex, kCudaDecode);
+  DecodeShape s = shape_of(p.cache, p.n_q, p.dtype);
+  s.d_idx = p.cache.d_idx;
+  s.topk = p.topk;
+  // Argument errors surface from the planned call, which names the call's own fields.
+  if (p.n_q <= 0 || s.d_idx <= 0 || p.topk < 1 || p.topk > kMaxTopk || p.cache.batch < 1 || p.cache.h_kv < 1 ||
+      p.cache.bk < 1 || p.cache.max_blocks < 0)
+    return decode_index_topk(p, DecodePlan{s, Backend::cuda}, nullptr, ex);
+  plan = plan_decode(s, ex);
+  with_scratch(plan.workspace_bytes, ex, [&](void* ws) { decode_index_topk(p, plan, ws, ex); });
+}
+
+void decode_attention(const DecodeAttentionParams& p, const Exec& ex) {
+  DecodePlan plan;
+  plan.backend = Backend::cpu;
+  if (ex.backend != Backend::cuda) return decode_attention(p, plan, nullptr, ex);
+  check_backend("decode_attention", ex, kCudaDecode);
+  DecodeShape s = shape_of(p.cache, p.n_q, p.dtype);
+  s.h_q = p.h_q;
+  s.d = p.cache.d;
+  s.topk = p.topk_idx == nullptr ? 0 : p.topk;
+  if (p.n_q <= 0 || s.d <= 0 || s.h_q <= 0 || p.cache.h_kv < 1 || s.h_q % p.cache.h_kv != 0 ||
+      (p.topk_idx != nullptr && (p.topk < 1 || p.topk > kMaxTopk)) || p.cache.batch < 1 || p.cache.bk < 1 ||
+      p.cache.max_blocks < 0)
+    return decode_attention(p, DecodePlan{s, Backend::cuda}, nullptr, ex);
+  plan = plan_decode(s, ex);
+  with_scratch(plan.workspace_bytes, ex, [&](void* ws) { decode_attention(p, plan, ws, ex); });
 }
 
 }  // namespace msa

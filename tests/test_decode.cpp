@@ -566,18 +566,45 @@ TEST(DecodeValidation, Append) {
   EXPECT_TRUE(throws_error([&] { append_kv(p); }, {"cache.block_table[0, 6] = -1"}));
 }
 
-TEST(DecodeValidation, CudaBackendHasNoKernelYet) {
+TEST(DecodeValidation, CudaBackendWithoutCudaBuild) {
+  if (cuda_compiled()) GTEST_SKIP() << "this build has the CUDA backend; tests/test_cuda_decode_*.cpp cover it";
   Bad t;
   Exec ex;
   ex.backend = Backend::cuda;
-  // Without a CUDA build the message says so; with one, that the op has no kernel yet.
-  const char* frag = cuda_compiled() ? "no CUDA kernel yet" : "backend = cuda";
-  EXPECT_TRUE(throws_error([&] { decode_index_topk(t.ip(), ex); }, {"msa::decode_index_topk", frag}));
+  EXPECT_TRUE(throws_error([&] { decode_index_topk(t.ip(), ex); }, {"msa::decode_index_topk", "backend = cuda"}));
   auto ap = t.ap();
-  EXPECT_TRUE(throws_error([&] { decode_attention(ap, ex); }, {"msa::decode_attention", frag}));
+  EXPECT_TRUE(throws_error([&] { decode_attention(ap, ex); }, {"msa::decode_attention", "backend = cuda"}));
   AppendKvParams p;
   p.cache = t.pc.cache(t.pc.lens.data());
-  EXPECT_TRUE(throws_error([&] { append_kv(p, ex); }, {"msa::append_kv", frag}));
+  EXPECT_TRUE(throws_error([&] { append_kv(p, ex); }, {"msa::append_kv", "backend = cuda"}));
+  EXPECT_TRUE(throws_error([&] { plan_decode(DecodeShape{}, ex); }, {"msa::plan_decode", "backend = cuda"}));
+}
+
+// A CPU plan needs no workspace; a plan of the other backend is refused by name.
+TEST(DecodeValidation, PlanBackendMustMatchTheCall) {
+  DecodeShape s;
+  s.batch = 2;
+  s.n_q = 2;
+  s.max_blocks = 4;
+  s.h_kv = 2;
+  s.h_q = 4;
+  s.d = 16;
+  s.d_idx = 16;
+  s.topk = 2;
+  s.dtype = DType::f32;
+  DecodePlan plan = plan_decode(s, Exec{});
+  EXPECT_EQ(plan.workspace_bytes, 0u);
+  EXPECT_EQ(plan.backend, Backend::cpu);
+  Bad t;
+  DecodePlan other = plan;
+  other.backend = Backend::cuda;
+  EXPECT_TRUE(throws_error([&] { decode_index_topk(t.ip(), other, nullptr, Exec{}); },
+                           {"msa::decode_index_topk", "plan.backend = cuda", "expected the call's backend cpu"}));
+  s.h_q = 3;
+  EXPECT_TRUE(throws_error([&] { plan_decode(s, Exec{}); }, {"msa::plan_decode", "h_q"}));
+  s = DecodeShape{};
+  s.h_kv = 1;
+  EXPECT_TRUE(throws_error([&] { plan_decode(s, Exec{}); }, {"msa::plan_decode", "plans nothing"}));
 }
 
 }  // namespace

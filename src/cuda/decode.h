@@ -29,4 +29,9 @@ void run_decode_attention(const DecodeAttentionParams& p, const DecodePlan& plan
 // Append (decode_append.cu): no workspace.
 void run_append_kv(const AppendKvParams& p, cudaStream_t stream);
 
+// Stream-ordered scratch for the convenience (unplanned) forms (decode_append.cu); throws
+// std::runtime_error when the allocation fails.
+void* scratch_alloc(size_t bytes, cudaStream_t stream);
+void scratch_free(void* ptr, cudaStream_t stream);
+
 }  // namespace msa::cuda
