@@ -104,6 +104,7 @@ struct DecodeAttentionParams {
 
   // [n_q, h_kv, topk] contiguous, logical block numbers (decode_index_topk's output): -1 only as
   // tail padding, otherwise visible blocks 0 <= j <= p / bk, no duplicates in a row.
+  // nullptr: dense decode, every visible block (a dense layer, or the baseline); topk is ignored.
   const int32_t* topk_idx = nullptr;
   int64_t topk = 0;  // 1..kMaxTopk
 
@@ -132,7 +133,7 @@ struct DecodeShape {
   int64_t h_q = 0;         // 0: plan the index pass only
   int64_t d = 0;           // 0: plan the index pass only
   int64_t d_idx = 0;       // 0: plan the attention only
-  int64_t topk = 16;
+  int64_t topk = 16;        // 0: the attention is dense (topk_idx = nullptr); needs d_idx = 0
   DType dtype = DType::bf16;
 };
 
