@@ -49,12 +49,27 @@ struct BenchTrainOptions {
   std::string command;    // the command line, recorded in the outputs
 };
 
+// `msa bench decode` (GPU only; bench_decode.cpp, compiled in CUDA builds).
+struct BenchDecodeOptions {
+  std::vector<int64_t> contexts = {32768, 131072, 524288, 1048576};
+  std::vector<int64_t> batches = {1, 32, 128};
+  std::vector<int64_t> q_tokens = {1, 8};
+  bool largest_batch = true;  // also the largest batch whose cache fits, at the longest context
+  int iters = 20;             // most timed runs per measurement (median reported)
+  double budget_s = 2;        // rough time cap per measurement
+  uint64_t seed = 1;
+  std::string out;            // file prefix: writes out.json and out.md; empty: print only
+  std::string commit;         // recorded as the measured commit; empty: the one seen at configure time
+  std::string command;        // the command line, recorded in the outputs
+};
+
 // Each returns the process exit code: 0 ok, 1 a check failed, 2 the request cannot run here.
 int run_info();
 int run_check(const CheckOptions& o);
 int run_demo(const DemoOptions& o);
 int run_bench_prefill(const BenchOptions& o);
 int run_bench_train(const BenchTrainOptions& o);
+int run_bench_decode(const BenchDecodeOptions& o);
 
 // printf into a std::string.
 std::string strf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -124,6 +124,33 @@ int main(int argc, char** argv) {
   cmd_train->add_option("--out", bench_train.out, "Write OUT.json and OUT.md");
   cmd_train->add_option("--commit", bench_train.commit, "Commit to record (default: the one seen at configure time)");
 
+  BenchDecodeOptions bench_decode;
+  auto* cmd_decode = cmd_bench->add_subcommand(
+      "decode", "One MSA layer's decode step at the M3 shape over a paged cache, against dense decode");
+  cmd_decode->add_option("--contexts", bench_decode.contexts, "Cached tokens per request, comma separated")
+      ->delimiter(',')
+      ->check(CLI::Range(int64_t(128), int64_t(1) << 24))
+      ->capture_default_str();
+  cmd_decode->add_option("--batches", bench_decode.batches, "Requests per step, comma separated")
+      ->delimiter(',')
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 16))
+      ->capture_default_str();
+  cmd_decode->add_option("--q-tokens", bench_decode.q_tokens, "Query tokens per request, comma separated")
+      ->delimiter(',')
+      ->check(CLI::Range(int64_t(1), int64_t(64)))
+      ->capture_default_str();
+  cmd_decode->add_flag("!--no-largest-batch", bench_decode.largest_batch,
+                       "Skip the largest batch that fits at the longest context");
+  cmd_decode->add_option("--iters", bench_decode.iters, "Most timed runs per measurement (median reported)")
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
+  cmd_decode->add_option("--budget-s", bench_decode.budget_s, "Rough seconds per measurement")
+      ->check(CLI::Range(0.1, 3600.0))
+      ->capture_default_str();
+  cmd_decode->add_option("--seed", bench_decode.seed, "Seed of the random inputs")->capture_default_str();
+  cmd_decode->add_option("--out", bench_decode.out, "Write OUT.json and OUT.md");
+  cmd_decode->add_option("--commit", bench_decode.commit, "Commit to record (default: the one seen at configure time)");
+
 #ifdef MSA_WITH_TRAINER
   msa::train::Commands trainer;
   msa::train::add_commands(app, trainer);
@@ -174,6 +201,10 @@ int main(int argc, char** argv) {
       if (cmd_train->parsed()) {
         bench_train.command = bench.command;
         return run_bench_train(bench_train);
+      }
+      if (cmd_decode->parsed()) {
+        bench_decode.command = bench.command;
+        return run_bench_decode(bench_decode);
       }
       return run_bench_prefill(bench);
 #else
