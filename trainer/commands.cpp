@@ -24,6 +24,10 @@ void add_commands(CLI::App& app, Commands& c) {
   tr->add_option("--corpus", t.corpus, "Text file or folder (default: the built-in text)");
   tr->add_option("--device", t.device, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   tr->add_option("--seed", t.seed, "Seed of the initialisation and the data order")->capture_default_str();
+  tr->add_option("--data-seed", t.data_seed, "Seed of the data order alone (default: --seed)");
+  tr->add_flag("--continue-schedule", t.continue_schedule,
+               "msa-cpt: continue the --init run where it stopped (its step, LR schedule, data position and the "
+               "LM's AdamW moments; the index starts fresh and the warm-up counts from there)");
   tr->add_option("--threads", t.threads, "CPU threads (0: torch's default); fix it for bitwise reruns")
       ->check(CLI::Range(0, 4096));
   tr->add_option("--steps", t.steps, "Optimizer steps (default: the config's)")->check(CLI::PositiveNumber);

@@ -22,6 +22,8 @@ struct TrainOptions {
   std::string corpus;            // text file or folder (data.h Corpus::load); empty = built-in
   std::string device = "cpu";    // cpu | cuda
   uint64_t seed = 1;             // model init and data order
+  int64_t data_seed = -1;        // data order only (< 0: seed), so seeds can vary the init alone
+  bool continue_schedule = false;  // msa-cpt: keep the dense run's step, LR schedule, data position, LM Adam state
   int threads = 0;               // CPU threads (0: torch's default); fix it for bitwise reruns
   // Overrides of the named configuration; < 0 (or empty) keeps the config's value.
   int64_t steps = -1, batch = -1, seq_len = -1, warmup_tokens = -1, log_every = -1, save_every = -1;

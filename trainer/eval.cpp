@@ -94,7 +94,13 @@ struct Result {
   std::map<int64_t, Acc> by_ctx;
   std::map<double, Acc> by_depth;
   std::vector<std::pair<double, double>> recall;         // per layer (block, score); NaN for dense layers
-  std::vector<std::pair<double, double>> static_recall;  // per layer, sink + local window
+  std::vector<std::pair<double, double>> static_recall;  // per layer, sink + local window  // Per MSA layer, over the recall queries: the KL on the selected support as training computes it
+  // on this device (saved lse's), the same recomputed by the CPU reference (float32 copies), and
+  // the CPU's KL over the whole causal prefix (what the warm-up trains); NaN for dense layers.
+  struct Kl {
+    double sparse_dev = NAN, sparse_cpu = NAN, full_cpu = NAN;
+  };
+  std::vector<Kl> kl;
 };
 
 std::string label_of(const std::string& path) {
@@ -200,6 +206,27 @@ int run_eval(const EvalOptions& o) {
           };
           r.recall.push_back(t.topk_idx.defined() ? rec(t.topk_idx) : std::pair<double, double>{NAN, NAN});
           r.static_recall.push_back(rec(stat));
+          Result::Kl kl;
+          if (t.topk_idx.defined() && t.q_idx.defined()) {
+            // The training path (index_topk's index lse, the sparse forward's lse) on the device,
+            // on the chunk of the last m queries, against the CPU reference recomputing both.
+            at::Tensor qd = t.q.narrow(0, n - m, m).contiguous(), qid = t.q_idx.narrow(0, n - m, m).contiguous();
+            at::Tensor cq = cu_q.to(device), ck = cu_k.to(device);
+            auto [sel, scores, ilse] = msa_torch::index_topk(qid, t.k_idx, cq, ck, std::nullopt, mc.bk, mc.topk, 0.0,
+                                                             false, true, std::nullopt);
+            at::Tensor lse = std::get<1>(msa_torch::sparse_attention_fwd(qd, t.k, t.v, sel, cq, ck, std::nullopt, mc.bk, 0.0));
+            kl.sparse_dev = msa_torch::index_kl_loss(qd, t.k, qid, t.k_idx, sel, cq, ck, std::nullopt, lse, ilse, mc.bk,
+                                                     0.0, 0.0)
+                                .item<double>();
+            at::Tensor qi = qid.to(at::kCPU, at::kFloat), ki = t.k_idx.to(at::kCPU, at::kFloat);
+            kl.sparse_cpu = msa_torch::index_kl_loss(q, k, qi, ki, sel.to(at::kCPU), cu_q, cu_k, std::nullopt,
+                                                     std::nullopt, std::nullopt, mc.bk, 0.0, 0.0)
+                                .item<double>();
+            kl.full_cpu = msa_torch::index_kl_loss(q, k, qi, ki, std::nullopt, cu_q, cu_k, std::nullopt, std::nullopt,
+                                                   std::nullopt, mc.bk, 0.0, 0.0)
+                              .item<double>();
+          }
+          r.kl.push_back(kl);
         }
       }
       results.push_back(std::move(r));
@@ -260,6 +287,11 @@ int run_eval(const EvalOptions& o) {
     for (size_t l = 0; l < n_layers; ++l)
       row("recall L" + std::to_string(l) + " sink+local (block / score)",
           [&](const Result& r) { return pair_cell(r.static_recall, l); });
+    for (size_t l = 0; l < n_layers; ++l)
+      row("KL L" + std::to_string(l) + " support: device / cpu; full prefix", [&](const Result& r) {
+        if (l >= r.kl.size() || !std::isfinite(r.kl[l].sparse_cpu)) return std::string("-");
+        return f4(r.kl[l].sparse_dev) + " / " + f4(r.kl[l].sparse_cpu) + "; " + f4(r.kl[l].full_cpu);
+      });
 
     size_t w0 = 0;
     for (auto& [n, c] : rows) w0 = std::max(w0, n.size());
@@ -308,7 +340,10 @@ int run_eval(const EvalOptions& o) {
         for (size_t l = 0; l < r.recall.size(); ++l)
           f << (l ? ", " : "") << "{\"layer\": " << l << ", \"block\": " << jnum(r.recall[l].first)
             << ", \"score\": " << jnum(r.recall[l].second) << ", \"static_block\": " << jnum(r.static_recall[l].first)
-            << ", \"static_score\": " << jnum(r.static_recall[l].second) << "}";
+            << ", \"static_score\": " << jnum(r.static_recall[l].second)
+            << ", \"kl_support_device\": " << jnum(l < r.kl.size() ? r.kl[l].sparse_dev : NAN)
+            << ", \"kl_support_cpu\": " << jnum(l < r.kl.size() ? r.kl[l].sparse_cpu : NAN)
+            << ", \"kl_full_prefix_cpu\": " << jnum(l < r.kl.size() ? r.kl[l].full_cpu : NAN) << "}";
         f << "]}";
       }
       f << "]}\n";

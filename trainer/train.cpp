@@ -165,6 +165,8 @@ void save_checkpoint(const std::string& path, const Checkpoint& c) {
     f << "msa-checkpoint 1\n";
     f << "name=" << c.cfg.name << "\nroute=" << route_name(c.route) << "\nseed=" << c.seed << "\nstep=" << c.step
       << "\ntokens=" << c.tokens << "\ncorpus=" << c.corpus << "\n";
+    // Optional keys (older checkpoints lack them; the loader defaults them).
+    f << "data_seed=" << c.data_seed << "\nroute_start_tokens=" << c.route_start_tokens << "\n";
 #define X(n) f << "train." #n "=" << to_text(c.cfg.n) << "\n";
     MSA_TRAIN_FIELDS(X)
 #undef X
@@ -209,6 +211,8 @@ Checkpoint load_checkpoint(const std::string& path, bool with_optimizer) {
     c.step = std::stoll(get("step"));
     c.tokens = std::stoll(get("tokens"));
     c.corpus = get("corpus");
+    c.data_seed = kv.count("data_seed") ? std::stoull(kv["data_seed"]) : c.seed;
+    c.route_start_tokens = kv.count("route_start_tokens") ? std::stoll(kv["route_start_tokens"]) : 0;
 #define X(n) parse_into(c.cfg.n, get("train." #n));
     MSA_TRAIN_FIELDS(X)
 #undef X
@@ -383,8 +387,11 @@ int train_impl(const TrainOptions& o) {
     st.cfg = resolve_config(o);
     st.route = route;
     st.seed = o.seed;
+    st.data_seed = o.data_seed >= 0 ? uint64_t(o.data_seed) : o.seed;
     st.corpus = o.corpus;
   }
+  if (o.continue_schedule && (route != Route::msa_cpt || !o.resume.empty()))
+    throw Error("msa train: --continue-schedule applies to a new msa-cpt run (--route msa-cpt --init ...)");
   TrainConfig& cfg = st.cfg;
   if (route == Route::msa_cpt && o.resume.empty() && o.init.empty())
     throw Error("msa train: --route msa-cpt needs --init DENSE_CHECKPOINT");
@@ -393,7 +400,7 @@ int train_impl(const TrainOptions& o) {
   data::MixConfig mix;
   mix.seq_len = cfg.seq_len;
   mix.retrieval_fraction = cfg.retrieval_fraction;
-  const data::Stream train(corpus, mix, st.seed, data::Split::train);
+  const data::Stream train(corpus, mix, st.data_seed, data::Split::train);
   const data::Stream valid = validation_stream(corpus, cfg.seq_len);
 
   LM model(cfg.model, st.seed, device);
@@ -416,6 +423,22 @@ int train_impl(const TrainOptions& o) {
       dense.seed = st.seed;
       model = model_from_checkpoint(dense, device, true);
       model.reset_index_params(st.seed + 77);
+      if (o.continue_schedule) {
+        // The last part of the dense run's schedule with sparse attention: same steps, LR, data
+        // (the dense run's data seed) and LM optimizer state; the index's moments start at zero.
+        if (dense.step >= cfg.steps)
+          throw Error("msa train: --continue-schedule: " + o.init + " is at step " + std::to_string(dense.step) +
+                      ", not before --steps " + std::to_string(cfg.steps));
+        Checkpoint full = load_checkpoint(o.init, true);
+        st.step = full.step;
+        st.tokens = full.tokens;
+        st.route_start_tokens = full.tokens;
+        st.data_seed = full.data_seed;
+        for (auto& [n2, t] : full.adam_m)
+          if (!LM::is_index_param(n2)) st.adam_m.push_back({n2, t});
+        for (auto& [n2, t] : full.adam_v)
+          if (!LM::is_index_param(n2)) st.adam_v.push_back({n2, t});
+      }
     }
     for (auto& [name, p] : model.params()) {
       auto find = [&](const std::vector<std::pair<std::string, at::Tensor>>& list) {
@@ -449,6 +472,7 @@ int train_impl(const TrainOptions& o) {
          << cfg.retrieval_fraction << "\n  steps " << cfg.steps << " (" << cfg.steps * tok_per_step << " tokens)";
     if (route != Route::dense) head << ", warm-up " << cfg.warmup_tokens << " tokens, kl_lambda " << cfg.kl_lambda;
     if (!o.resume.empty()) head << "\n  resumed at step " << st.step << " from " << o.resume;
+    if (st.route_start_tokens > 0) head << "\n  continues " << o.init << " from step " << st.step;
     head << "\n";
     std::fputs(head.str().c_str(), stderr);
     log << head.str();
@@ -474,7 +498,7 @@ int train_impl(const TrainOptions& o) {
 
   for (; st.step < last_step; ++st.step) {
     const int64_t step = st.step;
-    const AttnMode mode = mode_at(route, st.tokens, cfg.warmup_tokens);
+    const AttnMode mode = mode_at(route, st.tokens - st.route_start_tokens, cfg.warmup_tokens);
     const bool log_step = step == 0 || (step + 1) % cfg.log_every == 0 || step + 1 == cfg.steps;
     Batch b = make_batch(train, step * cfg.batch, cfg.batch, device);
     if (cuda) at::autocast::set_autocast_enabled(at::kCUDA, true);
@@ -549,8 +573,13 @@ int train_impl(const TrainOptions& o) {
               << ", \"val_loss_tail\": " << num(vl.tail) << "}\n";
       metrics.flush();
     }
-    if (cfg.save_every > 0 && (step + 1) % cfg.save_every == 0 && step + 1 < last_step)
+    if (cfg.save_every > 0 && (step + 1) % cfg.save_every == 0 && step + 1 < last_step) {
+      // The checkpoint records the steps done, this one included (the loop increments st.step
+      // after the body), as the one written after the loop does; else a resume would redo it.
+      st.step = step + 1;
       checkpoint("step-" + std::to_string(step + 1) + ".ckpt");
+      st.step = step;
+    }
   }
   if (tty) std::fputc('\n', stderr);
 

@@ -32,7 +32,11 @@ struct Checkpoint {
   TrainConfig cfg;
   Route route = Route::dense;
   uint64_t seed = 1;
+  uint64_t data_seed = 1;  // of the training data order (= seed unless --data-seed said otherwise)
   int64_t step = 0;    // optimizer steps done
+  // Tokens seen when this route began: 0, or the dense run's tokens for an msa-cpt run that
+  // continues the dense schedule (--continue-schedule); the warm-up counts from here.
+  int64_t route_start_tokens = 0;
   int64_t tokens = 0;  // training tokens seen
   std::string corpus;  // Corpus::load argument
   std::vector<std::pair<std::string, at::Tensor>> params, adam_m, adam_v;

@@ -323,6 +323,83 @@ TEST(Train, DenseThenCpt) {
   EXPECT_EQ(run_train(bad), 1);
 }
 
+// MSA-CPT continuing a dense run (--continue-schedule) whose remaining steps are all warm-up: the
+// main branch of warm-up is bitwise the dense forward and the KL reaches only the index, so the LM
+// weights and AdamW moments end bitwise equal to the dense run's; the index trained from fresh.
+TEST(Train, ContinueScheduleMatchesDenseDuringWarmup) {
+  const std::string a = scratch("cs_dense"), b = scratch("cs_dense_stop"), c = scratch("cs_cpt");
+  TrainOptions dense = tiny_run(a, 4);
+  dense.route = "dense";
+  dense.warmup_tokens = -1;
+  ASSERT_EQ(run_train(dense), 0);
+  TrainOptions stop = dense;
+  stop.out = b;
+  stop.stop_at = 2;
+  ASSERT_EQ(run_train(stop), 0);
+  TrainOptions cpt = tiny_run(c, 4);
+  cpt.route = "msa-cpt";
+  cpt.init = b + "/step-2.ckpt";
+  cpt.continue_schedule = true;
+  cpt.warmup_tokens = 4 * 512;  // every remaining step is warm-up
+  ASSERT_EQ(run_train(cpt), 0);
+  Checkpoint cd = load_checkpoint(a + "/final.ckpt"), cc = load_checkpoint(c + "/final.ckpt");
+  EXPECT_EQ(cc.route, Route::msa_cpt);
+  EXPECT_EQ(cc.step, 4);
+  EXPECT_EQ(cc.tokens, cd.tokens);
+  EXPECT_EQ(cc.route_start_tokens, 2 * 512);
+  ASSERT_EQ(cc.params.size(), cd.params.size());
+  LM fresh(cc.cfg.model, cc.seed, at::Device(at::kCPU));
+  fresh.reset_index_params(cc.seed + 77);
+  int lm_equal = 0, index_moved = 0;
+  for (size_t i = 0; i < cc.params.size(); ++i) {
+    const std::string& name = cc.params[i].first;
+    if (LM::is_index_param(name)) {
+      index_moved += !at::equal(cc.params[i].second, fresh.params()[i].second);
+      continue;
+    }
+    EXPECT_TRUE(at::equal(cc.params[i].second, cd.params[i].second)) << "parameter " << name;
+    EXPECT_TRUE(at::equal(cc.adam_m[i].second, cd.adam_m[i].second)) << "adam m of " << name;
+    EXPECT_TRUE(at::equal(cc.adam_v[i].second, cd.adam_v[i].second)) << "adam v of " << name;
+    ++lm_equal;
+  }
+  EXPECT_GT(lm_equal, 0);
+  EXPECT_EQ(index_moved, 4 * 4);  // 4 MSA layers x (wq, wk, q_norm, k_norm), all trained by the KL
+
+  // With sparse steps after the switch the LM leaves the dense trajectory (the check can fail).
+  TrainOptions sparse = cpt;
+  sparse.out = scratch("cs_cpt_sparse");
+  sparse.warmup_tokens = 512;
+  ASSERT_EQ(run_train(sparse), 0);
+  Checkpoint cs = load_checkpoint(sparse.out + "/final.ckpt");
+  EXPECT_FALSE(at::equal(cs.params[1].second, cd.params[1].second));
+  // Only a new msa-cpt run can continue a schedule.
+  TrainOptions bad = dense;
+  bad.out = scratch("cs_bad");
+  bad.continue_schedule = true;
+  EXPECT_EQ(run_train(bad), 1);
+  // A --save-every checkpoint records the steps done, and resuming from it is exact.
+  TrainOptions se = dense;
+  se.out = scratch("cs_save_every");
+  se.save_every = 2;
+  ASSERT_EQ(run_train(se), 0);
+  EXPECT_EQ(load_checkpoint(se.out + "/step-2.ckpt").step, 2);
+  TrainOptions re = dense;
+  re.out = se.out;
+  re.resume = se.out + "/step-2.ckpt";
+  ASSERT_EQ(run_train(re), 0);
+  expect_same_state(cd, load_checkpoint(se.out + "/final.ckpt"));
+  // The data order can be seeded apart from the initialisation.
+  TrainOptions ds = dense;
+  ds.out = scratch("cs_data_seed");
+  ds.steps = 1;
+  ds.seed = 2;
+  ds.data_seed = 1;
+  ASSERT_EQ(run_train(ds), 0);
+  Checkpoint cds = load_checkpoint(ds.out + "/final.ckpt");
+  EXPECT_EQ(cds.seed, 2u);
+  EXPECT_EQ(cds.data_seed, 1u);
+}
+
 TEST(Train, LrScheduleWarmsUpThenDecays) {
   TrainConfig c = named_config("tiny");
   c.steps = 100;
