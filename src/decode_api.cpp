@@ -59,9 +59,9 @@ void check_table_row(const char* fn, const PagedKvCache& c, int64_t b, int64_t j
     int32_t page = c.block_table[b * c.max_blocks + j];
     if (page < 0 || page >= c.n_pages) {
       std::ostringstream os;
-      os << "cache.block_table[" << b << ", " << j << "] = " << page << ", expected a page id 0 <= id < n_pages = "
-         << c.n_pages << " (block " << j << " holds tokens of request " << b << ", seq_lens[" << b << "] = " << len
-         << ")";
+      os << "cache.block_table[" << b << ", " << j << "] = " << page
+         << ", expected a page id 0 <= id < n_pages = " << c.n_pages << " (block " << j << " holds tokens of request "
+         << b << ", seq_lens[" << b << "] = " << len << ")";
       fail(fn, os.str());
     }
   }
@@ -172,10 +172,26 @@ void check_workspace(const char* fn, const DecodePlan& plan, const void* workspa
     fail(fn, "workspace is null, expected plan.workspace_bytes = " + std::to_string(plan.workspace_bytes) +
                  " bytes of device memory");
   if (reinterpret_cast<uintptr_t>(workspace) % 256 != 0)
-    fail(fn, "workspace is not 256-byte aligned, expected an allocation of plan.workspace_bytes with 256-byte alignment");
+    fail(fn,
+         "workspace is not 256-byte aligned, expected an allocation of plan.workspace_bytes with 256-byte alignment");
 }
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+// What the CUDA attention kernel supports (any g, any topk up to kMaxTopk, dense): head dims of
+// its instantiations and pages of whole 16-key chunks.
+void check_cuda_attention_dims(const char* fn, const char* d_name, int64_t d, const char* bk_name, int64_t bk) {
+  if (d != 64 && d != 128)
+    fail(fn, std::string(d_name) + " = " + std::to_string(d) + ", expected 64 or 128 on the cuda backend");
+  if (bk < 16 || bk > 256 || bk % 16 != 0)
+    fail(fn, std::string(bk_name) + " = " + std::to_string(bk) +
+                 ", expected a multiple of 16 from 16 to 256 on the cuda backend");
+}
+
+void check_aligned16(const char* fn, const char* name, const void* ptr) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
+    fail(fn, std::string(name) + " is not 16-byte aligned, expected the page pool at a 16-byte boundary");
+}
 
 // Stream-ordered scratch for the convenience forms (CUDA only), freed after the launches of f.
 template <class F>
@@ -346,6 +362,9 @@ void decode_attention(const DecodeAttentionParams& p0, const DecodePlan& plan, v
     check_plan_eq(fn, "h_q", p.h_q, "h_q", s.h_q);
     check_plan_eq(fn, "cache.d", c.d, "d", s.d);
     check_plan_eq(fn, "topk (0: topk_idx is null, dense decode)", dense ? 0 : p.topk, "topk", s.topk);
+    check_cuda_attention_dims(fn, "cache.d", c.d, "cache.bk", c.bk);
+    check_aligned16(fn, "cache.k_cache", c.k_cache);
+    check_aligned16(fn, "cache.v_cache", c.v_cache);
     if (!any) return;
     check_workspace(fn, plan, workspace);
     cuda::run_decode_attention(p, plan, workspace, static_cast<cudaStream_t>(ex.stream));
@@ -390,12 +409,14 @@ DecodePlan plan_decode(const DecodeShape& s, const Exec& ex) {
   if (s.d_idx > 0 && s.topk == 0)
     fail(fn, "shape.topk = 0 with shape.d_idx = " + std::to_string(s.d_idx) +
                  ", expected 1 <= topk <= " + std::to_string(kMaxTopk) + " for an index pass");
-  if (!attn && s.d_idx == 0) fail(fn, "shape plans nothing (h_q, d and d_idx all 0), expected an attention, an index pass or both");
+  if (!attn && s.d_idx == 0)
+    fail(fn, "shape plans nothing (h_q, d and d_idx all 0), expected an attention, an index pass or both");
   DecodePlan plan;
   plan.shape = s;
   plan.backend = ex.backend;
   if (ex.backend == Backend::cuda) {
 #ifdef MSA_WITH_CUDA
+    if (attn) check_cuda_attention_dims(fn, "shape.d", s.d, "shape.bk", s.bk);
     const size_t idx = s.d_idx > 0 ? align256(cuda::plan_decode_index(plan)) : 0;
     const size_t att = attn ? align256(cuda::plan_decode_attention(plan)) : 0;
     plan.index_workspace_offset = 0;
@@ -438,7 +459,8 @@ void decode_index_topk(const DecodeIndexParams& p, const Exec& ex) {
   s.topk = p.topk;
   // Argument errors surface from the planned call, which names the call's own fields.
   if (p.n_q <= 0 || s.d_idx <= 0 || p.topk < 1 || p.topk > kMaxTopk || p.cache.batch < 1 || p.cache.h_kv < 1 ||
-      p.cache.bk < 1 || p.cache.max_blocks < 0)
+      p.cache.bk < 1 || p.cache.max_blocks < 0 || p.dtype != DType::bf16 ||
+      (p.cu_seqlens_q == nullptr && p.cache.batch != 1))
     return decode_index_topk(p, DecodePlan{s, Backend::cuda}, nullptr, ex);
   plan = plan_decode(s, ex);
   with_scratch(plan.workspace_bytes, ex, [&](void* ws) { decode_index_topk(p, plan, ws, ex); });
@@ -455,8 +477,9 @@ void decode_attention(const DecodeAttentionParams& p, const Exec& ex) {
   s.topk = p.topk_idx == nullptr ? 0 : p.topk;
   if (p.n_q <= 0 || s.d <= 0 || s.h_q <= 0 || p.cache.h_kv < 1 || s.h_q % p.cache.h_kv != 0 ||
       (p.topk_idx != nullptr && (p.topk < 1 || p.topk > kMaxTopk)) || p.cache.batch < 1 || p.cache.bk < 1 ||
-      p.cache.max_blocks < 0)
+      p.cache.max_blocks < 0 || p.dtype != DType::bf16 || (p.cu_seqlens_q == nullptr && p.cache.batch != 1))
     return decode_attention(p, DecodePlan{s, Backend::cuda}, nullptr, ex);
+  check_cuda_attention_dims("decode_attention", "cache.d", s.d, "cache.bk", s.bk);
   plan = plan_decode(s, ex);
   with_scratch(plan.workspace_bytes, ex, [&](void* ws) { decode_attention(p, plan, ws, ex); });
 }

@@ -263,8 +263,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, DecodeVsPrefill,
                                            DecodeCase{DType::f32, 128, 4}, DecodeCase{DType::bf16, 128, 2},
                                            DecodeCase{DType::f64, 64, 3}),
                          [](const auto& info) {
-                           return std::string(dtype_name(info.param.dtype)) + "_bk" +
-                                  std::to_string(info.param.bk) + "_topk" + std::to_string(info.param.topk);
+                           return std::string(dtype_name(info.param.dtype)) + "_bk" + std::to_string(info.param.bk) +
+                                  "_topk" + std::to_string(info.param.topk);
                          });
 
 TEST(Decode, SingleRequestWithoutCuSeqlens) {
@@ -353,13 +353,13 @@ TEST(Decode, AppendEqualsHandWrittenCache) {
     const int64_t row = dm.h_kv * dm.d;
     while (cur != lens) {
       std::vector<int32_t> n_new(pc.batch());
-      for (int64_t b = 0; b < pc.batch(); ++b)
-        n_new[b] = std::min<int32_t>(lens[b] - cur[b], int32_t(rng() % 17));
+      for (int64_t b = 0; b < pc.batch(); ++b) n_new[b] = std::min<int32_t>(lens[b] - cur[b], int32_t(rng() % 17));
       std::vector<int32_t> cu = cu_from_lengths(n_new);
       const int64_t n = cu.back();
       // New k, v with a padded token stride, k_idx contiguous.
       const int64_t sk = row + 5;
-      Buf k(dt, size_t(std::max<int64_t>(n, 1) * sk)), v(dt, k.size()), x(dt, size_t(std::max<int64_t>(n, 1) * dm.d_idx));
+      Buf k(dt, size_t(std::max<int64_t>(n, 1) * sk)), v(dt, k.size()),
+          x(dt, size_t(std::max<int64_t>(n, 1) * dm.d_idx));
       for (int64_t b = 0; b < pc.batch(); ++b)
         for (int64_t t = 0; t < n_new[b]; ++t) {
           const int64_t src = pc.cu_k[b] + cur[b] + t, dst = cu[b] + t;
@@ -426,6 +426,79 @@ TEST(Decode, NoQueriesIsANoOp) {
   DecodeAttentionParams ap = attention_params(pc, pc.lens.data(), q, out);
   ap.q = nullptr;
   EXPECT_NO_THROW(decode_attention(ap));
+}
+
+// Dense decode (topk_idx = nullptr): every visible block, equal to the dense prefill
+// (dense_attention_forward) on the last tokens of the same sequences; the NaN in unused pages and
+// page tails must not leak in, and the topk field is ignored.
+TEST(Decode, DenseEqualsDensePrefill) {
+  for (DType dt : {DType::f32, DType::bf16}) {
+    for (int64_t bk : {16, 64}) {
+      Dims dm;
+      dm.dtype = dt;
+      dm.bk = bk;
+      const int32_t b = int32_t(bk);
+      std::vector<int32_t> lens = {1, b - 1, b + 1, 5 * b + 3, 50, 1023};
+      std::vector<int32_t> nq = {1, 16, 3, 17, 0, 2};
+      PagedCase pc(dm, lens, nq, 300 + bk + int(dt));
+      pc.write_by_hand(pc.lens);
+      const int64_t n_q = pc.cu_q.back();
+      Buf q(dt, pc.q), k(dt, pc.k), v(dt, pc.v);
+      Buf o_ref(dt, size_t(n_q * dm.h_q * dm.d)), o(dt, o_ref.size());
+      o.poison();
+      std::vector<float> lse_ref(n_q * dm.h_q), lse(n_q * dm.h_q, 0.f);
+      AttentionParams ap;
+      ap.seq.n_q = n_q;
+      ap.seq.n_k = pc.cu_k.back();
+      ap.seq.batch = pc.batch();
+      ap.seq.cu_seqlens_q = pc.cu_q.data();
+      ap.seq.cu_seqlens_k = pc.cu_k.data();
+      ap.h_q = dm.h_q;
+      ap.h_kv = dm.h_kv;
+      ap.d = dm.d;
+      ap.dtype = dt;
+      ap.q = q.data();
+      ap.k = k.data();
+      ap.v = v.data();
+      ap.o = o_ref.data();
+      ap.lse = lse_ref.data();
+      dense_attention_forward(ap);
+      Outputs out;
+      out.o = o;
+      out.lse = lse;
+      DecodeAttentionParams p = attention_params(pc, pc.lens.data(), q, out);
+      p.topk_idx = nullptr;
+      p.topk = 0;
+      p.o = o.data();
+      p.lse = lse.data();
+      decode_attention(p);
+      const double tol_o = dt == DType::bf16 ? 4e-3 : 1e-6;
+      EXPECT_TRUE(allclose(as_double(lse), as_double(lse_ref), 1e-6, 1e-6, "dense lse"));
+      EXPECT_TRUE(allclose(o.to_double(), o_ref.to_double(), tol_o, tol_o, "dense o"));
+      // The planned form with a dense CPU plan (topk = 0) gives the same.
+      DecodeShape s;
+      s.batch = pc.batch();
+      s.n_q = n_q;
+      s.max_q = 17;
+      s.max_blocks = pc.max_blocks;
+      s.bk = bk;
+      s.h_kv = dm.h_kv;
+      s.h_q = dm.h_q;
+      s.d = dm.d;
+      s.d_idx = 0;
+      s.topk = 0;
+      s.dtype = dt;
+      const DecodePlan plan = plan_decode(s, Exec{});
+      Buf o2(dt, o.size());
+      std::vector<float> lse2(lse.size());
+      p.o = o2.data();
+      p.lse = lse2.data();
+      p.topk = 5;  // ignored in dense mode
+      decode_attention(p, plan, nullptr, Exec{});
+      EXPECT_TRUE(o2.bytes == o.bytes);
+      EXPECT_EQ(lse2, lse);
+    }
+  }
 }
 
 // ---- validation ----

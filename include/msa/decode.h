@@ -16,9 +16,9 @@ namespace msa {
 struct PagedKvCache {
   int64_t batch = 1;     // requests B
   int64_t n_pages = 0;   // pages in the pool
-  int64_t bk = 128;      // tokens per page = MSA block size (cpu: 1..4096)
+  int64_t bk = 128;      // tokens per page = MSA block size (cpu: 1..4096; cuda: 16..256, x16)
   int64_t h_kv = 0;      // KV heads (= index-query heads, one per group)
-  int64_t d = 0;         // head dim of k and v
+  int64_t d = 0;         // head dim of k and v (cuda attention: 64 or 128)
   int64_t d_idx = 0;     // index head dim
 
   void* k_cache = nullptr;      // [n_pages, bk, h_kv, d]
@@ -89,7 +89,9 @@ struct DecodeIndexParams {
 //   o[i, h]   = sum_j softmax_j(<q[i,h], k(j, r)> * scale) v(j, r)
 //   lse[i, h] = log sum_j exp(<q[i,h], k(j, r)> * scale)          (natural log, float32)
 // over the visible positions j <= p of the logical blocks listed in topk_idx[i, r], read from the
-// cache through block_table[b, .]. An all -1 row gives o = 0, lse = -inf.
+// cache through block_table[b, .]. An all -1 row gives o = 0, lse = -inf. On CUDA (bf16) any
+// g = h_q / h_kv works; the kernels read seq_lens, the offsets, the table and the selection on the
+// device and skip (never dereference) page ids outside 0..n_pages-1 and blocks outside 0..p / bk.
 struct DecodeAttentionParams {
   PagedKvCache cache;          // reads k_cache, v_cache, block_table, seq_lens
   DType dtype = DType::bf16;   // of q, o and the K/V cache

@@ -93,9 +93,11 @@ void append_kv(const Tensor& k_cache, const Tensor& v_cache, const OptTensor& k_
 std::tuple<Tensor, Tensor> decode_index_topk(const Tensor& q_idx, const Tensor& k_idx_cache, const Tensor& block_table,
                                              const Tensor& seq_lens, const OptTensor& cu_seqlens_q, int64_t bk,
                                              int64_t topk, double index_scale, bool return_index_lse);
-// (o [n_q, h_q, d], lse float32 [n_q, h_q]): sparse attention of q over the cached blocks of topk_idx.
+// (o [n_q, h_q, d], lse float32 [n_q, h_q]): sparse attention of q over the cached blocks of topk_idx,
+// or dense attention over every visible cached token when topk_idx is absent.
 std::tuple<Tensor, Tensor> decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                                            const Tensor& block_table, const Tensor& seq_lens, const Tensor& topk_idx,
-                                            const OptTensor& cu_seqlens_q, int64_t bk, double scale);
+                                            const Tensor& block_table, const Tensor& seq_lens,
+                                            const OptTensor& topk_idx, const OptTensor& cu_seqlens_q, int64_t bk,
+                                            double scale);
 
 }  // namespace msa_torch

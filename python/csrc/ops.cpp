@@ -562,7 +562,7 @@ namespace {
 
 // The block table and seq_lens of a paged cache, on the device of ref. They are handed to the core
 // as they are: their contents are validated there (on the CPU) and never read here, so a CUDA
-// call reaches the core's "no CUDA kernel" error without a device-to-host copy.
+// call needs no device-to-host copy (and can be captured in a CUDA graph).
 struct Table {
   Tensor block_table, seq_lens;
 };
@@ -615,6 +615,47 @@ Tensor index_cache(const char* fn, const Tensor& k_idx_cache, int64_t n_pages, i
   }
   check_shape(fn, "k_idx_cache", k_idx_cache, {n_pages, bk, d_idx}, "[n_pages, bk, d_idx]");
   return k_idx_cache;
+}
+
+// The plan of a decode call made of exactly its sizes. The per-request query count lives in the
+// device offsets, so the packed count (at most 16) is the hint, as in the core's convenience forms.
+msa::DecodeShape decode_shape(const msa::PagedKvCache& c, int64_t n_q, msa::DType dtype) {
+  msa::DecodeShape s;
+  s.batch = c.batch;
+  s.n_q = n_q;
+  s.max_q = std::max<int64_t>(1, std::min<int64_t>(n_q, 16));
+  s.max_blocks = c.max_blocks;
+  s.bk = c.bk;
+  s.h_kv = c.h_kv;
+  s.h_q = 0;
+  s.d = 0;
+  s.d_idx = 0;
+  s.dtype = dtype;
+  return s;
+}
+
+// On CUDA, runs f(&plan, workspace) with the workspace from torch's caching allocator on the
+// current stream (reused stream-ordered, and legal under torch.cuda.graphs capture); where no plan
+// can be made for these arguments, or on the CPU, f(nullptr, nullptr): the convenience form, whose
+// validation names the call's own arguments.
+template <class F>
+void with_decode_plan(const msa::DecodeShape& shape, const msa::Exec& ex, const Tensor& ref, F&& f) {
+  if (ex.backend == msa::Backend::cuda && shape.n_q > 0) {
+    msa::DecodePlan plan;
+    bool planned = true;
+    try {
+      plan = msa::plan_decode(shape, ex);
+    } catch (const msa::Error&) {
+      planned = false;
+    }
+    if (planned) {
+      Tensor ws;
+      if (plan.workspace_bytes > 0) ws = at::empty({int64_t(plan.workspace_bytes)}, ref.options().dtype(at::kByte));
+      core([&] { f(&plan, ws.defined() ? ws.data_ptr() : nullptr); });
+      return;
+    }
+  }
+  core([&] { f(nullptr, nullptr); });
 }
 
 // A cache written in place cannot be copied to make it contiguous.
@@ -729,13 +770,22 @@ std::tuple<Tensor, Tensor> decode_index_topk(const Tensor& q_idx, const Tensor& 
   p.topk_idx = topk_idx.data_ptr<int32_t>();
   if (return_index_lse) p.index_lse = index_lse.data_ptr<float>();
   msa::Exec ex = exec_for(fn, q_idx);
-  core([&] { msa::decode_index_topk(p, ex); });
+  msa::DecodeShape shape = decode_shape(c, n_q, p.dtype);
+  shape.d_idx = d_idx;
+  shape.topk = topk;
+  with_decode_plan(shape, ex, q_idx, [&](const msa::DecodePlan* plan, void* ws) {
+    if (plan)
+      msa::decode_index_topk(p, *plan, ws, ex);
+    else
+      msa::decode_index_topk(p, ex);
+  });
   return {topk_idx, index_lse};
 }
 
 std::tuple<Tensor, Tensor> decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                                            const Tensor& block_table, const Tensor& seq_lens, const Tensor& topk_idx,
-                                            const OptTensor& cu_seqlens_q, int64_t bk, double scale) {
+                                            const Tensor& block_table, const Tensor& seq_lens,
+                                            const OptTensor& topk_idx, const OptTensor& cu_seqlens_q, int64_t bk,
+                                            double scale) {
   const char* fn = "decode_attention";
   check_shape(fn, "q", q, {-1, -1, -1}, "[n_q, h_q, d]");
   msa::DecodeAttentionParams p;
@@ -752,7 +802,11 @@ std::tuple<Tensor, Tensor> decode_attention(const Tensor& q, const Tensor& k_cac
     cu = cu_seqlens(fn, "cu_seqlens_q", *cu_seqlens_q, q, "q", table.block_table.size(0) + 1);
     p.cu_seqlens_q = cu.data_ptr<int32_t>();
   }
-  Tensor sel = selection(fn, topk_idx, q, "q", n_q, h_kv);
+  // No selection: dense decode over every visible block.
+  Tensor sel = topk_idx.has_value() ? selection(fn, *topk_idx, q, "q", n_q, h_kv) : Tensor();
+  // An empty selection has no data pointer, which the core would read as "dense".
+  if (sel.defined() && sel.size(2) == 0)
+    fail(fn, "topk_idx shape = " + shape_str(sel.sizes()) + ", expected topk >= 1 (None for dense decode)");
   Tensor q2 = rows(q), kc = k_cache.contiguous(), vc = v_cache.contiguous();
   Tensor o = at::empty({n_q, h_q, d}, q.options());
   Tensor lse = at::empty({n_q, h_q}, q.options().dtype(at::kFloat));
@@ -768,12 +822,21 @@ std::tuple<Tensor, Tensor> decode_attention(const Tensor& q, const Tensor& k_cac
   p.scale = float(scale);
   p.n_q = n_q;
   bind3(q2, p.q, p.stride_q_tok, p.stride_q_head);
-  p.topk_idx = sel.data_ptr<int32_t>();
-  p.topk = sel.size(2);
+  p.topk_idx = sel.defined() ? sel.data_ptr<int32_t>() : nullptr;
+  p.topk = sel.defined() ? sel.size(2) : 0;
   bind3(o, p.o, p.stride_o_tok, p.stride_o_head);
   p.lse = lse.data_ptr<float>();
   msa::Exec ex = exec_for(fn, q);
-  core([&] { msa::decode_attention(p, ex); });
+  msa::DecodeShape shape = decode_shape(p.cache, n_q, p.dtype);
+  shape.h_q = h_q;
+  shape.d = d;
+  shape.topk = p.topk;
+  with_decode_plan(shape, ex, q, [&](const msa::DecodePlan* plan, void* ws) {
+    if (plan)
+      msa::decode_attention(p, *plan, ws, ex);
+    else
+      msa::decode_attention(p, ex);
+  });
   return {o, lse};
 }
 
@@ -825,7 +888,7 @@ TORCH_LIBRARY(msa, m) {
       "-> (Tensor topk_idx, Tensor index_lse)");
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
-      "Tensor topk_idx, Tensor? cu_seqlens_q=None, int bk=128, float scale=0.0) -> (Tensor o, Tensor lse)");
+      "Tensor? topk_idx, Tensor? cu_seqlens_q=None, int bk=128, float scale=0.0) -> (Tensor o, Tensor lse)");
 }
 
 // One implementation serves both devices: the core picks the kernel (or says it has none).

@@ -260,7 +260,8 @@ def selection_recall(q, k, topk_idx, cu_seqlens_q=None, cu_seqlens_k=None, q_pos
 # j of request b to its page (entries past ceil(seq_lens[b] / bk) are not read, -1 by convention);
 # seq_lens int32 [batch] counts the tokens in the cache, this step's new ones included. The query
 # tokens of request b (packed rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]) are its last cached tokens.
-# Only the CPU backend exists yet: CUDA tensors raise ValueError ("no CUDA kernel yet").
+# CPU and CUDA tensors (CUDA: bfloat16, d 64 or 128, bk a multiple of 16 up to 256; the current
+# stream; workspace from torch's caching allocator).
 
 def append_kv(k_cache, v_cache, k_idx_cache, block_table, seq_lens, k, v, k_idx=None, cu_new=None):
     """Writes the new tokens' k, v [n_new, h_kv, d] and k_idx [n_new, d_idx] into the caches, in place.
@@ -290,6 +291,7 @@ def decode_attention(q, k_cache, v_cache, block_table, seq_lens, topk_idx, cu_se
                      return_lse=False, bk=None):
     """sparse_attention of the query tokens q [n_q, h_q, d] over the cached blocks listed in topk_idx.
 
+    topk_idx None: dense decode, every visible cached token (a dense layer, or the dense baseline).
     Returns o [n_q, h_q, d], or (o, lse float32 [n_q, h_q]) with return_lse. Not differentiable.
     bk defaults to the page size, k_cache.shape[1].
     """

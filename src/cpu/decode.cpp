@@ -1,6 +1,7 @@
-// CPU reference of decode: append into the paged cache, and the decode index pass and sparse
-// decode attention by gathering each request's cached tokens into packed rows and running the
-// prefill reference (index_topk, attention_forward) on them with the queries at the last positions.
+// CPU reference of decode: append into the paged cache, and the decode index pass and sparse (or
+// dense, topk_idx = nullptr) decode attention by gathering each request's cached tokens into packed
+// rows and running the prefill reference (index_topk, attention_forward) on them with the queries
+// at the last positions.
 //
 // Shapes: k_cache, v_cache [n_pages, bk, h_kv, d]; k_idx_cache [n_pages, bk, d_idx];
 // block_table [batch, max_blocks]; q_idx [n_q, h_kv, d_idx]; q, o [n_q, h_q, d]; lse [n_q, h_q];
@@ -102,10 +103,10 @@ void append_kv(const AppendKvParams& p, const std::vector<int32_t>& cu_new, cons
     uint8_t* k_dst = static_cast<uint8_t*>(c.k_cache) + ((page * bk + slot) * h_kv * d) * es;
     uint8_t* v_dst = static_cast<uint8_t*>(c.v_cache) + ((page * bk + slot) * h_kv * d) * es;
     for (int64_t r = 0; r < h_kv; ++r) {
-      std::memcpy(k_dst + r * d * es, static_cast<const uint8_t*>(p.k) + (i * p.stride_k_tok + r * p.stride_k_head) * es,
-                  size_t(d * es));
-      std::memcpy(v_dst + r * d * es, static_cast<const uint8_t*>(p.v) + (i * p.stride_v_tok + r * p.stride_v_head) * es,
-                  size_t(d * es));
+      std::memcpy(k_dst + r * d * es,
+                  static_cast<const uint8_t*>(p.k) + (i * p.stride_k_tok + r * p.stride_k_head) * es, size_t(d * es));
+      std::memcpy(v_dst + r * d * es,
+                  static_cast<const uint8_t*>(p.v) + (i * p.stride_v_tok + r * p.stride_v_head) * es, size_t(d * es));
     }
     if (p.k_idx) {
       uint8_t* x_dst = static_cast<uint8_t*>(c.k_idx_cache) + ((page * bk + slot) * d_idx) * es;
@@ -152,6 +153,7 @@ void decode_attention(const DecodeAttentionParams& p, const detail::SeqInfo& s, 
                       int num_threads) {
   const PagedKvCache& c = p.cache;
   const int64_t es = dtype_size(p.dtype), h_kv = c.h_kv, d = c.d, row = h_kv * d;
+  const bool dense_mode = p.topk_idx == nullptr;
   std::vector<uint8_t> k, v;
   for_chunks(s, lens, 2 * row, [&](int64_t b0, int64_t b1) {
     detail::SeqInfo cs = chunk_info(s, lens, b0, b1);
@@ -162,9 +164,13 @@ void decode_attention(const DecodeAttentionParams& p, const detail::SeqInfo& s, 
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t qa = s.cu_q[b], qb = s.cu_q[b + 1];
       if (qa == qb) continue;
-      std::vector<char> use((lens[b] + c.bk - 1) / c.bk, 0);
-      for (int64_t e = qa * h_kv * p.topk; e < qb * h_kv * p.topk; ++e)
-        if (p.topk_idx[e] >= 0) use[p.topk_idx[e]] = 1;
+      // Dense (no selection): the whole visible cache.
+      std::vector<char> use;
+      if (!dense_mode) {
+        use.assign((lens[b] + c.bk - 1) / c.bk, 0);
+        for (int64_t e = qa * h_kv * p.topk; e < qb * h_kv * p.topk; ++e)
+          if (p.topk_idx[e] >= 0) use[p.topk_idx[e]] = 1;
+      }
       const int64_t off = cs.cu_k[b - b0] * row * es;
       gather(c, c.k_cache, row, es, b, lens[b], use, k.data() + off, num_threads);
       gather(c, c.v_cache, row, es, b, lens[b], use, v.data() + off, num_threads);
@@ -188,8 +194,8 @@ void decode_attention(const DecodeAttentionParams& p, const detail::SeqInfo& s, 
     ap.v = v.data();
     ap.stride_v_tok = row;
     ap.stride_v_head = d;
-    ap.topk_idx = p.topk_idx + q0 * h_kv * p.topk;
-    ap.topk = p.topk;
+    ap.topk_idx = dense_mode ? nullptr : p.topk_idx + q0 * h_kv * p.topk;
+    ap.topk = dense_mode ? 0 : p.topk;
     ap.bk = c.bk;
     ap.o = static_cast<uint8_t*>(p.o) + q0 * p.stride_o_tok * es;
     ap.stride_o_tok = p.stride_o_tok;
