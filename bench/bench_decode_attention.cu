@@ -176,6 +176,7 @@ Result run(const Shape& s, int iters) {
     const int64_t n_splits = (n_b + split - 1) / split;
     const size_t rows = size_t(n_splits) * size_t(n_q) * size_t(h_q);
     const size_t need = n_splits > 1 ? ((rows * s.d * 4 + 255) / 256 * 256 + (rows * 4 + 255) / 256 * 256) : 0;
+    alt.workspace_bytes = need;
     void* aws = nullptr;
     if (need) ok(cudaMalloc(&aws, need), "sweep workspace");
     const auto [ams, ags] = time_call(p, alt, aws, iters);
@@ -200,6 +201,7 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) iters = std::atoi(argv[++i]);
     if (!std::strcmp(argv[i], "--quick")) quick = true;
   }
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // every finished line reaches a log, even if a later shape fails
   const cudaDeviceProp prop = msa::bench::device_props();
   std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
 

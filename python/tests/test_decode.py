@@ -453,6 +453,33 @@ def test_cuda_decode_index_topk_matches_cpu():
     assert same >= 0.95, f"only {same:.3f} of the rows equal the CPU selection"
 
 
+def test_cuda_decode_attention_in_torch_cuda_graph():
+    # Captured with torch.cuda.graph (the workspace comes from the graph's pool) and replayed with
+    # new queries and a grown context: equal to eager calls on the same inputs.
+    cuda_or_skip()
+    c = CudaPaged([300, 70, 129], 64, 2, 128, 64, seed=140)
+    g = torch.Generator().manual_seed(141)
+    kc, vc, bt, sl = c.cuda("k_cache"), c.cuda("v_cache"), c.cuda("block_table"), c.cuda("seq_lens")
+    sl -= 1  # one token shorter: the replay grows it
+    cu = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device="cuda")
+    q = torch.randn(3, 8, 128, generator=g).to(torch.bfloat16).cuda()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            msa_torch.decode_attention(q, kc, vc, bt, sl, None, cu)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_graph, lse_graph = msa_torch.decode_attention(q, kc, vc, bt, sl, None, cu, return_lse=True)
+    sl += 1
+    q.copy_(torch.randn(3, 8, 128, generator=g).to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    o, lse = msa_torch.decode_attention(q, kc, vc, bt, sl, None, cu, return_lse=True)
+    assert torch.equal(o_graph, o) and torch.equal(lse_graph, lse)
+
+
 def test_cuda_shape_errors_name_the_argument():
     cuda_or_skip()
     c = CudaPaged([70], 64, 2, 128, 64, seed=130)

@@ -117,6 +117,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attn_kernel(const Args a) 
   const int64_t i = blockIdx.x / unsigned(a.n_splits);
   const int r = blockIdx.y / a.m_tiles, mt = blockIdx.y % a.m_tiles;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // The merge grid (launched as a programmatic dependent) may get resident now: it waits for this
+  // grid's completion in griddepcontrol.wait, so its launch gap overlaps this grid's tail.
+  launch_dependents();
   const int h0 = int(r * a.g + mt * kRows);
   const int rows = int(a.g - mt * kRows < kRows ? a.g - mt * kRows : kRows);
 
@@ -357,6 +360,7 @@ __global__ void __launch_bounds__(128)
                         uint16_t* o, int64_t stride_o_tok, int64_t stride_o_head, float* lse) {
   const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
+  grid_dependency_wait();  // the partials of the attention grid are complete and visible
   if (row >= n_q * h_q) return;
   const int64_t i = row / h_q, h = row % h_q;
   const int64_t split_stride = ws_n_q * h_q;
@@ -498,9 +502,19 @@ void run_decode_attention(const DecodeAttentionParams& p, const DecodePlan& plan
     check_cuda("decode_attention", cudaGetLastError(), "launch of the decode attention kernel");
     if (!a.direct) {
       const int64_t rows = p.n_q * p.h_q;
-      merge<<<unsigned((rows + 3) / 4), 128, 0, stream>>>(a.ws_o, a.ws_lse, a.ws_n_q, n_splits, p.n_q, p.h_q, a.o,
-                                                          a.stride_o_tok, a.stride_o_head, a.lse);
-      check_cuda("decode_attention", cudaGetLastError(), "launch of the decode merge kernel");
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(unsigned((rows + 3) / 4));
+      cfg.blockDim = dim3(128);
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      check_cuda("decode_attention",
+                 cudaLaunchKernelEx(&cfg, merge, (const float*)a.ws_o, (const float*)a.ws_lse, a.ws_n_q, n_splits,
+                                    p.n_q, p.h_q, a.o, a.stride_o_tok, a.stride_o_head, a.lse),
+                 "launch of the decode merge kernel");
     }
   };
   if (c.d == 64)
