@@ -130,17 +130,30 @@ SeqInfo resolve_queries(const char* fn, const PagedKvCache& c, const std::vector
   return s;
 }
 
+void check_plan_backend(const char* fn, const DecodePlan& plan, const Exec& ex) {
+  if (plan.backend != ex.backend)
+    fail(fn, std::string("plan.backend = ") + backend_name(plan.backend) + ", expected the call's backend " +
+                 backend_name(ex.backend) + " (plan_decode with the same Exec)");
+}
+
+// What the CUDA attention kernel supports (any g, any topk up to kMaxTopk, dense): head dims of
+// its instantiations and pages of whole 16-key chunks.
+void check_cuda_attention_dims(const char* fn, const char* d_name, int64_t d, const char* bk_name, int64_t bk) {
+  if (d != 64 && d != 128)
+    fail(fn, std::string(d_name) + " = " + std::to_string(d) + ", expected 64 or 128 on the cuda backend");
+  if (bk < 16 || bk > 256 || bk % 16 != 0)
+    fail(fn, std::string(bk_name) + " = " + std::to_string(bk) +
+                 ", expected a multiple of 16 from 16 to 256 on the cuda backend");
+}
+
+#ifdef MSA_WITH_CUDA
+// Checks of the CUDA run calls, which see device arrays: shapes and the plan fit only.
+
 // On CUDA a null offsets array means one request, as on the CPU; its contents are not read.
 void check_offsets_ptr(const char* fn, const char* name, const int32_t* cu, int64_t batch) {
   if (cu == nullptr && batch != 1)
     fail(fn, std::string(name) + " is null with batch = " + std::to_string(batch) +
                  ", expected offsets for a batch of several requests");
-}
-
-void check_plan_backend(const char* fn, const DecodePlan& plan, const Exec& ex) {
-  if (plan.backend != ex.backend)
-    fail(fn, std::string("plan.backend = ") + backend_name(plan.backend) + ", expected the call's backend " +
-                 backend_name(ex.backend) + " (plan_decode with the same Exec)");
 }
 
 void check_plan_eq(const char* fn, const char* arg, int64_t value, const char* field, int64_t planned) {
@@ -178,20 +191,11 @@ void check_workspace(const char* fn, const DecodePlan& plan, const void* workspa
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
-// What the CUDA attention kernel supports (any g, any topk up to kMaxTopk, dense): head dims of
-// its instantiations and pages of whole 16-key chunks.
-void check_cuda_attention_dims(const char* fn, const char* d_name, int64_t d, const char* bk_name, int64_t bk) {
-  if (d != 64 && d != 128)
-    fail(fn, std::string(d_name) + " = " + std::to_string(d) + ", expected 64 or 128 on the cuda backend");
-  if (bk < 16 || bk > 256 || bk % 16 != 0)
-    fail(fn, std::string(bk_name) + " = " + std::to_string(bk) +
-                 ", expected a multiple of 16 from 16 to 256 on the cuda backend");
-}
-
 void check_aligned16(const char* fn, const char* name, const void* ptr) {
   if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
     fail(fn, std::string(name) + " is not 16-byte aligned, expected the page pool at a 16-byte boundary");
 }
+#endif  // MSA_WITH_CUDA
 
 // Stream-ordered scratch for the convenience forms (CUDA only), freed after the launches of f.
 template <class F>
@@ -317,6 +321,7 @@ void decode_index_topk(const DecodeIndexParams& p0, const DecodePlan& plan, void
     return;
 #endif
   }
+  (void)workspace;  // the CPU needs none
   std::vector<int32_t> lens = check_cache(fn, c, false, true);
   resolve_scale(fn, "index_scale", p.index_scale, float(1.0 / std::sqrt(double(c.d_idx))));
   SeqInfo s = resolve_queries(fn, c, lens, p.n_q, p.cu_seqlens_q);
@@ -371,6 +376,7 @@ void decode_attention(const DecodeAttentionParams& p0, const DecodePlan& plan, v
     return;
 #endif
   }
+  (void)workspace;  // the CPU needs none
   std::vector<int32_t> lens = check_cache(fn, c, true, false);
   check_heads(fn, p.h_q, c.h_kv);
   resolve_scale(fn, "scale", p.scale, float(1.0 / std::sqrt(double(c.d))));
