@@ -10,10 +10,11 @@
 #   pt           msa-pt, seed 1: warm-up for PT_WARM_PCT % of the steps, then sparse
 #   dense2       dense, initialisation seed 2, data seed 1 (same data order): the seed spread;
 #                keeps its checkpoint at 80 % of the steps for cpt
+#   dense3       dense, initialisation seed 3, data seed 1: a third point of the seed spread
 #   cpt          msa-cpt from dense2's 80 % checkpoint, continuing its run (--continue-schedule:
 #                same step, LR schedule, data position and LM AdamW state; fresh index):
 #                warm-up for CPT_WARM_PCT % of the steps, then sparse up to STEPS
-#   eval-ARM     msa eval of ARM's final checkpoint (ARM = dense1, dense2, pt, cpt):
+#   eval-ARM     msa eval of ARM's final checkpoint (ARM = dense1, dense2, dense3, pt, cpt):
 #                RUNS/eval-ARM.{json,txt}
 #   viz-ARM      selection heat-maps of an early and a late MSA layer of ARM (pt or cpt):
 #                RUNS/heat-ARM-L<layer>.png (text sample, KV head 0)
@@ -78,6 +79,7 @@ phase() {
       train dense2 --route dense --seed 2 --data-seed 1 --steps "$STEPS" --eval-every $((STEPS / 10)) --valid-samples 4 \
         --save-every "$cpt_from"
       ;;
+    dense3) train dense3 --route dense --seed 3 --data-seed 1 --steps "$STEPS" --eval-every $((STEPS / 10)) --valid-samples 4 ;;
     pt)
       train pt --route msa-pt --seed 1 --steps "$STEPS" --eval-every $((STEPS / 10)) --valid-samples 4 \
         --warmup-tokens $((STEPS * PT_WARM_PCT / 100 * SEQ))
@@ -95,7 +97,7 @@ phase() {
       done
       ;;
     curves)
-      for arm in dense1 dense2 pt cpt; do
+      for arm in dense1 dense2 dense3 pt cpt; do
         [[ -f $RUNS/$arm/metrics.jsonl ]] || continue
         "$MSA" viz curves "$RUNS/$arm/metrics.jsonl" --keys lm_loss,val_loss,kl --out "$RUNS/curves-$arm.png"
       done

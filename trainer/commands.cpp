@@ -103,7 +103,8 @@ void add_commands(CLI::App& app, Commands& c) {
   hm->add_option("--device", v.device, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}))->capture_default_str();
   hm->add_option("--threads", v.threads, "CPU threads (0: torch's default)")->check(CLI::Range(0, 4096));
   auto* cv = vz->add_subcommand("curves", "Loss / KL / LR curves from a metrics.jsonl");
-  cv->add_option("metrics", v.input, "metrics.jsonl of a run")->required();
+  cv->add_option("metrics", v.inputs, "metrics.jsonl of one or more runs (several: drawn together, named by run folder)")
+      ->required();
   cv->add_option("--out", v.out, "PNG file")->required();
   cv->add_option("--keys", v.keys, "Metric keys (default: lm_loss, kl, val_loss, lr)")->delimiter(',');
 

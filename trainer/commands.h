@@ -54,6 +54,7 @@ struct EvalOptions {
 struct VizOptions {
   std::string what;   // heatmap | curves
   std::string input;  // heatmap: a checkpoint; curves: a metrics.jsonl
+  std::vector<std::string> inputs;  // curves: one or more metrics.jsonl (empty: input)
   std::string out;    // PNG path
   std::string corpus;
   int64_t layer = -1;             // heatmap: layer (default: the first MSA layer)

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -207,7 +208,7 @@ int run_eval(const EvalOptions& o) {
           r.recall.push_back(t.topk_idx.defined() ? rec(t.topk_idx) : std::pair<double, double>{NAN, NAN});
           r.static_recall.push_back(rec(stat));
           Result::Kl kl;
-          if (t.topk_idx.defined() && t.q_idx.defined()) {
+          if (t.topk_idx.defined() && t.q_idx.defined()) try {
             // The training path (index_topk's index lse, the sparse forward's lse) on the device,
             // on the chunk of the last m queries, against the CPU reference recomputing both.
             at::Tensor qd = t.q.narrow(0, n - m, m).contiguous(), qid = t.q_idx.narrow(0, n - m, m).contiguous();
@@ -225,6 +226,9 @@ int run_eval(const EvalOptions& o) {
             kl.full_cpu = msa_torch::index_kl_loss(q, k, qi, ki, std::nullopt, cu_q, cu_k, std::nullopt, std::nullopt,
                                                    std::nullopt, mc.bk, 0.0, 0.0)
                               .item<double>();
+          } catch (const std::exception& e) {
+            // A diagnostic: its failure is reported and leaves the other metrics standing.
+            std::fprintf(stderr, "msa eval: layer %lld KL diagnostic failed: %s\n", (long long)l, e.what());
           }
           r.kl.push_back(kl);
         }
@@ -357,13 +361,20 @@ int run_viz(const VizOptions& o) {
     if (o.what == "curves") {
       std::vector<std::string> keys = o.keys;
       if (keys.empty()) keys = {"lm_loss", "val_loss", "kl", "lr"};
+      const std::vector<std::string> files = o.inputs.empty() ? std::vector<std::string>{o.input} : o.inputs;
       std::vector<viz::Series> series;
-      for (auto& s : viz::read_metrics_jsonl(o.input, keys)) {
-        if (s.x.empty()) continue;
-        if (s.name == "lm_loss" || s.name == "val_loss" || s.name == "loss") s.panel = "loss";
-        series.push_back(std::move(s));
+      for (const std::string& file : files) {
+        // Several runs in one picture: a series is named by its run's folder, and the panel stays the key's.
+        const std::filesystem::path dir = std::filesystem::path(file).parent_path();
+        const std::string run = dir.filename().string().empty() ? file : dir.filename().string();
+        for (auto& s : viz::read_metrics_jsonl(file, keys)) {
+          if (s.x.empty()) continue;
+          s.panel = s.name == "lm_loss" || s.name == "val_loss" || s.name == "loss" ? "loss" : s.name;
+          if (files.size() > 1) s.name = run + " " + s.name;
+          series.push_back(std::move(s));
+        }
       }
-      if (series.empty()) throw Error("msa viz curves: " + o.input + " holds none of the asked keys");
+      if (series.empty()) throw Error("msa viz curves: " + files[0] + " holds none of the asked keys");
       viz::curves(series).write_png(o.out);
       std::fprintf(stderr, "msa viz: wrote %s\n", o.out.c_str());
       return 0;

@@ -331,9 +331,17 @@ ValidLoss validation_loss(const LM& model, const data::Stream& valid, int64_t sa
   const bool cuda = model.device().is_cuda();
   for (int64_t i = 0; i < samples; ++i) {
     Batch b = make_batch(valid, i, 1, model.device());
-    if (cuda) at::autocast::set_autocast_enabled(at::kCUDA, true);
+    if (cuda) {
+      // bf16 as in training: msa eval reaches here before anything else set the autocast dtype
+      // (torch's default is float16, which the bf16 msa kernels' outputs then meet in a matmul).
+      at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+      at::autocast::set_autocast_enabled(at::kCUDA, true);
+    }
     ForwardOut out = model.forward(b.inputs, b.cu_seqlens, mode, false);
-    if (cuda) at::autocast::set_autocast_enabled(at::kCUDA, false);
+    if (cuda) {
+      at::autocast::set_autocast_enabled(at::kCUDA, false);
+      at::autocast::clear_cache();
+    }
     at::Tensor nll = at::cross_entropy_loss(out.logits, b.targets, {}, at::Reduction::None).to(at::kDouble);
     const int64_t t = nll.size(0), k = std::min(tail, t);
     sum_all += nll.sum().item<double>();
