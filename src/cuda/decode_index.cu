@@ -1,18 +1,456 @@
-// decode_index.cu — the CUDA decode index pass (scores against the paged index-key cache, block
-// max, top-k with the own block forced). Placeholder until the kernel lands.
-#include <stdexcept>
+// decode_index.cu — the CUDA decode index pass: scores of the new query tokens against the paged
+// index-key cache, block max (and block sum-exp for index_lse) per (row, block) into the
+// workspace, then the exact top-k per row with the own block forced (the block_topk kernel) and
+// the index_lse from the selected blocks' partial sums.
+//
+// Kernel 1 (score), grid = (request, chunk of plan.index_split logical blocks), 8 warps: warp w
+// scores blocks w, w + 8, ... of the chunk for every (query token, group) row of the request. The
+// keys go straight from global memory into mma.sync m16n8k16 B fragments (no shared memory): the
+// dot product may run over the d_idx slots in any order as long as Q uses the same one, so each
+// lane loads 16 contiguous bytes of one key row and uses them as the B halves of two k-steps,
+// and the 8 rows of an 8-key slice are one 2 KB contiguous run of the page. Q rows (padded to 16
+// per m16 tile) are staged once per CTA in shared memory in the matching order. The bytes of the
+// keys are the whole cost at decode (a few rows per request), so everything is arranged around
+// streaming each page once: several tiles of rows reuse the keys held in registers.
+//
+// Device arrays are read only in the kernels and clamped: lengths to 0 .. max_blocks * bk,
+// offsets to 0 .. n_q, a token whose position is negative sees nothing (all -1). A page id
+// outside 0 .. n_pages - 1 is never dereferenced: its block gets the block score NaN (ranked below
+// every number, as the reference ranks NaN) and no mass in index_lse. Key slots at or past
+// seq_lens[b] are never read (the row index is clamped to the last valid slot and masked).
+#include <cuda_bf16.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "block_topk.h"
+#include "common.cuh"
 #include "decode.h"
+#include "host.h"
 
 namespace msa::cuda {
+namespace {
 
-size_t plan_decode_index(DecodePlan& plan) {
-  plan.index_split = 0;
-  return 0;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kMaxTiles = 4;  // m16 row tiles scored per pass over the keys (64 rows)
+constexpr const char* kFn = "decode_index_topk";
+
+struct Args {
+  const uint16_t* q;  // [n_q, h_kv, D], strides in elements
+  int64_t stride_q_tok, stride_q_head;
+  const uint16_t* k_cache;  // [n_pages, bk, D]
+  const int32_t* block_table;
+  const int32_t* seq_lens;
+  const int32_t* cu_q;  // null: one request
+  int64_t n_q, batch, n_pages, max_blocks;
+  int bk, h_kv, split, n_chunks;
+  float scale;
+  bool lse;
+  float* ws_m;        // [n_q * h_kv, max_blocks] block max
+  float* ws_l;        // [n_q * h_kv, max_blocks] block sum of exp(S - max), NaN if any S is NaN
+  int32_t* ws_nvis;   // [n_q * h_kv] visible blocks of the row
+};
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-void run_decode_index_topk(const DecodeIndexParams&, const DecodePlan&, void*, cudaStream_t) {
-  throw std::runtime_error("msa::decode_index_topk: the CUDA kernel is not built yet");
+__device__ __forceinline__ int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
+
+// Read-once key bytes: bypass L1 allocation.
+__device__ __forceinline__ uint4 ld_stream(const uint16_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Running block statistics of one row held by one lane (its share of the keys).
+struct RowStat {
+  float m;    // max of the visible scores so far (NaN: none that is a number)
+  float l;    // this lane's sum of exp(S - m) over its visible scores
+  bool nan;   // this lane saw a NaN score
+};
+
+__device__ __forceinline__ void stat_reset(RowStat& s) {
+  s.m = __int_as_float(0x7fc00000);
+  s.l = 0.f;
+  s.nan = false;
+}
+
+// Folds two scores of this lane (x0, x1 with their visibility) into s; the group max is shared
+// by the quad (the 4 lanes holding one row), so m stays equal across the quad.
+__device__ __forceinline__ void stat_update(RowStat& s, float x0, bool v0, float x1, bool v1, float x2, bool v2,
+                                            float x3, bool v3, bool lse) {
+  const float qnan = __int_as_float(0x7fc00000);
+  float gm = fmaxf(fmaxf(v0 ? x0 : qnan, v1 ? x1 : qnan), fmaxf(v2 ? x2 : qnan, v3 ? x3 : qnan));
+  gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 1));
+  gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 2));
+  const float m_new = fmaxf(s.m, gm);
+  if (lse) {
+    s.nan |= (v0 && isnan(x0)) || (v1 && isnan(x1)) || (v2 && isnan(x2)) || (v3 && isnan(x3));
+    // Only a finite max carries mass that a sum can hold; +inf and all -inf are settled from the
+    // block max alone when the row's lse is combined.
+    if (isfinite(m_new)) {
+      float l = isfinite(s.m) ? s.l * expf(s.m - m_new) : 0.f;
+      if (v0 && !isnan(x0)) l += expf(x0 - m_new);
+      if (v1 && !isnan(x1)) l += expf(x1 - m_new);
+      if (v2 && !isnan(x2)) l += expf(x2 - m_new);
+      if (v3 && !isnan(x3)) l += expf(x3 - m_new);
+      s.l = l;
+    }
+  }
+  s.m = m_new;
+}
+
+// Q rows of the request staged in shared memory: row stride D + 8 elements (16 bytes of padding
+// so that the two rows one 8-lane phase reads fall in different banks).
+template <int D>
+struct QSmem {
+  static constexpr int kStride = D + 8;
+};
+
+template <int D, int NT>
+__global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) decode_index_score_kernel(const Args a) {
+  constexpr int kSlices = D / 32;  // 16-byte loads per key row per lane
+  __shared__ __align__(16) uint16_t q_s[NT * 16 * QSmem<D>::kStride];
+
+  const int64_t b = blockIdx.x / unsigned(a.n_chunks);
+  const int c = int(blockIdx.x % unsigned(a.n_chunks));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+
+  int64_t lo = 0, hi = a.n_q;
+  if (a.cu_q) {
+    lo = clamp64(a.cu_q[b], 0, a.n_q);
+    hi = clamp64(a.cu_q[b + 1], lo, a.n_q);
+  }
+  const int64_t nq_b = hi - lo;
+  if (nq_b == 0) return;
+  const int64_t bk = a.bk;
+  const int64_t len = clamp64(a.seq_lens[b], 0, a.max_blocks * bk);
+  const int64_t rows = nq_b * a.h_kv;
+  const int64_t row0 = lo * a.h_kv;  // packed row of the request's first (token, group)
+
+  // The visible block count of every row, for the top-k (one CTA per request writes it).
+  if (c == 0) {
+    for (int64_t rr = threadIdx.x; rr < rows; rr += kThreads) {
+      const int64_t pos = len - nq_b + rr / a.h_kv;
+      a.ws_nvis[row0 + rr] = pos >= 0 ? int32_t(pos / bk + 1) : 0;
+    }
+  }
+  const int64_t n_blk = (len + bk - 1) / bk;
+  const int64_t blk0 = int64_t(c) * a.split;
+  if (blk0 >= n_blk) return;  // a plan for longer contexts: this chunk has nothing yet
+  const int64_t blk1 = min64(blk0 + a.split, n_blk);
+  const int32_t* table = a.block_table + b * a.max_blocks;
+
+  for (int64_t pass0 = 0; pass0 < rows; pass0 += NT * 16) {
+    const int pass_rows = int(min64(rows - pass0, NT * 16));
+    __syncthreads();  // the previous pass's Q is no longer read
+    // Stage this pass's Q rows; rows past the request are zero (their scores are never used).
+    for (int e = threadIdx.x; e < NT * 16 * (D / 8); e += kThreads) {
+      const int rr = e / (D / 8), ch = e % (D / 8);
+      uint16_t v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (rr < pass_rows) {
+        const int64_t gr = row0 + pass0 + rr;
+        const uint16_t* src = a.q + (gr / a.h_kv) * a.stride_q_tok + (gr % a.h_kv) * a.stride_q_head + ch * 8;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) v[u] = src[u];
+      }
+      uint4 w;
+      w.x = uint32_t(v[0]) | (uint32_t(v[1]) << 16);
+      w.y = uint32_t(v[2]) | (uint32_t(v[3]) << 16);
+      w.z = uint32_t(v[4]) | (uint32_t(v[5]) << 16);
+      w.w = uint32_t(v[6]) | (uint32_t(v[7]) << 16);
+      *reinterpret_cast<uint4*>(q_s + rr * QSmem<D>::kStride + ch * 8) = w;
+    }
+    __syncthreads();
+
+    // This lane's rows (gid and gid + 8 of each tile) and the last key position each may see.
+    int64_t lim[NT][2];
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int rr = t * 16 + h * 8 + gid;
+        lim[t][h] = rr < pass_rows ? len - nq_b + (pass0 + rr) / a.h_kv : -1;
+      }
+    // Q fragments of one tile are reloaded from shared memory per key slice when NT > 1; with one
+    // tile they stay in registers for the whole chunk.
+    uint4 qa[NT == 1 ? kSlices : 1], qb[NT == 1 ? kSlices : 1];
+    if constexpr (NT == 1) {
+#pragma unroll
+      for (int j = 0; j < kSlices; ++j) {
+        qa[j] = *reinterpret_cast<const uint4*>(q_s + gid * QSmem<D>::kStride + (j * 4 + tig) * 8);
+        qb[j] = *reinterpret_cast<const uint4*>(q_s + (gid + 8) * QSmem<D>::kStride + (j * 4 + tig) * 8);
+      }
+    }
+
+    for (int64_t blk = blk0 + warp; blk < blk1; blk += kWarps) {
+      const int32_t page = table[blk];
+      const int64_t kv = min64(bk, len - blk * bk);  // valid slots of the page
+      const bool ok = page >= 0 && int64_t(page) < a.n_pages;
+      RowStat st[NT][2];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) stat_reset(st[t][0]), stat_reset(st[t][1]);
+      if (ok) {
+        const uint16_t* base = a.k_cache + int64_t(page) * bk * D;
+        for (int k0 = 0; k0 < kv; k0 += 16) {
+          // Keys k0 + gid (half 0) and k0 + 8 + gid (half 1), clamped to the valid slots.
+          uint4 kw[2][kSlices];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int64_t kr = min64(k0 + h * 8 + gid, kv - 1);
+#pragma unroll
+            for (int j = 0; j < kSlices; ++j) kw[h][j] = ld_stream(base + kr * D + (j * 4 + tig) * 8);
+          }
+          const int64_t kp0 = blk * bk + k0 + 2 * tig;  // position of this lane's first column
+#pragma unroll
+          for (int t = 0; t < NT; ++t) {
+            if (t * 16 >= pass_rows) break;
+            float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+            for (int j = 0; j < kSlices; ++j) {
+              uint4 xa, xb;
+              if constexpr (NT == 1) {
+                xa = qa[j];
+                xb = qb[j];
+              } else {
+                xa = *reinterpret_cast<const uint4*>(q_s + (t * 16 + gid) * QSmem<D>::kStride + (j * 4 + tig) * 8);
+                xb = *reinterpret_cast<const uint4*>(q_s + (t * 16 + gid + 8) * QSmem<D>::kStride + (j * 4 + tig) * 8);
+              }
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                mma_16816(acc[h], xa.x, xb.x, xa.y, xb.y, kw[h][j].x, kw[h][j].y);
+                mma_16816(acc[h], xa.z, xb.z, xa.w, xb.w, kw[h][j].z, kw[h][j].w);
+              }
+            }
+            // acc[h][0..1]: row gid, keys kp0 + 8h + {0, 1}; acc[h][2..3]: row gid + 8.
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int64_t L = min64(lim[t][r], blk * bk + kv - 1);
+              stat_update(st[t][r], acc[0][2 * r] * a.scale, kp0 <= L, acc[0][2 * r + 1] * a.scale, kp0 + 1 <= L,
+                          acc[1][2 * r] * a.scale, kp0 + 8 <= L, acc[1][2 * r + 1] * a.scale, kp0 + 9 <= L, a.lse);
+            }
+          }
+        }
+      }
+      // The quad's lanes share m; their l and NaN flags are summed over the quad.
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float l = st[t][r].l;
+          int nan = st[t][r].nan ? 1 : 0;
+          if (a.lse) {
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            nan |= __shfl_xor_sync(0xffffffffu, nan, 1);
+            nan |= __shfl_xor_sync(0xffffffffu, nan, 2);
+          }
+          const int rr = t * 16 + r * 8 + gid;
+          if (tig == 0 && rr < pass_rows) {
+            const int64_t off = (row0 + pass0 + rr) * a.max_blocks + blk;
+            a.ws_m[off] = st[t][r].m;
+            if (a.lse) a.ws_l[off] = nan ? __int_as_float(0x7fc00000) : l;
+          }
+        }
+    }
+  }
+}
+
+// index_lse of each row from its selection: log sum over the selected blocks of exp(M) * L, NaN if
+// any selected block holds a NaN score, +inf if any holds +inf, -inf without mass. One warp per
+// row, a lane per selected entry.
+__global__ void __launch_bounds__(256) decode_index_lse_kernel(const float* ws_m, const float* ws_l,
+                                                               const int32_t* ws_nvis, const int32_t* topk_idx,
+                                                               float* index_lse, int64_t rows, int64_t max_blocks,
+                                                               int topk) {
+  const int64_t row = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const int64_t n_vis = clamp64(ws_nvis[row], 0, max_blocks);
+  float m = -__int_as_float(0x7f800000), l = 0.f;
+  bool nan = false;
+  if (lane < topk) {
+    const int32_t j = topk_idx[row * topk + lane];
+    if (j >= 0 && j < n_vis) {
+      m = ws_m[row * max_blocks + j];
+      l = ws_l[row * max_blocks + j];
+      nan = isnan(l);
+      if (isnan(m)) m = -__int_as_float(0x7f800000), l = 0.f;  // a skipped page: no mass
+    }
+  }
+  nan = __any_sync(0xffffffffu, nan);
+  float mx = m;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float s = (isfinite(mx) && isfinite(m)) ? l * expf(m - mx) : 0.f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) {
+    float out;
+    if (nan)
+      out = __int_as_float(0x7fc00000);
+    else if (!isfinite(mx))
+      out = mx;  // +inf dominates; -inf: no mass
+    else
+      out = mx + logf(s);
+    index_lse[row] = out;
+  }
+}
+
+int num_sms_cached() {
+  static int n = [] {
+    int dev = 0, v = 0;
+    check_cuda(kFn, cudaGetDevice(&dev), "cudaGetDevice");
+    check_cuda(kFn, cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev),
+               "cudaDeviceGetAttribute(multiProcessorCount)");
+    return v > 0 ? v : 1;
+  }();
+  return n;
+}
+
+void check_supported(const char* fn, const char* prefix, int64_t d_idx, int64_t bk, int64_t topk) {
+  if (d_idx != 64 && d_idx != 128)
+    throw Error(std::string("msa::") + fn + ": " + prefix + "d_idx = " + std::to_string(d_idx) +
+                ", expected 64 or 128 for the index pass on the cuda backend");
+  if (bk != 64 && bk != 128)
+    throw Error(std::string("msa::") + fn + ": " + prefix + "bk = " + std::to_string(bk) +
+                ", expected 64 or 128 for the index pass on the cuda backend");
+  if (topk < 1 || topk > kMaxTopk)
+    throw Error(std::string("msa::") + fn + ": " + prefix + "topk = " + std::to_string(topk) + ", expected 1.." +
+                std::to_string(kMaxTopk));
+}
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+struct WsLayout {
+  size_t m, l, nvis, total;
+};
+
+WsLayout ws_layout(int64_t n_q, int64_t h_kv, int64_t max_blocks) {
+  const size_t rows = size_t(std::max<int64_t>(1, n_q)) * size_t(h_kv);
+  const size_t mat = align256(rows * size_t(std::max<int64_t>(1, max_blocks)) * 4);
+  WsLayout w;
+  w.m = 0;
+  w.l = mat;
+  w.nvis = 2 * mat;
+  w.total = 2 * mat + align256(rows * 4);
+  return w;
+}
+
+template <int D, int NT>
+void launch_score(const Args& a, int64_t grid, cudaStream_t stream) {
+  decode_index_score_kernel<D, NT><<<unsigned(grid), kThreads, 0, stream>>>(a);
+}
+
+}  // namespace
+
+size_t plan_decode_index(DecodePlan& plan) {
+  const DecodeShape& s = plan.shape;
+  check_supported("plan_decode", "shape.", s.d_idx, s.bk, s.topk);
+  // Blocks per CTA, a multiple of the 8 warps: the split minimising waves x (split + a fixed cost
+  // of about two blocks per CTA: its start, Q staging and the first loads' latency), with two
+  // CTAs resident per SM. Long contexts then fill the GPU with one or a few even waves, and a
+  // single request of 1M tokens still spreads over every SM.
+  const int64_t n_b = std::max<int64_t>(1, s.max_blocks);
+  const int64_t resident = int64_t(num_sms_cached()) * 2;
+  int64_t best = kWarps, best_cost = INT64_MAX;
+  for (int64_t split = kWarps; split <= std::max<int64_t>(kWarps, n_b) * 2 && split <= 4096; split *= 2) {
+    const int64_t ctas = s.batch * ((n_b + split - 1) / split);
+    const int64_t waves = (ctas + resident - 1) / resident;
+    const int64_t cost = waves * (split + 2);
+    if (cost < best_cost) best_cost = cost, best = split;
+    if (split >= n_b) break;
+  }
+  plan.index_split = best;
+  return ws_layout(s.n_q, s.h_kv, s.max_blocks).total;
+}
+
+void run_decode_index_topk(const DecodeIndexParams& p, const DecodePlan& plan, void* workspace, cudaStream_t stream) {
+  const PagedKvCache& c = p.cache;
+  check_supported(kFn, "cache.", c.d_idx, c.bk, p.topk);
+  if (p.dtype != DType::bf16) throw Error(std::string("msa::") + kFn + ": dtype is not bf16, expected bf16 on the cuda backend");
+  if (plan.index_split < kWarps || plan.index_split % kWarps != 0)
+    throw Error(std::string("msa::") + kFn + ": plan.index_split = " + std::to_string(plan.index_split) +
+                ", expected a plan from plan_decode with d_idx > 0");
+  if (reinterpret_cast<uintptr_t>(c.k_idx_cache) % 16 != 0)
+    throw Error(std::string("msa::") + kFn +
+                ": cache.k_idx_cache is not 16-byte aligned, expected the page pool at a 16-byte boundary");
+  if (p.n_q <= 0 || c.batch <= 0) return;
+
+  const WsLayout w = ws_layout(plan.shape.n_q, c.h_kv, plan.shape.max_blocks);
+  char* ws = static_cast<char*>(workspace) + plan.index_workspace_offset;
+  Args a{};
+  a.q = static_cast<const uint16_t*>(p.q_idx);
+  a.stride_q_tok = p.stride_q_idx_tok;
+  a.stride_q_head = p.stride_q_idx_head;
+  a.k_cache = static_cast<const uint16_t*>(c.k_idx_cache);
+  a.block_table = c.block_table;
+  a.seq_lens = c.seq_lens;
+  a.cu_q = p.cu_seqlens_q;
+  a.n_q = p.n_q;
+  a.batch = c.batch;
+  a.n_pages = c.n_pages;
+  a.max_blocks = c.max_blocks;
+  a.bk = int(c.bk);
+  a.h_kv = int(c.h_kv);
+  a.split = int(plan.index_split);
+  a.n_chunks = int(std::max<int64_t>(1, (c.max_blocks + a.split - 1) / a.split));
+  a.scale = p.index_scale;
+  a.lse = p.index_lse != nullptr;
+  a.ws_m = reinterpret_cast<float*>(ws + w.m);
+  a.ws_l = reinterpret_cast<float*>(ws + w.l);
+  a.ws_nvis = reinterpret_cast<int32_t*>(ws + w.nvis);
+
+  const int64_t grid = c.batch * a.n_chunks;
+  if (grid > INT32_MAX)
+    throw Error(std::string("msa::") + kFn + ": batch x chunks = " + std::to_string(grid) +
+                " exceeds the grid, expected fewer than 2^31 CTAs");
+  // The per-request query count is on the device: the tile count of a pass is chosen from the
+  // planned hint, and any count is still correct (passes of up to 64 rows loop in the kernel,
+  // and a pass of NT tiles scores NT * 16 rows at most; larger requests take several passes).
+  const int64_t hint_rows = std::max<int64_t>(1, std::min(plan.shape.max_q, p.n_q)) * c.h_kv;
+  const int nt = hint_rows <= 16 ? 1 : hint_rows <= 32 ? 2 : kMaxTiles;
+  if (c.d_idx == 128) {
+    if (nt == 1) launch_score<128, 1>(a, grid, stream);
+    else if (nt == 2) launch_score<128, 2>(a, grid, stream);
+    else launch_score<128, 4>(a, grid, stream);
+  } else {
+    if (nt == 1) launch_score<64, 1>(a, grid, stream);
+    else if (nt == 2) launch_score<64, 2>(a, grid, stream);
+    else launch_score<64, 4>(a, grid, stream);
+  }
+  check_cuda(kFn, cudaGetLastError(), "launch of the decode index score kernel");
+
+  BlockTopkParams tp;
+  tp.rows = p.n_q * c.h_kv;
+  tp.n_blocks = std::max<int64_t>(1, c.max_blocks);
+  tp.topk = p.topk;
+  tp.force_last = true;
+  tp.scores = a.ws_m;
+  tp.stride_row = c.max_blocks;
+  tp.row_blocks = a.ws_nvis;
+  tp.topk_idx = p.topk_idx;
+  run_block_topk(tp, stream);
+
+  if (p.index_lse) {
+    const int64_t rows = p.n_q * c.h_kv;
+    decode_index_lse_kernel<<<unsigned((rows + 7) / 8), 256, 0, stream>>>(a.ws_m, a.ws_l, a.ws_nvis, p.topk_idx,
+                                                                         p.index_lse, rows, c.max_blocks, int(p.topk));
+    check_cuda(kFn, cudaGetLastError(), "launch of the decode index lse kernel");
+  }
 }
 
 }  // namespace msa::cuda

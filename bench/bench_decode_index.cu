@@ -1,0 +1,183 @@
+// bench_decode_index — times msa::decode_index_topk (planned form, workspace allocated once) on
+// the CUDA backend at the M3 decode index shape (h_kv = 4, d_idx = 128, bk = 128, topk = 16, bf16):
+// batch 32 x 128K context x 1 query token, batch 1 x 1M x 1 and x 8 tokens, and a few variants
+// (index_lse off, 4 tokens, d_idx 64 / bk 64), each eagerly and replayed from a CUDA graph, with a
+// sweep of blocks-per-CTA splits around the plan's choice at the main shapes. Effective GB/s =
+// index-key bytes the pass must read (every visible token of every request, d_idx bf16 each) /
+// median time; a device-to-device copy of the same byte count is printed as the ceiling. Pages are
+// shuffled in the pool; keys and queries are random bf16.
+//
+//   bench_decode_index [--iters N]
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bench_util.h"
+#include "msa/msa.h"
+
+namespace {
+
+using msa::bench::ok;
+
+struct Shape {
+  const char* name;
+  int64_t batch, ctx, n_q_per_req, h_kv, d_idx, bk, topk;
+  bool lse;
+  bool sweep;
+};
+
+std::pair<float, float> time_call(const msa::DecodeIndexParams& p, const msa::DecodePlan& plan, void* ws, int iters) {
+  msa::Exec ex;
+  ex.backend = msa::Backend::cuda;
+  const float eager = msa::bench::upper_median(
+      msa::bench::time_queued_ms([&](int) { msa::decode_index_topk(p, plan, ws, ex); }, 3, iters));
+  cudaStream_t st;
+  ok(cudaStreamCreate(&st), "stream");
+  ex.stream = st;
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  ok(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), "begin capture");
+  msa::decode_index_topk(p, plan, ws, ex);
+  ok(cudaStreamEndCapture(st, &g), "end capture");
+  ok(cudaGraphInstantiate(&ge, g, 0), "instantiate");
+  const float graph = msa::bench::upper_median(
+      msa::bench::time_queued_ms([&](int) { ok(cudaGraphLaunch(ge, st), "graph launch"); }, 3, iters));
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  cudaStreamDestroy(st);
+  return {eager, graph};
+}
+
+float copy_ms(size_t bytes, int iters) {
+  void *a = nullptr, *b = nullptr;
+  ok(cudaMalloc(&a, bytes), "malloc copy src");
+  ok(cudaMalloc(&b, bytes), "malloc copy dst");
+  ok(cudaMemset(a, 1, bytes), "memset");
+  const float ms = msa::bench::upper_median(msa::bench::time_queued_ms(
+      [&](int) { ok(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0), "copy"); }, 3, iters));
+  cudaFree(a);
+  cudaFree(b);
+  return ms;
+}
+
+void run_shape(const Shape& s, int iters) {
+  const int64_t n_blk = (s.ctx + s.bk - 1) / s.bk;
+  const int64_t n_pages = s.batch * n_blk;
+  const int64_t n_q = s.batch * s.n_q_per_req;
+  const size_t key_elems = size_t(n_pages * s.bk * s.d_idx);
+  __nv_bfloat16 *kc = nullptr, *q = nullptr;
+  ok(cudaMalloc(&kc, key_elems * 2), "malloc k_idx_cache");
+  ok(cudaMalloc(&q, size_t(n_q * s.h_kv * s.d_idx) * 2), "malloc q_idx");
+  msa::bench::fill_normal_bf16<<<1024, 256>>>(kc, int64_t(key_elems), 11);
+  msa::bench::fill_normal_bf16<<<64, 256>>>(q, n_q * s.h_kv * s.d_idx, 12);
+  ok(cudaGetLastError(), "fill");
+  std::vector<int32_t> table(static_cast<size_t>(n_pages));
+  std::iota(table.begin(), table.end(), 0);
+  std::shuffle(table.begin(), table.end(), std::mt19937_64(5));
+  std::vector<int32_t> lens(size_t(s.batch), int32_t(s.ctx)), cu(size_t(s.batch + 1));
+  for (int64_t b = 0; b <= s.batch; ++b) cu[b] = int32_t(b * s.n_q_per_req);
+  int32_t *d_table, *d_lens, *d_cu, *d_idx;
+  float* d_lse;
+  ok(cudaMalloc(&d_table, table.size() * 4), "malloc");
+  ok(cudaMalloc(&d_lens, lens.size() * 4), "malloc");
+  ok(cudaMalloc(&d_cu, cu.size() * 4), "malloc");
+  ok(cudaMalloc(&d_idx, size_t(n_q * s.h_kv * s.topk) * 4), "malloc");
+  ok(cudaMalloc(&d_lse, size_t(n_q * s.h_kv) * 4), "malloc");
+  ok(cudaMemcpy(d_table, table.data(), table.size() * 4, cudaMemcpyHostToDevice), "upload");
+  ok(cudaMemcpy(d_lens, lens.data(), lens.size() * 4, cudaMemcpyHostToDevice), "upload");
+  ok(cudaMemcpy(d_cu, cu.data(), cu.size() * 4, cudaMemcpyHostToDevice), "upload");
+
+  msa::DecodeIndexParams p;
+  p.cache.batch = s.batch;
+  p.cache.n_pages = n_pages;
+  p.cache.bk = s.bk;
+  p.cache.h_kv = s.h_kv;
+  p.cache.d_idx = s.d_idx;
+  p.cache.k_idx_cache = kc;
+  p.cache.block_table = d_table;
+  p.cache.max_blocks = n_blk;
+  p.cache.seq_lens = d_lens;
+  p.dtype = msa::DType::bf16;
+  p.topk = s.topk;
+  p.n_q = n_q;
+  p.cu_seqlens_q = d_cu;
+  p.q_idx = q;
+  p.topk_idx = d_idx;
+  p.index_lse = s.lse ? d_lse : nullptr;
+
+  msa::DecodeShape sh;
+  sh.batch = s.batch;
+  sh.n_q = n_q;
+  sh.max_q = s.n_q_per_req;
+  sh.max_blocks = n_blk;
+  sh.bk = s.bk;
+  sh.h_kv = s.h_kv;
+  sh.d_idx = s.d_idx;
+  sh.topk = s.topk;
+  msa::Exec ex;
+  ex.backend = msa::Backend::cuda;
+  msa::DecodePlan plan = msa::plan_decode(sh, ex);
+  void* ws = nullptr;
+  ok(cudaMalloc(&ws, std::max<size_t>(plan.workspace_bytes, 256)), "malloc workspace");
+
+  const double bytes = double(s.batch) * double(s.ctx) * double(s.d_idx) * 2.0;
+  auto [eager, graph] = time_call(p, plan, ws, iters);
+  std::printf("%-28s eager %8.1f us %7.1f GB/s   graph %8.1f us %7.1f GB/s  (%.1f MB keys, split %lld, "
+              "%lld CTAs, workspace %lld B)\n",
+              s.name, eager * 1e3, bytes / (eager * 1e6), graph * 1e3, bytes / (graph * 1e6), bytes / 1e6,
+              (long long)plan.index_split, (long long)(s.batch * ((n_blk + plan.index_split - 1) / plan.index_split)),
+              (long long)plan.workspace_bytes);
+  if (s.sweep) {
+    for (int64_t split = 8; split <= 1024 && split <= 2 * n_blk; split *= 2) {
+      msa::DecodePlan alt = plan;
+      alt.index_split = split;
+      auto [e2, g2] = time_call(p, alt, ws, iters);
+      std::printf("    split %4lld (%6lld CTAs): graph %8.1f us %7.1f GB/s\n", (long long)split,
+                  (long long)(s.batch * ((n_blk + split - 1) / split)), g2 * 1e3, bytes / (g2 * 1e6));
+      (void)e2;
+    }
+  }
+  cudaFree(ws);
+  cudaFree(kc);
+  cudaFree(q);
+  cudaFree(d_table);
+  cudaFree(d_lens);
+  cudaFree(d_cu);
+  cudaFree(d_idx);
+  cudaFree(d_lse);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int iters = 20;
+  for (int i = 1; i < argc; ++i)
+    if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) iters = std::atoi(argv[++i]);
+  const cudaDeviceProp prop = msa::bench::device_props();
+  std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  const int64_t K = 1024;
+  const float cms = copy_ms(size_t(32) * 128 * K * 256, iters);
+  std::printf("device copy of 1073.7 MB: %.1f us, %.1f GB/s (read bytes / time)\n", cms * 1e3,
+              1073.741824e6 / (cms * 1e6));
+  const Shape shapes[] = {
+      {"b32 x 128K x 1 tok", 32, 128 * K, 1, 4, 128, 128, 16, true, true},
+      {"b32 x 128K x 1 tok, no lse", 32, 128 * K, 1, 4, 128, 128, 16, false, false},
+      {"b1 x 1M x 1 tok", 1, 1024 * K, 1, 4, 128, 128, 16, true, true},
+      {"b1 x 1M x 8 tok", 1, 1024 * K, 8, 4, 128, 128, 16, true, false},
+      {"b32 x 128K x 4 tok", 32, 128 * K, 4, 4, 128, 128, 16, true, false},
+      {"b32 x 128K x 16 tok", 32, 128 * K, 16, 4, 128, 128, 16, true, false},
+      {"b32 x 32K x 1 tok", 32, 32 * K, 1, 4, 128, 128, 16, true, false},
+      {"b32 x 128K x 1, d64 bk64", 32, 128 * K, 1, 4, 64, 64, 16, true, false},
+  };
+  for (const Shape& s : shapes) run_shape(s, iters);
+  return 0;
+}

@@ -1,0 +1,516 @@
+// Tests of decode_index_topk on the CUDA backend against the CPU decode reference on the same bf16
+// values: paged index-key caches with shuffled pages and NaN in every slot and page no request
+// may read, odd lengths (1, 127, 129, 1023, 4097, ...) and lengths below topk * bk, 0 / 1 / 2 / 5 /
+// 16 / 17 query tokens per request in one batch, bk 64 / 128, d_idx 64 / 128, topk 1 / 16 / 32,
+// index_lse on and off (a NaN key inside a request: NaN lse where its block is selected), exact
+// ties built on purpose (must match exactly), planned and convenience forms (bitwise equal, and
+// repeated runs bitwise equal), a plan reused for shorter contexts, a long single request
+// without offsets, garbage page ids (memory safety) and unsupported shapes. Selections are
+// compared as sets: a difference passes only where the float64 block scores show a near-tie
+// within a derived rounding bound. GPU tests skip with a message when no device is visible.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cuda_test_util.h"
+#include "test_util.h"
+
+namespace msa::test {
+namespace {
+
+#ifndef MSA_WITH_CUDA
+
+TEST(CudaDecodeIndex, GpuTests) { GTEST_SKIP() << "built without the CUDA backend: no GPU tests"; }
+
+#else
+
+struct Spec {
+  int64_t bk = 128, d = 128, topk = 16, h_kv = 4;
+  std::vector<int32_t> lens, nq;  // per request: tokens in the cache, query tokens of the step
+  bool lse = true;
+  bool null_cu = false;  // one request, cu_seqlens_q = nullptr
+  int tie_req = -1;      // request whose blocks repeat three key patterns (exact ties)
+  int nan_req = -1;      // request with one NaN key in a visible slot
+  uint64_t seed = 1;
+};
+
+// Host copy of a paged case; the keys are also kept per request in logical order (double) for
+// the float64 block scores.
+struct Case {
+  Spec s;
+  int64_t batch = 0, n_pages = 0, max_blocks = 0, n_q = 0, stride_tok = 0, stride_head = 0;
+  std::vector<uint16_t> kc;                  // [n_pages, bk, d] bf16 bits
+  std::vector<std::vector<double>> keys;     // per request [len, d]
+  std::vector<uint16_t> q;                   // [n_q, stride_tok] bf16 bits, padded strides
+  std::vector<double> qd;                    // [n_q, h_kv, d]
+  std::vector<int32_t> table, lens, cu;
+};
+
+uint16_t bits_of(double x) {
+  bf16 b = float_to_bf16(float(x));
+  uint16_t u;
+  std::memcpy(&u, &b, 2);
+  return u;
+}
+
+Case build(const Spec& s) {
+  Case c;
+  c.s = s;
+  c.batch = int64_t(s.lens.size());
+  std::mt19937_64 rng(s.seed);
+  const int64_t bk = s.bk, d = s.d;
+  int64_t used = 0;
+  for (int32_t l : s.lens) {
+    c.max_blocks = std::max<int64_t>(c.max_blocks, (l + bk - 1) / bk);
+    used += (l + bk - 1) / bk;
+  }
+  c.max_blocks += 2;  // a table wider than any request
+  c.n_pages = used + 3;  // unused pages stay NaN
+  std::vector<int32_t> perm(c.n_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  c.kc.assign(size_t(c.n_pages * bk * d), bits_of(std::nan("")));
+  c.table.assign(size_t(c.batch * c.max_blocks), -1);
+  c.lens = s.lens;
+  int64_t next = 0;
+  for (int64_t b = 0; b < c.batch; ++b) {
+    const int64_t len = s.lens[b], nb = (len + bk - 1) / bk;
+    std::vector<double> k = randn(rng, size_t(std::max<int64_t>(len, 1) * d), 1.0, DType::bf16);
+    k.resize(size_t(len * d));
+    if (int(b) == s.tie_req)
+      for (int64_t j = 3 * bk; j < len; ++j)
+        for (int64_t e = 0; e < d; ++e) k[j * d + e] = k[((j / bk) % 3 * bk + j % bk) * d + e];
+    if (int(b) == s.nan_req && len > 5) k[5 * d + 7] = std::nan("");
+    for (int64_t j = 0; j < nb; ++j) {
+      const int32_t page = perm[next++];
+      c.table[b * c.max_blocks + j] = page;
+      for (int64_t t = j * bk; t < std::min<int64_t>(len, (j + 1) * bk); ++t)
+        for (int64_t e = 0; e < d; ++e) c.kc[(page * bk + t % bk) * d + e] = bits_of(k[t * d + e]);
+    }
+    c.keys.push_back(std::move(k));
+  }
+  c.cu.assign(1, 0);
+  for (int32_t n : s.nq) c.cu.push_back(c.cu.back() + n);
+  c.n_q = c.cu.back();
+  c.stride_head = d + 8;
+  c.stride_tok = s.h_kv * c.stride_head + 8;
+  c.qd = randn(rng, size_t(std::max<int64_t>(c.n_q, 1) * s.h_kv * d), 1.0, DType::bf16);
+  c.q.assign(size_t(std::max<int64_t>(c.n_q, 1) * c.stride_tok), bits_of(std::nan("")));
+  for (int64_t i = 0; i < c.n_q; ++i)
+    for (int64_t r = 0; r < s.h_kv; ++r)
+      for (int64_t e = 0; e < d; ++e)
+        c.q[i * c.stride_tok + r * c.stride_head + e] = bits_of(c.qd[(i * s.h_kv + r) * d + e]);
+  return c;
+}
+
+DecodeIndexParams params(const Case& c, const void* kc, const int32_t* table, const int32_t* lens, const int32_t* cu,
+                         const void* q, int32_t* idx, float* lse) {
+  DecodeIndexParams p;
+  p.cache.batch = c.batch;
+  p.cache.n_pages = c.n_pages;
+  p.cache.bk = c.s.bk;
+  p.cache.h_kv = c.s.h_kv;
+  p.cache.d_idx = c.s.d;
+  p.cache.k_idx_cache = const_cast<void*>(kc);
+  p.cache.block_table = table;
+  p.cache.max_blocks = c.max_blocks;
+  p.cache.seq_lens = lens;
+  p.dtype = DType::bf16;
+  p.topk = c.s.topk;
+  p.n_q = c.n_q;
+  p.cu_seqlens_q = c.s.null_cu ? nullptr : cu;
+  p.q_idx = q;
+  p.stride_q_idx_tok = c.stride_tok;
+  p.stride_q_idx_head = c.stride_head;
+  p.topk_idx = idx;
+  p.index_lse = lse;
+  return p;
+}
+
+struct Out {
+  std::vector<int32_t> idx;
+  std::vector<float> lse;
+};
+
+Out cpu_ref(const Case& c) {
+  Out o;
+  o.idx.assign(size_t(c.n_q * c.s.h_kv * c.s.topk), -7);
+  o.lse.assign(size_t(c.n_q * c.s.h_kv), 0.f);
+  auto p = params(c, c.kc.data(), c.table.data(), c.lens.data(), c.cu.data(), c.q.data(), o.idx.data(),
+                  c.s.lse ? o.lse.data() : nullptr);
+  decode_index_topk(p, Exec{});
+  return o;
+}
+
+// Device copies of a case.
+struct Dev {
+  DevBuf<uint16_t> kc, q;
+  DevBuf<int32_t> table, lens, cu, idx;
+  DevBuf<float> lse;
+  explicit Dev(const Case& c)
+      : kc(c.kc), q(c.q), table(c.table), lens(c.lens), cu(c.cu), idx(size_t(std::max<int64_t>(1, c.n_q * c.s.h_kv * c.s.topk))),
+        lse(size_t(std::max<int64_t>(1, c.n_q * c.s.h_kv))) {}
+  DecodeIndexParams params(const Case& c) {
+    return test::params(c, kc.ptr, table.ptr, lens.ptr, cu.ptr, q.ptr, idx.ptr, c.s.lse ? lse.ptr : nullptr);
+  }
+  Out get(const Case& c) {
+    Out o;
+    o.idx = idx.get();
+    o.idx.resize(size_t(c.n_q * c.s.h_kv * c.s.topk));
+    if (c.s.lse) {
+      o.lse = lse.get();
+      o.lse.resize(size_t(c.n_q * c.s.h_kv));
+    }
+    return o;
+  }
+};
+
+DecodeShape shape_of(const Case& c, int64_t max_q) {
+  DecodeShape s;
+  s.batch = c.batch;
+  s.n_q = std::max<int64_t>(1, c.n_q);
+  s.max_q = max_q;
+  s.max_blocks = c.max_blocks;
+  s.bk = c.s.bk;
+  s.h_kv = c.s.h_kv;
+  s.d_idx = c.s.d;
+  s.topk = c.s.topk;
+  return s;
+}
+
+Exec cuda_exec() {
+  Exec ex;
+  ex.backend = Backend::cuda;
+  return ex;
+}
+
+// Runs the planned form with a workspace of its own.
+Out run_planned(const Case& c, Dev& dv, const DecodeShape& shape) {
+  const Exec ex = cuda_exec();
+  DecodePlan plan = plan_decode(shape, ex);
+  DevBuf<uint8_t> ws(plan.workspace_bytes);
+  ws.poison(0xff);
+  dv.idx.poison(0x5a);
+  dv.lse.poison(0x5a);
+  decode_index_topk(dv.params(c), plan, ws.ptr, ex);
+  cuda_check(cudaDeviceSynchronize(), "decode_index_topk (planned)");
+  return dv.get(c);
+}
+
+Out run_convenience(const Case& c, Dev& dv) {
+  dv.idx.poison(0x33);
+  dv.lse.poison(0x33);
+  decode_index_topk(dv.params(c), cuda_exec());
+  cuda_check(cudaDeviceSynchronize(), "decode_index_topk (convenience)");
+  return dv.get(c);
+}
+
+// Position of packed token i and its request.
+void token_pos(const Case& c, int64_t i, int64_t& b, int64_t& pos) {
+  b = 0;
+  while (c.cu[b + 1] <= i) ++b;
+  pos = c.lens[b] - (c.cu[b + 1] - c.cu[b]) + (i - c.cu[b]);
+}
+
+double dot(const Case& c, int64_t i, int64_t r, const std::vector<double>& k, int64_t j) {
+  double acc = 0;
+  for (int64_t e = 0; e < c.s.d; ++e) acc += c.qd[(i * c.s.h_kv + r) * c.s.d + e] * k[j * c.s.d + e];
+  return acc;
+}
+
+// Compares a GPU result with the CPU reference. exact: selections equal as sets (no near-tie
+// allowance). Reports the first failing row, the count of near-tie differences and the worst lse
+// error relative to its bound.
+::testing::AssertionResult compare(const Case& c, const Out& g, const Out& ref, bool exact) {
+  const int64_t h = c.s.h_kv, topk = c.s.topk, bk = c.s.bk, d = c.s.d;
+  const double scale = double(float(1.0 / std::sqrt(double(d))));
+  int near = 0;
+  double worst_lse = 0;
+  for (int64_t i = 0; i < c.n_q; ++i) {
+    int64_t b, pos;
+    token_pos(c, i, b, pos);
+    const std::vector<double>& k = c.keys[b];
+    double kmax = 0;
+    for (int64_t j = 0; j <= pos; ++j) {
+      double kn = 0;
+      for (int64_t e = 0; e < d; ++e) kn += k[j * d + e] * k[j * d + e];
+      if (std::isfinite(kn)) kmax = std::max(kmax, std::sqrt(kn));
+    }
+    for (int64_t r = 0; r < h; ++r) {
+      const int64_t row = i * h + r;
+      std::ostringstream where;
+      where << "row (" << i << ", " << r << ") of request " << b << " at position " << pos;
+      const int32_t* gi = &g.idx[row * topk];
+      const int32_t* ci = &ref.idx[row * topk];
+      const int64_t own = pos / bk, n_sel = std::min<int64_t>(topk, own + 1);
+      for (int64_t t = 0; t < topk; ++t) {
+        const bool ok = t < n_sel ? (gi[t] >= 0 && gi[t] <= own && (t == 0 || gi[t] > gi[t - 1])) : gi[t] == -1;
+        if (!ok)
+          return ::testing::AssertionFailure() << where.str() << ": topk_idx[" << t << "] = " << gi[t]
+                                               << " breaks the layout (" << n_sel << " ascending visible blocks, then -1)";
+      }
+      if (gi[n_sel - 1] != own)
+        return ::testing::AssertionFailure() << where.str() << ": own block " << own << " not selected";
+      double qn = 0;
+      for (int64_t e = 0; e < d; ++e) qn += c.qd[row * d + e] * c.qd[row * d + e];
+      // |fp32 tensor-core dot - exact| <= d * 2^-24 * |q| |k| (Cauchy-Schwarz), 8x for the
+      // unspecified order inside the tensor core, times the scale.
+      const double tol = scale * std::sqrt(qn) * kmax * double(d) * std::ldexp(1.0, -21) + 1e-7;
+      std::vector<int32_t> gs(gi, gi + n_sel), cs(ci, ci + n_sel);
+      const bool same = gs == cs;
+      if (!same) {
+        if (exact) return ::testing::AssertionFailure() << where.str() << ": selection differs where ties are exact";
+        std::vector<double> m(size_t(own + 1), std::nan(""));  // float64 block max, NaN ignored
+        for (int64_t j = 0; j <= pos; ++j) {
+          const double sc = dot(c, i, r, k, j) * scale;
+          double& mb = m[j / bk];
+          if (!std::isnan(sc) && (std::isnan(mb) || sc > mb)) mb = sc;
+        }
+        for (int32_t a : gs)
+          if (!std::binary_search(cs.begin(), cs.end(), a))
+            for (int32_t o : cs)
+              if (!std::binary_search(gs.begin(), gs.end(), o)) {
+                const bool na = std::isnan(m[a]), no = std::isnan(m[o]);
+                const bool ok = (na && no) ? a < o : no ? true : na ? false : m[a] >= m[o] - 2 * tol;
+                if (!ok)
+                  return ::testing::AssertionFailure() << where.str() << ": GPU chose block " << a << " (score " << m[a]
+                                                       << ") over block " << o << " (score " << m[o]
+                                                       << "), beyond the tolerance " << tol;
+              }
+        ++near;
+      }
+      if (c.s.lse) {
+        double want = ref.lse[row];
+        if (!same) {  // float64 logsumexp over the GPU's own selection
+          std::vector<double> sv;
+          for (int32_t blk : gs)
+            for (int64_t j = blk * bk; j < std::min<int64_t>((blk + 1) * bk, pos + 1); ++j) sv.push_back(dot(c, i, r, k, j) * scale);
+          double mx = -INFINITY;
+          bool nan = false;
+          for (double x : sv) nan |= std::isnan(x), mx = std::max(mx, std::isnan(x) ? mx : x);
+          double sum = 0;
+          for (double x : sv) sum += std::exp(x - mx);
+          want = nan ? std::nan("") : mx + std::log(sum);
+        }
+        const double got = g.lse[row];
+        if (std::isnan(want) || std::isnan(got)) {
+          if (std::isnan(want) != std::isnan(got))
+            return ::testing::AssertionFailure() << where.str() << ": index_lse = " << got << ", expected " << want;
+          continue;
+        }
+        // The scores' rounding bound plus float32 exp / log / sum rounding.
+        const double err = std::abs(got - want), lim = tol + 1e-5 * (1 + std::abs(want));
+        worst_lse = std::max(worst_lse, err / lim);
+        if (!(err <= lim))
+          return ::testing::AssertionFailure()
+                 << where.str() << ": index_lse = " << got << ", expected " << want << " (tolerance " << lim << ")";
+      }
+    }
+  }
+  if (near > std::max<int64_t>(2, c.n_q * h / 50))
+    return ::testing::AssertionFailure() << near << " of " << c.n_q * h << " rows differ from the CPU selection";
+  return ::testing::AssertionSuccess() << "near-ties " << near << ", worst lse error " << worst_lse << " of bound";
+}
+
+Spec mixed(int64_t bk, int64_t d, int64_t topk, bool lse, uint64_t seed) {
+  Spec s;
+  s.bk = bk;
+  s.d = d;
+  s.topk = topk;
+  s.lse = lse;
+  s.seed = seed;
+  const int32_t tb = int32_t(topk * bk);
+  s.lens = {1, 127, 129, 1023, 4097, tb - 1, int32_t(3 * bk + 5), 300, 20, tb + int32_t(bk), 2 * tb + 3};
+  s.nq = {1, 2, 16, 0, 17, 5, 1, 8, 20, 1, 3};
+  s.nan_req = 4;
+  return s;
+}
+
+struct Cfg {
+  int64_t bk, d, topk, h_kv;
+  bool lse;
+};
+
+class CudaDecodeIndexMixed : public ::testing::TestWithParam<Cfg> {};
+
+TEST_P(CudaDecodeIndexMixed, MatchesCpuReference) {
+  REQUIRE_CUDA_BUILD();
+  REQUIRE_GPU();
+  const Cfg g = GetParam();
+  Spec s = mixed(g.bk, g.d, g.topk, g.lse, uint64_t(g.bk * 1000 + g.d * 10 + g.topk));
+  s.h_kv = g.h_kv;
+  const Case c = build(s);
+  const Out ref = cpu_ref(c);
+  Dev dv(c);
+  // max_q hint 4: requests of 5..20 tokens must still be right (row chunks loop in the kernel).
+  const Out a = run_planned(c, dv, shape_of(c, 4));
+  EXPECT_TRUE(compare(c, a, ref, false));
+  const Out a2 = run_planned(c, dv, shape_of(c, 4));
+  EXPECT_TRUE(bitwise_equal(a.idx, a2.idx));
+  EXPECT_TRUE(bitwise_equal(a.lse, a2.lse));
+  const Out b = run_convenience(c, dv);
+  EXPECT_TRUE(bitwise_equal(a.idx, b.idx)) << "convenience vs planned";
+  EXPECT_TRUE(bitwise_equal(a.lse, b.lse)) << "convenience vs planned";
+  // A plan for a larger shape (3x batch, 4x tokens, 2x table width, other tile count).
+  DecodeShape big = shape_of(c, 16);
+  big.batch *= 3;
+  big.n_q *= 4;
+  big.max_blocks *= 2;
+  const Out e = run_planned(c, dv, big);
+  EXPECT_TRUE(compare(c, e, ref, false));
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaDecodeIndexMixed,
+                         ::testing::Values(Cfg{128, 128, 16, 4, true}, Cfg{128, 128, 16, 4, false},
+                                           Cfg{64, 64, 1, 4, true}, Cfg{64, 128, 32, 2, true},
+                                           Cfg{128, 64, 32, 1, false}, Cfg{64, 64, 16, 8, true},
+                                           Cfg{128, 128, 1, 3, true}));
+
+TEST(CudaDecodeIndex, ExactTiesBreakTowardLowerBlock) {
+  REQUIRE_CUDA_BUILD();
+  REQUIRE_GPU();
+  for (int64_t bk : {64, 128}) {
+    Spec s;
+    s.bk = bk;
+    s.d = 64;
+    s.topk = 8;
+    s.lens = {int32_t(40 * bk + 7), int32_t(12 * bk)};
+    s.nq = {3, 1};
+    s.tie_req = 0;
+    s.seed = 77 + uint64_t(bk);
+    const Case c = build(s);
+    const Out ref = cpu_ref(c);
+    Dev dv(c);
+    // Only request 0 has built ties; compare it alone exactly through a one-request view.
+    Out a = run_planned(c, dv, shape_of(c, 3));
+    Out a0 = a, r0 = ref;
+    Case c0 = c;
+    c0.n_q = 3;
+    a0.idx.resize(size_t(3 * s.h_kv * s.topk));
+    r0.idx.resize(a0.idx.size());
+    a0.lse.resize(size_t(3 * s.h_kv));
+    r0.lse.resize(a0.lse.size());
+    EXPECT_TRUE(compare(c0, a0, r0, true)) << "bk " << bk;
+    EXPECT_TRUE(compare(c, a, ref, false)) << "bk " << bk;
+  }
+}
+
+TEST(CudaDecodeIndex, PlanReusedForShorterContexts) {
+  REQUIRE_CUDA_BUILD();
+  REQUIRE_GPU();
+  Spec s = mixed(128, 128, 16, true, 5);
+  Case big = build(s);
+  const Exec ex = cuda_exec();
+  DecodeShape shape = shape_of(big, 2);
+  shape.max_blocks += 8;
+  DecodePlan plan = plan_decode(shape, ex);
+  DevBuf<uint8_t> ws(plan.workspace_bytes);
+  for (int step = 0; step < 3; ++step) {
+    Spec t = s;
+    t.seed = 100 + uint64_t(step);
+    for (auto& l : t.lens) l = std::max<int32_t>(l / (step + 1), 0);
+    for (size_t b = 0; b < t.lens.size(); ++b) t.nq[b] = std::min(t.nq[b], t.lens[b]);
+    t.nan_req = -1;
+    const Case c = build(t);
+    const Out ref = cpu_ref(c);
+    Dev dv(c);
+    dv.idx.poison(0x11);
+    decode_index_topk(dv.params(c), plan, ws.ptr, ex);
+    cuda_check(cudaDeviceSynchronize(), "decode_index_topk");
+    EXPECT_TRUE(compare(c, dv.get(c), ref, false)) << "step " << step;
+  }
+}
+
+TEST(CudaDecodeIndex, LongSingleRequestWithoutOffsets) {
+  REQUIRE_CUDA_BUILD();
+  REQUIRE_GPU();
+  Spec s;
+  s.bk = 128;
+  s.d = 128;
+  s.topk = 16;
+  s.lens = {65537};
+  s.nq = {8};
+  s.null_cu = true;
+  s.seed = 9;
+  const Case c = build(s);
+  const Out ref = cpu_ref(c);
+  Dev dv(c);
+  EXPECT_TRUE(compare(c, run_planned(c, dv, shape_of(c, 8)), ref, false));
+  EXPECT_TRUE(compare(c, run_convenience(c, dv), ref, false));
+}
+
+// Garbage page ids, lengths beyond the table and offsets out of order: results are garbage but
+// nothing is read or written outside the tensors (run under compute-sanitizer memcheck).
+TEST(CudaDecodeIndex, GarbageDeviceArraysStayInBounds) {
+  REQUIRE_CUDA_BUILD();
+  REQUIRE_GPU();
+  Spec s = mixed(64, 64, 16, true, 3);
+  Case c = build(s);
+  const Out ref = cpu_ref(c);
+  std::mt19937_64 rng(4);
+  for (auto& t : c.table) t = int32_t(rng() % 5 == 0 ? -int32_t(rng() % 100) : int32_t(rng() % (3 * c.n_pages)));
+  for (auto& l : c.lens) l = int32_t(rng() % (3 * c.max_blocks * s.bk)) - 50;
+  std::swap(c.cu[2], c.cu[5]);
+  Dev dv(c);
+  Out a = run_planned(c, dv, shape_of(c, 4));
+  // The layout still holds per row: entries are -1 or blocks inside the table.
+  for (int32_t v : a.idx) EXPECT_TRUE(v >= -1 && v < c.max_blocks) << v;
+}
+
+TEST(CudaDecodeIndex, UnsupportedShapesThrow) {
+  REQUIRE_CUDA_BUILD();
+  REQUIRE_GPU();
+  const Exec ex = cuda_exec();
+  auto expect_error = [&](DecodeShape sh, const char* arg) {
+    try {
+      plan_decode(sh, ex);
+      ADD_FAILURE() << "no error for " << arg;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(arg), std::string::npos) << e.what();
+    }
+  };
+  DecodeShape ok;
+  ok.batch = 2;
+  ok.n_q = 2;
+  ok.max_blocks = 4;
+  ok.bk = 128;
+  ok.h_kv = 4;
+  ok.d_idx = 128;
+  ok.topk = 16;
+  EXPECT_NO_THROW(plan_decode(ok, ex));
+  DecodeShape s1 = ok;
+  s1.d_idx = 96;
+  expect_error(s1, "d_idx");
+  DecodeShape s2 = ok;
+  s2.bk = 32;
+  expect_error(s2, "bk");
+  DecodeShape s3 = ok;
+  s3.topk = kMaxTopk + 1;
+  expect_error(s3, "topk");
+  // The convenience form plans the call's own shape: bk = 256 is refused before any launch.
+  Spec s;
+  s.bk = 256;
+  s.d = 64;
+  s.topk = 4;
+  s.lens = {300};
+  s.nq = {1};
+  const Case c = build(s);
+  Dev dv(c);
+  try {
+    decode_index_topk(dv.params(c), ex);
+    ADD_FAILURE() << "no error for bk = 256";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("bk"), std::string::npos) << e.what();
+  }
+}
+
+#endif  // MSA_WITH_CUDA
+
+}  // namespace
+}  // namespace msa::test
