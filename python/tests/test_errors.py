@@ -1,7 +1,12 @@
 # Bad arguments raise ValueError whose message names the operator and the argument: the torch
 # layer's own tensor checks (shape, dtype, int32 index tensors) and the core library's msa::Error,
 # passed through with exactly its message.
+import os
 import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +42,42 @@ def test_core_errors_keep_their_message():
            "msa::index_topk: bk = 0, expected 1 <= bk <= 4096")
     raises(lambda: msa_torch.dense_attention(x["q"], x["k"], x["k"], scale=-1.0),
            "msa::dense_attention_forward: scale = -1, expected a finite positive number (or 0 for the default)")
+
+
+def test_core_errors_leave_the_library_usable():
+    # An error must not disturb the next call: the same bad call again, then a good one.
+    x = tensors(1)
+    for _ in range(3):
+        with pytest.raises(ValueError, match="topk = 0"):
+            msa_torch.index_topk(x["q_idx"], x["k_idx"], topk=0)
+    o = msa_torch.dense_attention(x["q"], x["k"], x["k"])
+    assert o.shape == x["q"].shape and torch.isfinite(o).all()
+
+
+# A C++ exception that cannot be unwound takes the whole interpreter down (a build of the layer
+# once did this on a GPU machine): run the core error path in a child process, so that a crash is
+# reported with its signal instead of ending the test session.
+def test_core_error_in_a_child_process():
+    script = textwrap.dedent("""
+        import torch, msa_torch
+        try:
+            msa_torch.dense_attention(torch.randn(6, 4, 8), torch.randn(6, 3, 8), torch.randn(6, 3, 8))
+        except ValueError as e:
+            print("ValueError:", e)
+        try:
+            msa_torch.index_topk(torch.randn(6, 2, 8), torch.randn(6, 8), topk=0)
+        except ValueError as e:
+            print("ValueError:", e)
+    """)
+    python_dir = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([python_dir, *sys.path]))
+    env["MSA_TORCH_LIBRARY"] = msa_torch.library_path
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"child exited with {r.returncode} (negative: killed by that signal)\n{r.stderr[-2000:]}"
+    assert r.stdout.splitlines() == [
+        "ValueError: msa::dense_attention_forward: h_q = 4, expected a multiple of h_kv = 3",
+        "ValueError: msa::index_topk: topk = 0, expected 1 <= topk <= 32",
+    ]
 
 
 def test_core_rejects_bad_selections_and_sequences():
