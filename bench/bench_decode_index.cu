@@ -28,6 +28,11 @@ namespace {
 
 using msa::bench::ok;
 
+__global__ void fill_normal_f32_kernel(float* x, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = msa::bench::normal_from_hash(msa::bench::hash_at(seed, i));
+}
+
 struct Shape {
   const char* name;
   int64_t batch, ctx, n_q_per_req, h_kv, d_idx, bk, topk;
@@ -136,6 +141,25 @@ void run_shape(const Shape& s, int iters) {
               s.name, eager * 1e3, bytes / (eager * 1e6), graph * 1e3, bytes / (graph * 1e6), bytes / 1e6,
               (long long)plan.index_split, (long long)(s.batch * ((n_blk + plan.index_split - 1) / plan.index_split)),
               (long long)plan.workspace_bytes);
+  {
+    // The top-k stage alone (msa::block_topk on the same rows and visible blocks, random scores):
+    // what the pass costs beyond streaming the keys.
+    float* sc = nullptr;
+    const int64_t rows = n_q * s.h_kv;
+    ok(cudaMalloc(&sc, size_t(rows * n_blk) * 4), "malloc scores");
+    fill_normal_f32_kernel<<<256, 256>>>(sc, rows * n_blk, 13);
+    msa::BlockTopkParams tp;
+    tp.rows = rows;
+    tp.n_blocks = n_blk;
+    tp.topk = s.topk;
+    tp.force_last = true;
+    tp.scores = sc;
+    tp.topk_idx = d_idx;
+    const float tk = msa::bench::upper_median(
+        msa::bench::time_queued_ms([&](int) { msa::block_topk(tp, ex); }, 3, iters));
+    std::printf("    top-k stage alone (%lld rows x %lld blocks): %.1f us\n", (long long)rows, (long long)n_blk, tk * 1e3);
+    cudaFree(sc);
+  }
   if (s.sweep) {
     for (int64_t split = 8; split <= 1024 && split <= 2 * n_blk; split *= 2) {
       msa::DecodePlan alt = plan;

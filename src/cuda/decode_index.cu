@@ -4,14 +4,16 @@
 // the index_lse from the selected blocks' partial sums.
 //
 // Kernel 1 (score), grid = (request, chunk of plan.index_split logical blocks), 8 warps: warp w
-// scores blocks w, w + 8, ... of the chunk for every (query token, group) row of the request. The
-// keys go straight from global memory into mma.sync m16n8k16 B fragments (no shared memory): the
-// dot product may run over the d_idx slots in any order as long as Q uses the same one, so each
-// lane loads 16 contiguous bytes of one key row and uses them as the B halves of two k-steps,
-// and the 8 rows of an 8-key slice are one 2 KB contiguous run of the page. Q rows (padded to 16
-// per m16 tile) are staged once per CTA in shared memory in the matching order. The bytes of the
-// keys are the whole cost at decode (a few rows per request), so everything is arranged around
-// streaming each page once: several tiles of rows reuse the keys held in registers.
+// scores blocks w, w + 8, ... of the chunk for every (query token, group) row of the request. Each
+// warp streams its blocks as one sequence of 16-key slices through its own cp.async ring in
+// shared memory (3 stages of 4 KB at d_idx = 128, 6 of 2 KB at 64: two slices in flight per warp,
+// ~128 KB per SM with two CTAs), with no CTA barrier between slices, and scores them with
+// mma.sync m16n8k16 (bf16 in, fp32 accumulate). The dot product may run over the d_idx slots in
+// any order as long as Q uses the same one, so each lane reads 16 contiguous bytes of one key row
+// and uses them as the B halves of two k-steps; Q rows (padded to 16 per m16 tile) are staged
+// once per CTA in the matching order and, for one tile, kept in registers. The bytes of the keys
+// are the whole cost at decode (a few rows per request), so everything is arranged around
+// streaming each page once: several tiles of rows re-read the slice from shared memory.
 //
 // Device arrays are read only in the kernels and clamped: lengths to 0 .. max_blocks * bk,
 // offsets to 0 .. n_q, a token whose position is negative sees nothing (all -1). A page id
@@ -23,7 +25,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include "block_topk.h"
 #include "common.cuh"
@@ -65,12 +70,19 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a
 
 __device__ __forceinline__ int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
 
-// Read-once key bytes: bypass L1 allocation.
-__device__ __forceinline__ uint4 ld_stream(const uint16_t* p) {
+// 16 bytes global -> shared through L2 only (each key is read once), zero-free: the source row is
+// always a valid slot.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
   return v;
 }
 
@@ -87,8 +99,8 @@ __device__ __forceinline__ void stat_reset(RowStat& s) {
   s.nan = false;
 }
 
-// Folds two scores of this lane (x0, x1 with their visibility) into s; the group max is shared
-// by the quad (the 4 lanes holding one row), so m stays equal across the quad.
+// Folds four scores of this lane (with their visibility) into s; the group max is shared by the
+// quad (the 4 lanes holding one row), so m stays equal across the quad.
 __device__ __forceinline__ void stat_update(RowStat& s, float x0, bool v0, float x1, bool v1, float x2, bool v2,
                                             float x3, bool v3, bool lse) {
   const float qnan = __int_as_float(0x7fc00000);
@@ -101,33 +113,49 @@ __device__ __forceinline__ void stat_update(RowStat& s, float x0, bool v0, float
     // Only a finite max carries mass that a sum can hold; +inf and all -inf are settled from the
     // block max alone when the row's lse is combined.
     if (isfinite(m_new)) {
-      float l = isfinite(s.m) ? s.l * expf(s.m - m_new) : 0.f;
-      if (v0 && !isnan(x0)) l += expf(x0 - m_new);
-      if (v1 && !isnan(x1)) l += expf(x1 - m_new);
-      if (v2 && !isnan(x2)) l += expf(x2 - m_new);
-      if (v3 && !isnan(x3)) l += expf(x3 - m_new);
+      float l = isfinite(s.m) ? s.l * __expf(s.m - m_new) : 0.f;
+      if (v0 && !isnan(x0)) l += __expf(x0 - m_new);
+      if (v1 && !isnan(x1)) l += __expf(x1 - m_new);
+      if (v2 && !isnan(x2)) l += __expf(x2 - m_new);
+      if (v3 && !isnan(x3)) l += __expf(x3 - m_new);
       s.l = l;
     }
   }
   s.m = m_new;
 }
 
-// Q rows of the request staged in shared memory: row stride D + 8 elements (16 bytes of padding
-// so that the two rows one 8-lane phase reads fall in different banks).
-template <int D>
-struct QSmem {
-  static constexpr int kStride = D + 8;
+// Shared memory of the score kernel: per warp a ring of kStages slices of 16 keys (16 rows of D
+// bf16, the 16-byte chunks of odd rows swapped by 64 bytes so that the two rows one 8-lane phase
+// of ldmatrix-like 16-byte reads touches fall in different banks), then the Q rows of a pass (row
+// stride D + 32 elements for the same reason).
+template <int D, int NT>
+struct Smem {
+  static constexpr int kSliceBytes = 16 * D * 2;
+  static constexpr int kStages = (D == 128 ? 3 : 6);  // 12 KB of keys per warp
+  static constexpr int kRingBytes = kWarps * kStages * kSliceBytes;
+  static constexpr int kQStride = D + 32;
+  static constexpr int kQBytes = NT * 16 * kQStride * 2;
+  static constexpr int kBytes = kRingBytes + kQBytes;
 };
+
+__device__ __forceinline__ uint32_t slice_off(int row, int ch, int row_bytes) {
+  return uint32_t(row * row_bytes + ((ch ^ ((row & 1) << 2)) << 4));
+}
 
 template <int D, int NT>
 __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) decode_index_score_kernel(const Args a) {
-  constexpr int kSlices = D / 32;  // 16-byte loads per key row per lane
-  __shared__ __align__(16) uint16_t q_s[NT * 16 * QSmem<D>::kStride];
+  using S = Smem<D, NT>;
+  constexpr int kSlices = D / 32;     // 16-byte fragments per key row per lane
+  constexpr int kChunks = D / 8;      // 16-byte chunks per key row
+  constexpr int kCopies = 16 * kChunks / 32;  // cp.async per lane per slice
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint16_t* q_s = reinterpret_cast<uint16_t*>(smem + S::kRingBytes);
 
   const int64_t b = blockIdx.x / unsigned(a.n_chunks);
   const int c = int(blockIdx.x % unsigned(a.n_chunks));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gid = lane >> 2, tig = lane & 3;
+  const uint32_t ring = smem_addr(smem) + uint32_t(warp * S::kStages * S::kSliceBytes);
 
   int64_t lo = 0, hi = a.n_q;
   if (a.cu_q) {
@@ -153,13 +181,36 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) decode_index_score_
   if (blk0 >= n_blk) return;  // a plan for longer contexts: this chunk has nothing yet
   const int64_t blk1 = min64(blk0 + a.split, n_blk);
   const int32_t* table = a.block_table + b * a.max_blocks;
+  // This warp's blocks blk0 + warp, + 8, ...; each is bk / 16 slices, walked as one sequence so
+  // that the copies run ahead across block boundaries.
+  const int gpb = int(bk / 16);
+  const int64_t n_mine = blk1 - blk0 > warp ? (blk1 - blk0 - warp + kWarps - 1) / kWarps : 0;
+  const int64_t n_slices = n_mine * gpb;
+
+  // Copies slice g of this warp into its ring stage; nothing for a skipped page or past the
+  // valid slots (the group is still committed, so the wait counts stay uniform).
+  auto issue = [&](int64_t g) {
+    const int64_t blk = blk0 + warp + (g / gpb) * kWarps;
+    const int k0 = int(g % gpb) * 16;
+    const int32_t page = table[blk];
+    const int64_t kv = min64(bk, len - blk * bk);
+    if (page < 0 || int64_t(page) >= a.n_pages || k0 >= kv) return;
+    const uint16_t* base = a.k_cache + int64_t(page) * bk * D;
+    const uint32_t dst = ring + uint32_t(int(g % S::kStages) * S::kSliceBytes);
+#pragma unroll
+    for (int u = 0; u < kCopies; ++u) {
+      const int e = u * 32 + lane, row = e / kChunks, ch = e % kChunks;
+      const int64_t kr = min64(k0 + row, kv - 1);  // never a slot at or past seq_lens
+      cp_async16(dst + slice_off(row, ch, D * 2), base + kr * D + ch * 8);
+    }
+  };
 
   for (int64_t pass0 = 0; pass0 < rows; pass0 += NT * 16) {
     const int pass_rows = int(min64(rows - pass0, NT * 16));
     __syncthreads();  // the previous pass's Q is no longer read
     // Stage this pass's Q rows; rows past the request are zero (their scores are never used).
-    for (int e = threadIdx.x; e < NT * 16 * (D / 8); e += kThreads) {
-      const int rr = e / (D / 8), ch = e % (D / 8);
+    for (int e = threadIdx.x; e < NT * 16 * kChunks; e += kThreads) {
+      const int rr = e / kChunks, ch = e % kChunks;
       uint16_t v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       if (rr < pass_rows) {
         const int64_t gr = row0 + pass0 + rr;
@@ -172,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) decode_index_score_
       w.y = uint32_t(v[2]) | (uint32_t(v[3]) << 16);
       w.z = uint32_t(v[4]) | (uint32_t(v[5]) << 16);
       w.w = uint32_t(v[6]) | (uint32_t(v[7]) << 16);
-      *reinterpret_cast<uint4*>(q_s + rr * QSmem<D>::kStride + ch * 8) = w;
+      *reinterpret_cast<uint4*>(q_s + rr * S::kQStride + ch * 8) = w;
     }
     __syncthreads();
 
@@ -185,87 +236,99 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) decode_index_score_
         const int rr = t * 16 + h * 8 + gid;
         lim[t][h] = rr < pass_rows ? len - nq_b + (pass0 + rr) / a.h_kv : -1;
       }
-    // Q fragments of one tile are reloaded from shared memory per key slice when NT > 1; with one
-    // tile they stay in registers for the whole chunk.
+    // Q fragments of one tile stay in registers for the whole chunk; with several tiles they are
+    // reloaded from shared memory per key slice.
     uint4 qa[NT == 1 ? kSlices : 1], qb[NT == 1 ? kSlices : 1];
     if constexpr (NT == 1) {
 #pragma unroll
       for (int j = 0; j < kSlices; ++j) {
-        qa[j] = *reinterpret_cast<const uint4*>(q_s + gid * QSmem<D>::kStride + (j * 4 + tig) * 8);
-        qb[j] = *reinterpret_cast<const uint4*>(q_s + (gid + 8) * QSmem<D>::kStride + (j * 4 + tig) * 8);
+        qa[j] = *reinterpret_cast<const uint4*>(q_s + gid * S::kQStride + (j * 4 + tig) * 8);
+        qb[j] = *reinterpret_cast<const uint4*>(q_s + (gid + 8) * S::kQStride + (j * 4 + tig) * 8);
       }
     }
 
-    for (int64_t blk = blk0 + warp; blk < blk1; blk += kWarps) {
+    RowStat st[NT][2];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) stat_reset(st[t][0]), stat_reset(st[t][1]);
+#pragma unroll
+    for (int s = 0; s < S::kStages - 1; ++s) {
+      if (s < n_slices) issue(s);
+      cp_async_commit();
+    }
+    for (int64_t g = 0; g < n_slices; ++g) {
+      if (g + S::kStages - 1 < n_slices) issue(g + S::kStages - 1);
+      cp_async_commit();
+      cp_async_wait<S::kStages - 1>();
+      __syncwarp();  // every lane's copies of slice g have landed
+
+      const int64_t blk = blk0 + warp + (g / gpb) * kWarps;
+      const int k0 = int(g % gpb) * 16;
       const int32_t page = table[blk];
-      const int64_t kv = min64(bk, len - blk * bk);  // valid slots of the page
-      const bool ok = page >= 0 && int64_t(page) < a.n_pages;
-      RowStat st[NT][2];
+      const int64_t kv = min64(bk, len - blk * bk);
+      if (page >= 0 && int64_t(page) < a.n_pages && k0 < kv) {
+        const uint32_t stage = ring + uint32_t(int(g % S::kStages) * S::kSliceBytes);
+        const int64_t kp0 = blk * bk + k0 + 2 * tig;  // position of this lane's first column
 #pragma unroll
-      for (int t = 0; t < NT; ++t) stat_reset(st[t][0]), stat_reset(st[t][1]);
-      if (ok) {
-        const uint16_t* base = a.k_cache + int64_t(page) * bk * D;
-        for (int k0 = 0; k0 < kv; k0 += 16) {
-          // Keys k0 + gid (half 0) and k0 + 8 + gid (half 1), clamped to the valid slots.
-          uint4 kw[2][kSlices];
+        for (int t = 0; t < NT; ++t) {
+          if (t * 16 >= pass_rows) break;
+          float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int64_t kr = min64(k0 + h * 8 + gid, kv - 1);
+          for (int j = 0; j < kSlices; ++j) {
+            uint4 xa, xb;
+            if constexpr (NT == 1) {
+              xa = qa[j];
+              xb = qb[j];
+            } else {
+              xa = *reinterpret_cast<const uint4*>(q_s + (t * 16 + gid) * S::kQStride + (j * 4 + tig) * 8);
+              xb = *reinterpret_cast<const uint4*>(q_s + (t * 16 + gid + 8) * S::kQStride + (j * 4 + tig) * 8);
+            }
+            // Key fragments straight from the stage per k-step (few live registers; with several
+            // tiles the re-reads hit shared memory, not the page).
 #pragma unroll
-            for (int j = 0; j < kSlices; ++j) kw[h][j] = ld_stream(base + kr * D + (j * 4 + tig) * 8);
+            for (int h = 0; h < 2; ++h) {
+              const uint4 kw = lds128(stage + slice_off(h * 8 + gid, j * 4 + tig, D * 2));
+              mma_16816(acc[h], xa.x, xb.x, xa.y, xb.y, kw.x, kw.y);
+              mma_16816(acc[h], xa.z, xb.z, xa.w, xb.w, kw.z, kw.w);
+            }
           }
-          const int64_t kp0 = blk * bk + k0 + 2 * tig;  // position of this lane's first column
+          // acc[h][0..1]: row gid, keys kp0 + 8h + {0, 1}; acc[h][2..3]: row gid + 8 (only
+          // scored when the tile has more than 8 rows).
 #pragma unroll
-          for (int t = 0; t < NT; ++t) {
-            if (t * 16 >= pass_rows) break;
-            float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-            for (int j = 0; j < kSlices; ++j) {
-              uint4 xa, xb;
-              if constexpr (NT == 1) {
-                xa = qa[j];
-                xb = qb[j];
-              } else {
-                xa = *reinterpret_cast<const uint4*>(q_s + (t * 16 + gid) * QSmem<D>::kStride + (j * 4 + tig) * 8);
-                xb = *reinterpret_cast<const uint4*>(q_s + (t * 16 + gid + 8) * QSmem<D>::kStride + (j * 4 + tig) * 8);
-              }
-#pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                mma_16816(acc[h], xa.x, xb.x, xa.y, xb.y, kw[h][j].x, kw[h][j].y);
-                mma_16816(acc[h], xa.z, xb.z, xa.w, xb.w, kw[h][j].z, kw[h][j].w);
-              }
-            }
-            // acc[h][0..1]: row gid, keys kp0 + 8h + {0, 1}; acc[h][2..3]: row gid + 8.
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const int64_t L = min64(lim[t][r], blk * bk + kv - 1);
-              stat_update(st[t][r], acc[0][2 * r] * a.scale, kp0 <= L, acc[0][2 * r + 1] * a.scale, kp0 + 1 <= L,
-                          acc[1][2 * r] * a.scale, kp0 + 8 <= L, acc[1][2 * r + 1] * a.scale, kp0 + 9 <= L, a.lse);
-            }
+          for (int r = 0; r < 2; ++r) {
+            if (r == 1 && pass_rows - t * 16 <= 8) break;
+            const int64_t L = lim[t][r];
+            stat_update(st[t][r], acc[0][2 * r] * a.scale, kp0 <= L, acc[0][2 * r + 1] * a.scale, kp0 + 1 <= L,
+                        acc[1][2 * r] * a.scale, kp0 + 8 <= L, acc[1][2 * r + 1] * a.scale, kp0 + 9 <= L, a.lse);
           }
         }
       }
-      // The quad's lanes share m; their l and NaN flags are summed over the quad.
+      __syncwarp();  // every lane is done with this stage before it is refilled
+
+      if (g % gpb == gpb - 1) {
+        // The block is complete: the quad's lanes share m; their l and NaN flags are summed.
 #pragma unroll
-      for (int t = 0; t < NT; ++t)
+        for (int t = 0; t < NT; ++t)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float l = st[t][r].l;
-          int nan = st[t][r].nan ? 1 : 0;
-          if (a.lse) {
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            nan |= __shfl_xor_sync(0xffffffffu, nan, 1);
-            nan |= __shfl_xor_sync(0xffffffffu, nan, 2);
+          for (int r = 0; r < 2; ++r) {
+            float l = st[t][r].l;
+            int nan = st[t][r].nan ? 1 : 0;
+            if (a.lse) {
+              l += __shfl_xor_sync(0xffffffffu, l, 1);
+              l += __shfl_xor_sync(0xffffffffu, l, 2);
+              nan |= __shfl_xor_sync(0xffffffffu, nan, 1);
+              nan |= __shfl_xor_sync(0xffffffffu, nan, 2);
+            }
+            const int rr = t * 16 + r * 8 + gid;
+            if (tig == 0 && rr < pass_rows) {
+              const int64_t off = (row0 + pass0 + rr) * a.max_blocks + blk;
+              a.ws_m[off] = st[t][r].m;
+              if (a.lse) a.ws_l[off] = nan ? __int_as_float(0x7fc00000) : l;
+            }
+            stat_reset(st[t][r]);
           }
-          const int rr = t * 16 + r * 8 + gid;
-          if (tig == 0 && rr < pass_rows) {
-            const int64_t off = (row0 + pass0 + rr) * a.max_blocks + blk;
-            a.ws_m[off] = st[t][r].m;
-            if (a.lse) a.ws_l[off] = nan ? __int_as_float(0x7fc00000) : l;
-          }
-        }
+      }
     }
+    cp_async_wait<0>();
   }
 }
 
@@ -310,17 +373,6 @@ __global__ void __launch_bounds__(256) decode_index_lse_kernel(const float* ws_m
   }
 }
 
-int num_sms_cached() {
-  static int n = [] {
-    int dev = 0, v = 0;
-    check_cuda(kFn, cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(kFn, cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev),
-               "cudaDeviceGetAttribute(multiProcessorCount)");
-    return v > 0 ? v : 1;
-  }();
-  return n;
-}
-
 void check_supported(const char* fn, const char* prefix, int64_t d_idx, int64_t bk, int64_t topk) {
   if (d_idx != 64 && d_idx != 128)
     throw Error(std::string("msa::") + fn + ": " + prefix + "d_idx = " + std::to_string(d_idx) +
@@ -350,9 +402,26 @@ WsLayout ws_layout(int64_t n_q, int64_t h_kv, int64_t max_blocks) {
   return w;
 }
 
+// The kernel's dynamic shared-memory attribute, set once per (kernel, device): the run call must
+// stay capturable and cheap.
+void ensure_smem(const void* kernel, int bytes) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> done;
+  int dev = 0;
+  check_cuda(kFn, cudaGetDevice(&dev), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  int& have = done[{kernel, dev}];
+  if (have >= bytes) return;
+  check_cuda(kFn, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+             "cudaFuncSetAttribute(decode index smem)");
+  have = bytes;
+}
+
 template <int D, int NT>
 void launch_score(const Args& a, int64_t grid, cudaStream_t stream) {
-  decode_index_score_kernel<D, NT><<<unsigned(grid), kThreads, 0, stream>>>(a);
+  constexpr int bytes = Smem<D, NT>::kBytes;
+  ensure_smem(reinterpret_cast<const void*>(&decode_index_score_kernel<D, NT>), bytes);
+  decode_index_score_kernel<D, NT><<<unsigned(grid), kThreads, bytes, stream>>>(a);
 }
 
 }  // namespace
@@ -360,20 +429,13 @@ void launch_score(const Args& a, int64_t grid, cudaStream_t stream) {
 size_t plan_decode_index(DecodePlan& plan) {
   const DecodeShape& s = plan.shape;
   check_supported("plan_decode", "shape.", s.d_idx, s.bk, s.topk);
-  // Blocks per CTA, a multiple of the 8 warps: the split minimising waves x (split + a fixed cost
-  // of about two blocks per CTA: its start, Q staging and the first loads' latency), with two
-  // CTAs resident per SM. Long contexts then fill the GPU with one or a few even waves, and a
-  // single request of 1M tokens still spreads over every SM.
-  const int64_t n_b = std::max<int64_t>(1, s.max_blocks);
-  const int64_t resident = int64_t(num_sms_cached()) * 2;
-  int64_t best = kWarps, best_cost = INT64_MAX;
-  for (int64_t split = kWarps; split <= std::max<int64_t>(kWarps, n_b) * 2 && split <= 4096; split *= 2) {
-    const int64_t ctas = s.batch * ((n_b + split - 1) / split);
-    const int64_t waves = (ctas + resident - 1) / resident;
-    const int64_t cost = waves * (split + 2);
-    if (cost < best_cost) best_cost = cost, best = split;
-    if (split >= n_b) break;
-  }
+  // Blocks per CTA: each warp takes about 32 KB of keys (one page at bk = d_idx = 128), so a
+  // long context makes thousands of short CTAs. The pass is bandwidth bound and its CTAs start
+  // whenever a slot frees, so many short CTAs balance the SMs and the memory channels better than
+  // one even wave of long ones (H100, b32 x 128K: 375.9 us at 8 blocks per CTA against 396.2 us
+  // at 128, 412.8 us at 256; b1 x 1M: 125.0 us at 8 against 127.5 us at 32, docs/decode_index.md).
+  const int64_t page_bytes = s.bk * s.d_idx * 2;
+  const int64_t best = kWarps * std::max<int64_t>(1, 32768 / page_bytes);
   plan.index_split = best;
   return ws_layout(s.n_q, s.h_kv, s.max_blocks).total;
 }
