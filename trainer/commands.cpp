@@ -126,7 +126,7 @@ void add_commands(CLI::App& app, Commands& c) {
       ->capture_default_str();
   gn->add_flag("!--no-stop", g.stop_at_eos, "Do not stop at <eos>");
   gn->add_flag("--echo", g.echo, "Print the prompt before the continuation");
-  gn->add_option("--device", g.device, "cpu | cuda (decode has CPU kernels only so far)")
+  gn->add_option("--device", g.device, "cpu | cuda")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
   gn->add_option("--threads", g.threads, "CPU threads (0: torch's default)")->check(CLI::Range(0, 4096));
