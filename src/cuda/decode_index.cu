@@ -51,12 +51,11 @@ struct Args {
   const int32_t* seq_lens;
   const int32_t* cu_q;  // null: one request
   int64_t n_q, batch, n_pages, max_blocks;
-  int64_t ws_stride;  // row stride of ws_m / ws_l: max_blocks, padded to whole top-k segments for long rows
   int bk, h_kv, split, n_chunks;
   float scale;
   bool lse;
-  float* ws_m;        // [n_q * h_kv, ws_stride] block max
-  float* ws_l;        // [n_q * h_kv, ws_stride] block sum of exp(S - max), NaN if any S is NaN
+  float* ws_m;        // [n_q * h_kv, max_blocks] block max
+  float* ws_l;        // [n_q * h_kv, max_blocks] block sum of exp(S - max), NaN if any S is NaN
   int32_t* ws_nvis;   // [n_q * h_kv] visible blocks of the row
 };
 
@@ -321,7 +320,7 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) decode_index_score_
             }
             const int rr = t * 16 + r * 8 + gid;
             if (tig == 0 && rr < pass_rows) {
-              const int64_t off = (row0 + pass0 + rr) * a.ws_stride + blk;
+              const int64_t off = (row0 + pass0 + rr) * a.max_blocks + blk;
               a.ws_m[off] = st[t][r].m;
               if (a.lse) a.ws_l[off] = nan ? __int_as_float(0x7fc00000) : l;
             }
@@ -339,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) decode_index_score_
 __global__ void __launch_bounds__(256) decode_index_lse_kernel(const float* ws_m, const float* ws_l,
                                                                const int32_t* ws_nvis, const int32_t* topk_idx,
                                                                float* index_lse, int64_t rows, int64_t max_blocks,
-                                                               int64_t ws_stride, int topk) {
+                                                               int topk) {
   const int64_t row = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
@@ -349,8 +348,8 @@ __global__ void __launch_bounds__(256) decode_index_lse_kernel(const float* ws_m
   if (lane < topk) {
     const int32_t j = topk_idx[row * topk + lane];
     if (j >= 0 && j < n_vis) {
-      m = ws_m[row * ws_stride + j];
-      l = ws_l[row * ws_stride + j];
+      m = ws_m[row * max_blocks + j];
+      l = ws_l[row * max_blocks + j];
       nan = isnan(l);
       if (isnan(m)) m = -__int_as_float(0x7f800000), l = 0.f;  // a skipped page: no mass
     }
@@ -388,100 +387,19 @@ void check_supported(const char* fn, const char* prefix, int64_t d_idx, int64_t 
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
-// Rows longer than this many blocks rank in two stages: segments of kSeg blocks each keep their
-// top-k (one warp per segment, all in parallel), then the candidates (in block order, the own block
-// last) are ranked again with the own block forced. Exact: a block in a row's top-k is in its
-// segment's top-k under the same order (score, then the lower block). One warp on a whole row of
-// 8192 blocks (1M tokens) took ~23 us; segments cut the serial part to about two tiles.
-constexpr int64_t kSeg = 1024;
-constexpr int64_t kTwoStageMin = 2048;
-
-bool two_stage(int64_t max_blocks) { return max_blocks > kTwoStageMin; }
-int64_t n_segments(int64_t max_blocks) { return (max_blocks + kSeg - 1) / kSeg; }
-
 struct WsLayout {
-  int64_t stride = 0;  // row stride of m and l
-  size_t m = 0, l = 0, nvis = 0;
-  // two-stage top-k only
-  size_t seg_nvis = 0, seg_idx = 0, cand_m = 0, cand_blk = 0, cand_n = 0, sel = 0;
-  int64_t n_seg = 0, cand_stride = 0;
-  size_t total = 0;
+  size_t m, l, nvis, total;
 };
 
-WsLayout ws_layout(int64_t n_q, int64_t h_kv, int64_t max_blocks, int64_t topk) {
+WsLayout ws_layout(int64_t n_q, int64_t h_kv, int64_t max_blocks) {
   const size_t rows = size_t(std::max<int64_t>(1, n_q)) * size_t(h_kv);
-  max_blocks = std::max<int64_t>(1, max_blocks);
+  const size_t mat = align256(rows * size_t(std::max<int64_t>(1, max_blocks)) * 4);
   WsLayout w;
-  const bool two = two_stage(max_blocks);
-  w.n_seg = two ? n_segments(max_blocks) : 0;
-  w.stride = two ? w.n_seg * kSeg : max_blocks;
-  const size_t mat = align256(rows * size_t(w.stride) * 4);
   w.m = 0;
   w.l = mat;
   w.nvis = 2 * mat;
-  size_t at = w.nvis + align256(rows * 4);
-  if (two) {
-    w.cand_stride = w.n_seg * topk + 1;
-    w.seg_nvis = at, at += align256(rows * w.n_seg * 4);
-    w.seg_idx = at, at += align256(rows * w.n_seg * topk * 4);
-    w.cand_m = at, at += align256(rows * w.cand_stride * 4);
-    w.cand_blk = at, at += align256(rows * w.cand_stride * 4);
-    w.cand_n = at, at += align256(rows * 4);
-    w.sel = at, at += align256(rows * topk * 4);
-  }
-  w.total = at;
+  w.total = 2 * mat + align256(rows * 4);
   return w;
-}
-
-// Visible blocks of each segment of each row: the first stage's row_blocks.
-__global__ void decode_index_seg_nvis_kernel(const int32_t* ws_nvis, int32_t* seg_nvis, int64_t rows, int64_t n_seg,
-                                             int64_t max_blocks) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * n_seg) return;
-  const int64_t row = i / n_seg, sg = i % n_seg;
-  const int64_t n_vis = clamp64(ws_nvis[row], 0, max_blocks);
-  seg_nvis[i] = int32_t(clamp64(n_vis - sg * kSeg, 0, kSeg));
-}
-
-// The candidates of a row in ascending block order, the own block (the last visible one) moved to
-// the end so the second stage can force it; one thread per row (at most n_seg * topk + 1 entries).
-__global__ void decode_index_gather_kernel(const float* ws_m, int64_t ws_stride, const int32_t* ws_nvis,
-                                           const int32_t* seg_idx, float* cand_m, int32_t* cand_blk,
-                                           int32_t* cand_n, int64_t rows, int64_t n_seg, int64_t max_blocks,
-                                           int64_t cand_stride, int topk) {
-  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= rows) return;
-  const int64_t n_vis = clamp64(ws_nvis[row], 0, max_blocks);
-  const int64_t own = n_vis - 1;
-  float* cm = cand_m + row * cand_stride;
-  int32_t* cb = cand_blk + row * cand_stride;
-  int64_t n = 0;
-  for (int64_t sg = 0; sg < n_seg; ++sg)
-    for (int t = 0; t < topk; ++t) {
-      const int32_t c = seg_idx[(row * n_seg + sg) * topk + t];
-      if (c < 0) break;  // -1 only as tail padding
-      const int64_t j = sg * kSeg + c;
-      if (j >= own || n >= cand_stride - 1) continue;
-      cm[n] = ws_m[row * ws_stride + j];
-      cb[n] = int32_t(j);
-      ++n;
-    }
-  if (own >= 0) {
-    cm[n] = ws_m[row * ws_stride + own];
-    cb[n] = int32_t(own);
-    ++n;
-  }
-  cand_n[row] = int32_t(n);
-}
-
-// Candidate columns back to block numbers; ascending since the candidates are.
-__global__ void decode_index_map_kernel(const int32_t* sel, const int32_t* cand_blk, int32_t* topk_idx, int64_t rows,
-                                        int64_t cand_stride, int topk) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * topk) return;
-  const int64_t row = i / topk;
-  const int32_t c = sel[i];
-  topk_idx[i] = c >= 0 && c < cand_stride ? cand_blk[row * cand_stride + c] : -1;
 }
 
 // The kernel's dynamic shared-memory attribute, set once per (kernel, device): the run call must
@@ -519,7 +437,7 @@ size_t plan_decode_index(DecodePlan& plan) {
   const int64_t page_bytes = s.bk * s.d_idx * 2;
   const int64_t best = kWarps * std::max<int64_t>(1, 32768 / page_bytes);
   plan.index_split = best;
-  return ws_layout(s.n_q, s.h_kv, s.max_blocks, s.topk).total;
+  return ws_layout(s.n_q, s.h_kv, s.max_blocks).total;
 }
 
 void run_decode_index_topk(const DecodeIndexParams& p, const DecodePlan& plan, void* workspace, cudaStream_t stream) {
@@ -534,9 +452,7 @@ void run_decode_index_topk(const DecodeIndexParams& p, const DecodePlan& plan, v
                 ": cache.k_idx_cache is not 16-byte aligned, expected the page pool at a 16-byte boundary");
   if (p.n_q <= 0 || c.batch <= 0) return;
 
-  // The workspace is laid out for the planned bounds; this call's rows and blocks fit inside it
-  // (row strides are those of the plan, which the kernels are told).
-  const WsLayout w = ws_layout(plan.shape.n_q, c.h_kv, plan.shape.max_blocks, plan.shape.topk);
+  const WsLayout w = ws_layout(plan.shape.n_q, c.h_kv, plan.shape.max_blocks);
   char* ws = static_cast<char*>(workspace) + plan.index_workspace_offset;
   Args a{};
   a.q = static_cast<const uint16_t*>(p.q_idx);
@@ -556,7 +472,6 @@ void run_decode_index_topk(const DecodeIndexParams& p, const DecodePlan& plan, v
   a.n_chunks = int(std::max<int64_t>(1, (c.max_blocks + a.split - 1) / a.split));
   a.scale = p.index_scale;
   a.lse = p.index_lse != nullptr;
-  a.ws_stride = w.stride;
   a.ws_m = reinterpret_cast<float*>(ws + w.m);
   a.ws_l = reinterpret_cast<float*>(ws + w.l);
   a.ws_nvis = reinterpret_cast<int32_t*>(ws + w.nvis);
@@ -581,63 +496,21 @@ void run_decode_index_topk(const DecodeIndexParams& p, const DecodePlan& plan, v
   }
   check_cuda(kFn, cudaGetLastError(), "launch of the decode index score kernel");
 
-  const int64_t rows = p.n_q * c.h_kv;
-  if (w.n_seg > 0) {
-    // Two stages (long rows): the segments' top-k, then the candidates with the own block forced.
-    int32_t* seg_nvis = reinterpret_cast<int32_t*>(ws + w.seg_nvis);
-    int32_t* seg_idx = reinterpret_cast<int32_t*>(ws + w.seg_idx);
-    float* cand_m = reinterpret_cast<float*>(ws + w.cand_m);
-    int32_t* cand_blk = reinterpret_cast<int32_t*>(ws + w.cand_blk);
-    int32_t* cand_n = reinterpret_cast<int32_t*>(ws + w.cand_n);
-    int32_t* sel = reinterpret_cast<int32_t*>(ws + w.sel);
-    const int64_t segs = rows * w.n_seg;
-    decode_index_seg_nvis_kernel<<<unsigned((segs + 255) / 256), 256, 0, stream>>>(a.ws_nvis, seg_nvis, rows,
-                                                                                  w.n_seg, c.max_blocks);
-    check_cuda(kFn, cudaGetLastError(), "launch of the decode index segment kernel");
-    BlockTopkParams t1;
-    t1.rows = segs;
-    t1.n_blocks = kSeg;
-    t1.topk = p.topk;
-    t1.force_last = false;
-    t1.scores = a.ws_m;
-    t1.stride_row = kSeg;  // a row's segments are consecutive: the row stride is n_seg * kSeg
-    t1.row_blocks = seg_nvis;
-    t1.topk_idx = seg_idx;
-    run_block_topk(t1, stream);
-    decode_index_gather_kernel<<<unsigned((rows + 127) / 128), 128, 0, stream>>>(
-        a.ws_m, w.stride, a.ws_nvis, seg_idx, cand_m, cand_blk, cand_n, rows, w.n_seg, c.max_blocks, w.cand_stride,
-        int(p.topk));
-    check_cuda(kFn, cudaGetLastError(), "launch of the decode index gather kernel");
-    BlockTopkParams t2;
-    t2.rows = rows;
-    t2.n_blocks = w.cand_stride;
-    t2.topk = p.topk;
-    t2.force_last = true;
-    t2.scores = cand_m;
-    t2.stride_row = w.cand_stride;
-    t2.row_blocks = cand_n;
-    t2.topk_idx = sel;
-    run_block_topk(t2, stream);
-    decode_index_map_kernel<<<unsigned((rows * p.topk + 255) / 256), 256, 0, stream>>>(sel, cand_blk, p.topk_idx,
-                                                                                     rows, w.cand_stride, int(p.topk));
-    check_cuda(kFn, cudaGetLastError(), "launch of the decode index map kernel");
-  } else {
-    BlockTopkParams tp;
-    tp.rows = rows;
-    tp.n_blocks = std::max<int64_t>(1, c.max_blocks);
-    tp.topk = p.topk;
-    tp.force_last = true;
-    tp.scores = a.ws_m;
-    tp.stride_row = w.stride;
-    tp.row_blocks = a.ws_nvis;
-    tp.topk_idx = p.topk_idx;
-    run_block_topk(tp, stream);
-  }
+  BlockTopkParams tp;
+  tp.rows = p.n_q * c.h_kv;
+  tp.n_blocks = std::max<int64_t>(1, c.max_blocks);
+  tp.topk = p.topk;
+  tp.force_last = true;
+  tp.scores = a.ws_m;
+  tp.stride_row = c.max_blocks;
+  tp.row_blocks = a.ws_nvis;
+  tp.topk_idx = p.topk_idx;
+  run_block_topk(tp, stream);
 
   if (p.index_lse) {
+    const int64_t rows = p.n_q * c.h_kv;
     decode_index_lse_kernel<<<unsigned((rows + 7) / 8), 256, 0, stream>>>(a.ws_m, a.ws_l, a.ws_nvis, p.topk_idx,
-                                                                         p.index_lse, rows, c.max_blocks, w.stride,
-                                                                         int(p.topk));
+                                                                         p.index_lse, rows, c.max_blocks, int(p.topk));
     check_cuda(kFn, cudaGetLastError(), "launch of the decode index lse kernel");
   }
 }
