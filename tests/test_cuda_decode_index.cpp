@@ -445,6 +445,42 @@ TEST(CudaDecodeIndex, LongSingleRequestWithoutOffsets) {
   EXPECT_TRUE(compare(c, run_convenience(c, dv), ref, false));
 }
 
+// Rows longer than one top-k tile (1024 blocks): a mixed batch whose longest row spans 5 tiles
+// (the last partial) beside rows of 2, 1 and under 1 tile, topk 16 and 32, and a request with
+// exact ties spread over 3000 blocks.
+TEST(CudaDecodeIndex, LongRowsOverSeveralTiles) {
+  REQUIRE_CUDA_BUILD();
+  REQUIRE_GPU();
+  for (int64_t topk : {16, 32}) {
+    Spec s;
+    s.bk = 64;
+    s.d = 64;
+    s.h_kv = 2;
+    s.topk = topk;
+    s.lens = {300001, 150000, 70000, 100};
+    s.nq = {3, 1, 2, 1};
+    s.seed = 91 + uint64_t(topk);
+    const Case c = build(s);
+    const Out ref = cpu_ref(c);
+    Dev dv(c);
+    EXPECT_TRUE(compare(c, run_planned(c, dv, shape_of(c, 3)), ref, false)) << "topk " << topk;
+    EXPECT_TRUE(compare(c, run_convenience(c, dv), ref, false)) << "topk " << topk;
+  }
+  Spec s;
+  s.bk = 64;
+  s.d = 64;
+  s.topk = 8;
+  s.lens = {int32_t(3000 * 64 + 5)};
+  s.nq = {2};
+  s.null_cu = true;
+  s.tie_req = 0;
+  s.seed = 5;
+  const Case c = build(s);
+  const Out ref = cpu_ref(c);
+  Dev dv(c);
+  EXPECT_TRUE(compare(c, run_planned(c, dv, shape_of(c, 2)), ref, true));
+}
+
 // Garbage page ids, lengths beyond the table and offsets out of order: results are garbage but
 // nothing is read or written outside the tensors (run under compute-sanitizer memcheck).
 TEST(CudaDecodeIndex, GarbageDeviceArraysStayInBounds) {
