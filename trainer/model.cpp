@@ -318,15 +318,11 @@ Tensor LM::decode_step(const Tensor& token, KvCache& cache) const {
   at::NoGradGuard ng;
   const int64_t pos = cache.len;
   grow(cache, 1);
-  const int64_t len = cache.len, n_blocks = (len + c.bk - 1) / c.bk;
   Tensor pos_t = at::full({1}, pos, at::kLong).to(device_);
   const at::ScalarType pdt = params_[0].second.scalar_type();
   const at::ScalarType adt = device_.is_cuda() ? at::kBFloat16 : pdt;
   Rope rope_main = make_rope(pos_t, c.d_head, c.rope_theta, at::kFloat);
   Rope rope_idx = make_rope(pos_t, c.d_idx, c.rope_theta, at::kFloat);
-  const std::optional<Tensor> cu_q = at::tensor(std::vector<int32_t>{0, 1}, at::kInt).to(device_);
-  const std::optional<Tensor> cu_k = at::tensor(std::vector<int32_t>{0, int32_t(len)}, at::kInt).to(device_);
-  Tensor pages = cache.block_table[0].narrow(0, 0, n_blocks).to(at::kLong);
 
   Tensor x = at::embedding(p("embed"), token);  // [1, d_model]
   for (int64_t l = 0; l < c.n_layers; ++l) {
@@ -347,11 +343,10 @@ Tensor LM::decode_step(const Tensor& token, KvCache& cache) const {
       o = std::get<0>(msa_torch::decode_attention(q, L.k, L.v, cache.block_table, cache.seq_lens, topk_idx,
                                                   std::nullopt, c.bk, 0.0));
     } else {
-      // Dense: the cached tokens gathered from their pages, the query at the last position.
+      // Dense: decode attention over every visible page (topk_idx = None), no gather of the cache.
       msa_torch::append_kv(L.k, L.v, std::nullopt, cache.block_table, cache.seq_lens, k, v, std::nullopt, std::nullopt);
-      Tensor kc = L.k.index_select(0, pages).view({n_blocks * c.bk, c.h_kv, c.d_head}).narrow(0, 0, len);
-      Tensor vc = L.v.index_select(0, pages).view({n_blocks * c.bk, c.h_kv, c.d_head}).narrow(0, 0, len);
-      o = std::get<0>(msa_torch::dense_attention_fwd(q, kc, vc, cu_q, cu_k, std::nullopt, 0.0));
+      o = std::get<0>(msa_torch::decode_attention(q, L.k, L.v, cache.block_table, cache.seq_lens, std::nullopt,
+                                                  std::nullopt, c.bk, 0.0));
     }
     x = x + at::linear(o.reshape({1, c.h_q * c.d_head}).to(h.scalar_type()), p(lname(l, "wo")));
     Tensor h2 = rms_norm(x, p(lname(l, "mlp_norm")), c.norm_eps);
