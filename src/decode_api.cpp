@@ -36,9 +36,8 @@ void check_cache_dims(const char* fn, const PagedKvCache& c, bool need_kv, bool 
   check_ptr(fn, "cache.seq_lens", c.seq_lens);
 }
 
-// Dimensions of the cache and its seq_lens, read as host memory (CPU backend). Returns seq_lens.
-std::vector<int32_t> check_cache(const char* fn, const PagedKvCache& c, bool need_kv, bool need_idx) {
-  check_cache_dims(fn, c, need_kv, need_idx);
+// The cache's seq_lens, read as host memory (CPU backend) after check_cache_dims.
+std::vector<int32_t> read_seq_lens(const char* fn, const PagedKvCache& c) {
   std::vector<int32_t> lens(c.seq_lens, c.seq_lens + c.batch);
   const int64_t cap = c.max_blocks * c.bk;
   for (int64_t b = 0; b < c.batch; ++b)
@@ -146,15 +145,15 @@ void check_cuda_attention_dims(const char* fn, const char* d_name, int64_t d, co
                  ", expected a multiple of 16 from 16 to 256 on the cuda backend");
 }
 
-#ifdef MSA_WITH_CUDA
-// Checks of the CUDA run calls, which see device arrays: shapes and the plan fit only.
-
 // On CUDA a null offsets array means one request, as on the CPU; its contents are not read.
 void check_offsets_ptr(const char* fn, const char* name, const int32_t* cu, int64_t batch) {
   if (cu == nullptr && batch != 1)
     fail(fn, std::string(name) + " is null with batch = " + std::to_string(batch) +
                  ", expected offsets for a batch of several requests");
 }
+
+#ifdef MSA_WITH_CUDA
+// Checks of the CUDA run calls, which see device arrays: shapes and the plan fit only.
 
 void check_plan_eq(const char* fn, const char* arg, int64_t value, const char* field, int64_t planned) {
   if (value != planned)
@@ -218,40 +217,27 @@ void with_scratch(size_t bytes, const Exec& ex, F&& f) {
 
 }  // namespace
 
+// Each run call checks, in this order: the cache's dimensions; on the CPU its seq_lens, offsets
+// and table rows (host memory), on CUDA only their shapes; strides and pointers (both); then the
+// CPU's entry checks or CUDA's plan fit, and runs.
+
 void append_kv(const AppendKvParams& p0, const Exec& ex) {
   const char* fn = "append_kv";
   AppendKvParams p = p0;
   check_backend(fn, ex, kCudaDecode);
   check_dtype(fn, p.dtype, ex);
   const PagedKvCache& c = p.cache;
+  const bool cuda = ex.backend == Backend::cuda;
   const bool with_idx = p.k_idx != nullptr || c.k_idx_cache != nullptr;
-  if (ex.backend == Backend::cuda) {
-#ifdef MSA_WITH_CUDA
-    check_cache_dims(fn, c, true, with_idx);
+  check_cache_dims(fn, c, true, with_idx);
+  std::vector<int32_t> lens, cu;
+  if (cuda) {
     check_range(fn, "n_new", p.n_new, 0, INT32_MAX);
     check_offsets_ptr(fn, "cu_new", p.cu_new, c.batch);
-    resolve_strides3(fn, "k", p.n_new, c.h_kv, c.d, p.stride_k_tok, p.stride_k_head, false);
-    resolve_strides3(fn, "v", p.n_new, c.h_kv, c.d, p.stride_v_tok, p.stride_v_head, false);
-    const bool any = p.n_new > 0;
-    check_ptr(fn, "k", p.k, any);
-    check_ptr(fn, "v", p.v, any);
-    check_ptr(fn, "cache.k_cache", c.k_cache, any);
-    check_ptr(fn, "cache.v_cache", c.v_cache, any);
-    check_ptr(fn, "cache.block_table", c.block_table, any);
-    if (with_idx) {
-      if (p.k_idx == nullptr || c.k_idx_cache == nullptr)
-        fail(fn, std::string(p.k_idx ? "cache.k_idx_cache" : "k_idx") +
-                     " is null but the other is set, expected k_idx and cache.k_idx_cache both set (or both null "
-                     "for a layer without an index branch)");
-      resolve_strides2(fn, "k_idx", p.n_new, c.d_idx, p.stride_k_idx_tok, false);
-    }
-    if (!any) return;
-    cuda::run_append_kv(p, static_cast<cudaStream_t>(ex.stream));
-    return;
-#endif
+  } else {
+    lens = read_seq_lens(fn, c);
+    cu = check_cu(fn, "cu_new", p.cu_new, p.n_new, "n_new", lens, "new tokens");
   }
-  std::vector<int32_t> lens = check_cache(fn, c, true, with_idx);
-  std::vector<int32_t> cu = check_cu(fn, "cu_new", p.cu_new, p.n_new, "n_new", lens, "new tokens");
   resolve_strides3(fn, "k", p.n_new, c.h_kv, c.d, p.stride_k_tok, p.stride_k_head, false);
   resolve_strides3(fn, "v", p.n_new, c.h_kv, c.d, p.stride_v_tok, p.stride_v_head, false);
   const bool any = p.n_new > 0;
@@ -259,12 +245,19 @@ void append_kv(const AppendKvParams& p0, const Exec& ex) {
   check_ptr(fn, "v", p.v, any);
   check_ptr(fn, "cache.k_cache", c.k_cache, any);
   check_ptr(fn, "cache.v_cache", c.v_cache, any);
+  if (cuda) check_ptr(fn, "cache.block_table", c.block_table, any);
   if (with_idx) {
     if (p.k_idx == nullptr || c.k_idx_cache == nullptr)
       fail(fn, std::string(p.k_idx ? "cache.k_idx_cache" : "k_idx") +
                    " is null but the other is set, expected k_idx and cache.k_idx_cache both set (or both null "
                    "for a layer without an index branch)");
     resolve_strides2(fn, "k_idx", p.n_new, c.d_idx, p.stride_k_idx_tok, false);
+  }
+  if (cuda) {
+#ifdef MSA_WITH_CUDA
+    if (any) cuda::run_append_kv(p, static_cast<cudaStream_t>(ex.stream));
+#endif
+    return;
   }
   // Only the blocks that receive tokens are read from the table; each must be a distinct page,
   // or two writers would race for its slots.
@@ -297,39 +290,39 @@ void decode_index_topk(const DecodeIndexParams& p0, const DecodePlan& plan, void
   check_dtype(fn, p.dtype, ex);
   check_plan_backend(fn, plan, ex);
   const PagedKvCache& c = p.cache;
+  const bool cuda = ex.backend == Backend::cuda;
   check_range(fn, "topk", p.topk, 1, kMaxTopk);
-  if (ex.backend == Backend::cuda) {
-#ifdef MSA_WITH_CUDA
-    check_cache_dims(fn, c, false, true);
-    resolve_scale(fn, "index_scale", p.index_scale, float(1.0 / std::sqrt(double(c.d_idx))));
+  check_cache_dims(fn, c, false, true);
+  std::vector<int32_t> lens;
+  if (!cuda) lens = read_seq_lens(fn, c);
+  resolve_scale(fn, "index_scale", p.index_scale, float(1.0 / std::sqrt(double(c.d_idx))));
+  SeqInfo s;
+  if (cuda) {
     check_range(fn, "n_q", p.n_q, 0, INT32_MAX);
     check_offsets_ptr(fn, "cu_seqlens_q", p.cu_seqlens_q, c.batch);
-    resolve_strides3(fn, "q_idx", p.n_q, c.h_kv, c.d_idx, p.stride_q_idx_tok, p.stride_q_idx_head, false);
-    const bool any = p.n_q > 0;
-    check_ptr(fn, "q_idx", p.q_idx, any);
-    check_ptr(fn, "cache.k_idx_cache", c.k_idx_cache, any);
-    check_ptr(fn, "cache.block_table", c.block_table, any);
-    check_ptr(fn, "topk_idx", p.topk_idx, any);
-    const DecodeShape& s = plan.shape;
-    if (s.d_idx == 0) fail(fn, "plan.shape.d_idx = 0: the plan has no index pass, expected a plan made with d_idx > 0");
+  } else {
+    s = resolve_queries(fn, c, lens, p.n_q, p.cu_seqlens_q);
+  }
+  resolve_strides3(fn, "q_idx", p.n_q, c.h_kv, c.d_idx, p.stride_q_idx_tok, p.stride_q_idx_head, false);
+  const bool any = p.n_q > 0;
+  check_ptr(fn, "q_idx", p.q_idx, any);
+  check_ptr(fn, "cache.k_idx_cache", c.k_idx_cache, any);
+  if (cuda) check_ptr(fn, "cache.block_table", c.block_table, any);
+  check_ptr(fn, "topk_idx", p.topk_idx, any);
+  if (cuda) {
+#ifdef MSA_WITH_CUDA
+    const DecodeShape& sh = plan.shape;
+    if (sh.d_idx == 0) fail(fn, "plan.shape.d_idx = 0: the plan has no index pass, expected a plan made with d_idx > 0");
     check_plan_fit(fn, plan, c, p.n_q, p.dtype);
-    check_plan_eq(fn, "cache.d_idx", c.d_idx, "d_idx", s.d_idx);
-    check_plan_eq(fn, "topk", p.topk, "topk", s.topk);
+    check_plan_eq(fn, "cache.d_idx", c.d_idx, "d_idx", sh.d_idx);
+    check_plan_eq(fn, "topk", p.topk, "topk", sh.topk);
     if (!any) return;
     check_workspace(fn, plan, workspace);
     cuda::run_decode_index_topk(p, plan, workspace, static_cast<cudaStream_t>(ex.stream));
-    return;
 #endif
+    return;
   }
   (void)workspace;  // the CPU needs none
-  std::vector<int32_t> lens = check_cache(fn, c, false, true);
-  resolve_scale(fn, "index_scale", p.index_scale, float(1.0 / std::sqrt(double(c.d_idx))));
-  SeqInfo s = resolve_queries(fn, c, lens, p.n_q, p.cu_seqlens_q);
-  resolve_strides3(fn, "q_idx", s.n_q, c.h_kv, c.d_idx, p.stride_q_idx_tok, p.stride_q_idx_head, false);
-  const bool any = s.n_q > 0;
-  check_ptr(fn, "q_idx", p.q_idx, any);
-  check_ptr(fn, "cache.k_idx_cache", c.k_idx_cache, any);
-  check_ptr(fn, "topk_idx", p.topk_idx, any);
   if (!any) return;
   cpu::decode_index_topk(p, s, lens, ex.num_threads);
 }
@@ -341,54 +334,50 @@ void decode_attention(const DecodeAttentionParams& p0, const DecodePlan& plan, v
   check_dtype(fn, p.dtype, ex);
   check_plan_backend(fn, plan, ex);
   const PagedKvCache& c = p.cache;
+  const bool cuda = ex.backend == Backend::cuda;
   const bool dense = p.topk_idx == nullptr;  // every visible block (dense decode)
   if (!dense) check_range(fn, "topk", p.topk, 1, kMaxTopk);
-  if (ex.backend == Backend::cuda) {
-#ifdef MSA_WITH_CUDA
-    check_cache_dims(fn, c, true, false);
-    check_heads(fn, p.h_q, c.h_kv);
-    resolve_scale(fn, "scale", p.scale, float(1.0 / std::sqrt(double(c.d))));
+  check_cache_dims(fn, c, true, false);
+  std::vector<int32_t> lens;
+  if (!cuda) lens = read_seq_lens(fn, c);
+  check_heads(fn, p.h_q, c.h_kv);
+  resolve_scale(fn, "scale", p.scale, float(1.0 / std::sqrt(double(c.d))));
+  SeqInfo s;
+  if (cuda) {
     check_range(fn, "n_q", p.n_q, 0, INT32_MAX);
     check_offsets_ptr(fn, "cu_seqlens_q", p.cu_seqlens_q, c.batch);
-    resolve_strides3(fn, "q", p.n_q, p.h_q, c.d, p.stride_q_tok, p.stride_q_head, false);
-    resolve_strides3(fn, "o", p.n_q, p.h_q, c.d, p.stride_o_tok, p.stride_o_head, true);
-    const bool any = p.n_q > 0;
-    check_ptr(fn, "q", p.q, any);
-    check_ptr(fn, "cache.k_cache", c.k_cache, any);
-    check_ptr(fn, "cache.v_cache", c.v_cache, any);
-    check_ptr(fn, "cache.block_table", c.block_table, any);
-    check_ptr(fn, "o", p.o, any);
-    check_ptr(fn, "lse", p.lse, any);
-    const DecodeShape& s = plan.shape;
-    if (s.h_q == 0 || s.d == 0)
-      fail(fn, "plan.shape.h_q = " + std::to_string(s.h_q) + ", plan.shape.d = " + std::to_string(s.d) +
+  } else {
+    s = resolve_queries(fn, c, lens, p.n_q, p.cu_seqlens_q);
+  }
+  resolve_strides3(fn, "q", p.n_q, p.h_q, c.d, p.stride_q_tok, p.stride_q_head, false);
+  resolve_strides3(fn, "o", p.n_q, p.h_q, c.d, p.stride_o_tok, p.stride_o_head, true);
+  const bool any = p.n_q > 0;
+  check_ptr(fn, "q", p.q, any);
+  check_ptr(fn, "cache.k_cache", c.k_cache, any);
+  check_ptr(fn, "cache.v_cache", c.v_cache, any);
+  if (cuda) check_ptr(fn, "cache.block_table", c.block_table, any);
+  check_ptr(fn, "o", p.o, any);
+  check_ptr(fn, "lse", p.lse, any);
+  if (cuda) {
+#ifdef MSA_WITH_CUDA
+    const DecodeShape& sh = plan.shape;
+    if (sh.h_q == 0 || sh.d == 0)
+      fail(fn, "plan.shape.h_q = " + std::to_string(sh.h_q) + ", plan.shape.d = " + std::to_string(sh.d) +
                    ": the plan has no attention, expected a plan made with h_q > 0 and d > 0");
     check_plan_fit(fn, plan, c, p.n_q, p.dtype);
-    check_plan_eq(fn, "h_q", p.h_q, "h_q", s.h_q);
-    check_plan_eq(fn, "cache.d", c.d, "d", s.d);
-    check_plan_eq(fn, "topk (0: topk_idx is null, dense decode)", dense ? 0 : p.topk, "topk", s.topk);
+    check_plan_eq(fn, "h_q", p.h_q, "h_q", sh.h_q);
+    check_plan_eq(fn, "cache.d", c.d, "d", sh.d);
+    check_plan_eq(fn, "topk (0: topk_idx is null, dense decode)", dense ? 0 : p.topk, "topk", sh.topk);
     check_cuda_attention_dims(fn, "cache.d", c.d, "cache.bk", c.bk);
     check_aligned16(fn, "cache.k_cache", c.k_cache);
     check_aligned16(fn, "cache.v_cache", c.v_cache);
     if (!any) return;
     check_workspace(fn, plan, workspace);
     cuda::run_decode_attention(p, plan, workspace, static_cast<cudaStream_t>(ex.stream));
-    return;
 #endif
+    return;
   }
   (void)workspace;  // the CPU needs none
-  std::vector<int32_t> lens = check_cache(fn, c, true, false);
-  check_heads(fn, p.h_q, c.h_kv);
-  resolve_scale(fn, "scale", p.scale, float(1.0 / std::sqrt(double(c.d))));
-  SeqInfo s = resolve_queries(fn, c, lens, p.n_q, p.cu_seqlens_q);
-  resolve_strides3(fn, "q", s.n_q, p.h_q, c.d, p.stride_q_tok, p.stride_q_head, false);
-  resolve_strides3(fn, "o", s.n_q, p.h_q, c.d, p.stride_o_tok, p.stride_o_head, true);
-  const bool any = s.n_q > 0;
-  check_ptr(fn, "q", p.q, any);
-  check_ptr(fn, "cache.k_cache", c.k_cache, any);
-  check_ptr(fn, "cache.v_cache", c.v_cache, any);
-  check_ptr(fn, "o", p.o, any);
-  check_ptr(fn, "lse", p.lse, any);
   if (!dense) check_topk_idx(fn, s, p.topk_idx, c.h_kv, p.topk, c.bk);
   if (!any) return;
   cpu::decode_attention(p, s, lens, ex.num_threads);
