@@ -97,6 +97,35 @@ inline Timing time_calls(const std::function<void()>& call, cudaStream_t stream,
   return t;
 }
 
+// One measurement, or why it did not run (an operation without a CUDA kernel in this build, a
+// workspace that did not fit): such rows are reported as unavailable and the benchmark goes on.
+struct Meas {
+  Timing t;
+  std::string error;
+  bool ran() const { return error.empty() && t.runs > 0; }
+  double ms() const { return ran() ? t.median_ms : NAN; }
+};
+
+inline std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+inline Meas measure(const char* label, const std::function<void()>& call, cudaStream_t stream, int iters,
+                    double budget_ms) {
+  std::printf(" %s", label);
+  std::fflush(stdout);
+  Meas m;
+  try {
+    m.t = time_calls(call, stream, iters, budget_ms);
+  } catch (const std::exception& e) {
+    m.error = first_line(e.what());
+    cudaStreamSynchronize(stream);
+    cudaGetLastError();  // clear a non-sticky error (an allocation failure) before the next call
+    std::printf(" (unavailable)");
+  }
+  std::printf(m.ran() ? "," : ";");
+  std::fflush(stdout);
+  return m;
+}
+
 inline double tflops(double flops, double ms) { return ms > 0 ? flops / (ms * 1e-3) / 1e12 : 0; }
 
 inline std::string jstr(const std::string& s) {

@@ -36,31 +36,6 @@ constexpr double kReserve = 2e9;
 // Spot checks against the CPU reference copy one request's cache to the host: only up to here.
 constexpr int64_t kCheckMaxContext = 131072;
 
-struct Meas {
-  Timing t;
-  std::string error;
-  bool ran() const { return error.empty() && t.runs > 0; }
-  double ms() const { return ran() ? t.median_ms : NAN; }
-};
-
-Meas measure(const char* label, const std::function<void()>& call, cudaStream_t stream, int iters, double budget_ms) {
-  std::printf(" %s", label);
-  std::fflush(stdout);
-  Meas m;
-  try {
-    m.t = time_calls(call, stream, iters, budget_ms);
-  } catch (const std::exception& e) {
-    const std::string w = e.what();
-    m.error = w.substr(0, w.find('\n'));
-    cudaStreamSynchronize(stream);
-    cudaGetLastError();
-    std::printf(" (unavailable: %s)", m.error.c_str());
-  }
-  std::printf(m.ran() ? "," : ";");
-  std::fflush(stdout);
-  return m;
-}
-
 struct Case {
   int64_t context = 0, batch = 0, q_tokens = 0;
   bool largest_batch = false;  // the largest batch that fits at this context

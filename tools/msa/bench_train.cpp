@@ -31,34 +31,6 @@ namespace {
 // operation's workspace mapped between calls (the sparse phase's are trimmed before the dense one).
 constexpr double kWorkspaceReserve = 16e9;
 
-// One measurement, or why it did not run (an operation without a CUDA kernel in this build, a
-// workspace that did not fit): such rows are reported as unavailable and the benchmark goes on.
-struct Meas {
-  Timing t;
-  std::string error;
-  bool ran() const { return error.empty() && t.runs > 0; }
-  double ms() const { return ran() ? t.median_ms : NAN; }
-};
-
-std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
-
-Meas measure(const char* label, const std::function<void()>& call, cudaStream_t stream, int iters, double budget_ms) {
-  std::printf(" %s", label);
-  std::fflush(stdout);
-  Meas m;
-  try {
-    m.t = time_calls(call, stream, iters, budget_ms);
-  } catch (const std::exception& e) {
-    m.error = first_line(e.what());
-    cudaStreamSynchronize(stream);
-    cudaGetLastError();  // clear a non-sticky error (an allocation failure) before the next call
-    std::printf(" (unavailable)");
-  }
-  std::printf(m.ran() ? "," : ";");
-  std::fflush(stdout);
-  return m;
-}
-
 // Cheap sanity of the outputs (the tests cover correctness): named values, and what failed.
 struct Sanity {
   std::vector<std::pair<std::string, double>> values;
