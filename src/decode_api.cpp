@@ -12,6 +12,7 @@
 #include "validate.h"
 #ifdef MSA_WITH_CUDA
 #include "cuda/decode.h"
+#include "cuda/host.h"
 #endif
 
 namespace msa {
@@ -187,8 +188,6 @@ void check_workspace(const char* fn, const DecodePlan& plan, const void* workspa
     fail(fn,
          "workspace is not 256-byte aligned, expected an allocation of plan.workspace_bytes with 256-byte alignment");
 }
-
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 void check_aligned16(const char* fn, const char* name, const void* ptr) {
   if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
@@ -412,8 +411,8 @@ DecodePlan plan_decode(const DecodeShape& s, const Exec& ex) {
   if (ex.backend == Backend::cuda) {
 #ifdef MSA_WITH_CUDA
     if (attn) check_cuda_attention_dims(fn, "shape.d", s.d, "shape.bk", s.bk);
-    const size_t idx = s.d_idx > 0 ? align256(cuda::plan_decode_index(plan)) : 0;
-    const size_t att = attn ? align256(cuda::plan_decode_attention(plan)) : 0;
+    const size_t idx = s.d_idx > 0 ? cuda::align256(cuda::plan_decode_index(plan)) : 0;
+    const size_t att = attn ? cuda::align256(cuda::plan_decode_attention(plan)) : 0;
     plan.index_workspace_offset = 0;
     plan.attention_workspace_offset = idx;
     plan.workspace_bytes = idx + att;

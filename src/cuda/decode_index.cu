@@ -385,8 +385,6 @@ void check_supported(const char* fn, const char* prefix, int64_t d_idx, int64_t 
                 std::to_string(kMaxTopk));
 }
 
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
-
 struct WsLayout {
   size_t m, l, nvis, total;
 };
