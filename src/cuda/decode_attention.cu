@@ -392,22 +392,6 @@ __global__ void __launch_bounds__(128)
   if (lane == 0) lse[row] = empty ? -INFINITY : M + logf(L);
 }
 
-// Raises the kernel's dynamic shared-memory limit to smem on the current device once (per size
-// reached), not on every call: the attribute call costs host time that a decode step, launched
-// every token, would pay each time.
-void ensure_smem(const void* kernel, size_t smem) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, size_t> done;
-  int dev = 0;
-  check_cuda("decode_attention", cudaGetDevice(&dev), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mu);
-  size_t& have = done[{kernel, dev}];
-  if (have >= smem) return;
-  check_cuda("decode_attention", cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-             "cudaFuncSetAttribute(decode attention smem)");
-  have = smem;
-}
-
 int num_sms() {
   int dev = 0, n = 0;
   check_cuda("decode_attention", cudaGetDevice(&dev), "cudaGetDevice");
@@ -497,7 +481,7 @@ void run_decode_attention(const DecodeAttentionParams& p, const DecodePlan& plan
   }
   const dim3 grid(unsigned(int64_t(n_splits) * p.n_q), unsigned(c.h_kv * a.m_tiles));
   auto launch = [&](auto kernel, auto merge, size_t smem) {
-    ensure_smem(reinterpret_cast<const void*>(kernel), smem);
+    ensure_smem("decode_attention", reinterpret_cast<const void*>(kernel), smem);
     kernel<<<grid, kThreads, smem, stream>>>(a);
     check_cuda("decode_attention", cudaGetLastError(), "launch of the decode attention kernel");
     if (!a.direct) {

@@ -400,25 +400,10 @@ WsLayout ws_layout(int64_t n_q, int64_t h_kv, int64_t max_blocks) {
   return w;
 }
 
-// The kernel's dynamic shared-memory attribute, set once per (kernel, device): the run call must
-// stay capturable and cheap.
-void ensure_smem(const void* kernel, int bytes) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> done;
-  int dev = 0;
-  check_cuda(kFn, cudaGetDevice(&dev), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mu);
-  int& have = done[{kernel, dev}];
-  if (have >= bytes) return;
-  check_cuda(kFn, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-             "cudaFuncSetAttribute(decode index smem)");
-  have = bytes;
-}
-
 template <int D, int NT>
 void launch_score(const Args& a, int64_t grid, cudaStream_t stream) {
   constexpr int bytes = Smem<D, NT>::kBytes;
-  ensure_smem(reinterpret_cast<const void*>(&decode_index_score_kernel<D, NT>), bytes);
+  ensure_smem(kFn, reinterpret_cast<const void*>(&decode_index_score_kernel<D, NT>), bytes);
   decode_index_score_kernel<D, NT><<<unsigned(grid), kThreads, bytes, stream>>>(a);
 }
 

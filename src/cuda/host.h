@@ -10,6 +10,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -32,6 +34,21 @@ inline bool is_aligned(const void* ptr, uintptr_t bytes) { return (reinterpret_c
 
 // Workspace pieces start at 256-byte boundaries.
 inline size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
+
+// Raises a kernel's dynamic shared-memory limit to bytes on the current device once (per size
+// reached), not on every launch: launchers called every decode step stay cheap and capturable.
+inline void ensure_smem(const char* op, const void* kernel, size_t bytes) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> done;
+  int dev = 0;
+  check_cuda(op, cudaGetDevice(&dev), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& have = done[{kernel, dev}];
+  if (have >= bytes) return;
+  check_cuda(op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  have = bytes;
+}
 
 // The smallest l with 2^l >= x: log2 of a power of two (group sizes, block sizes).
 inline int log2_exact(int64_t x) {
