@@ -2,6 +2,7 @@
 #include <cstring>
 
 #include "msa/common.h"
+#include "msa/decode.h"
 
 #ifndef MSA_VERSION_STRING
 #define MSA_VERSION_STRING "0.0.0"
@@ -22,6 +23,14 @@ const char* backend_name(Backend b) {
   switch (b) {
     case Backend::cpu: return "cpu";
     case Backend::cuda: return "cuda";
+  }
+  return "unknown";
+}
+
+const char* index_key_format_name(IndexKeyFormat f) {
+  switch (f) {
+    case IndexKeyFormat::native: return "native";
+    case IndexKeyFormat::fp8_e4m3: return "fp8_e4m3";
   }
   return "unknown";
 }

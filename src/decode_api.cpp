@@ -25,6 +25,11 @@ constexpr bool kCudaDecode = true;
 
 int64_t blocks_of(int64_t len, int64_t bk) { return (len + bk - 1) / bk; }
 
+void check_index_format(const char* fn, const char* name, IndexKeyFormat f) {
+  if (f != IndexKeyFormat::native && f != IndexKeyFormat::fp8_e4m3)
+    fail(fn, std::string(name) + " = " + std::to_string(int(f)) + ", expected native (0) or fp8_e4m3 (1)");
+}
+
 // Dimensions of the cache, checked on the host for both backends.
 void check_cache_dims(const char* fn, const PagedKvCache& c, bool need_kv, bool need_idx) {
   check_range(fn, "cache.batch", c.batch, 1, INT32_MAX);
@@ -35,6 +40,18 @@ void check_cache_dims(const char* fn, const PagedKvCache& c, bool need_kv, bool 
   if (need_idx) check_range(fn, "cache.d_idx", c.d_idx, 1, 512);
   check_range(fn, "cache.max_blocks", c.max_blocks, 0, INT32_MAX);
   check_ptr(fn, "cache.seq_lens", c.seq_lens);
+  if (need_idx) check_index_format(fn, "cache.k_idx_format", c.k_idx_format);
+}
+
+// The index-key cache's scale pool: set exactly when the format is fp8_e4m3 (and the call touches
+// the cache).
+void check_index_scale(const char* fn, const PagedKvCache& c, bool any) {
+  if (c.k_idx_format == IndexKeyFormat::fp8_e4m3) {
+    check_ptr(fn, "cache.k_idx_scale", c.k_idx_scale, any);
+  } else if (c.k_idx_scale != nullptr) {
+    fail(fn, std::string("cache.k_idx_scale is set with cache.k_idx_format = ") +
+                 index_key_format_name(c.k_idx_format) + ", expected null (scales belong to fp8_e4m3 only)");
+  }
 }
 
 // The cache's seq_lens, read as host memory (CPU backend) after check_cache_dims.
@@ -251,6 +268,7 @@ void append_kv(const AppendKvParams& p0, const Exec& ex) {
                    " is null but the other is set, expected k_idx and cache.k_idx_cache both set (or both null "
                    "for a layer without an index branch)");
     resolve_strides2(fn, "k_idx", p.n_new, c.d_idx, p.stride_k_idx_tok, false);
+    check_index_scale(fn, c, any);
   }
   if (cuda) {
 #ifdef MSA_WITH_CUDA
@@ -306,6 +324,7 @@ void decode_index_topk(const DecodeIndexParams& p0, const DecodePlan& plan, void
   const bool any = p.n_q > 0;
   check_ptr(fn, "q_idx", p.q_idx, any);
   check_ptr(fn, "cache.k_idx_cache", c.k_idx_cache, any);
+  check_index_scale(fn, c, any);
   if (cuda) check_ptr(fn, "cache.block_table", c.block_table, any);
   check_ptr(fn, "topk_idx", p.topk_idx, any);
   if (cuda) {
@@ -315,6 +334,11 @@ void decode_index_topk(const DecodeIndexParams& p0, const DecodePlan& plan, void
     check_plan_fit(fn, plan, c, p.n_q, p.dtype);
     check_plan_eq(fn, "cache.d_idx", c.d_idx, "d_idx", sh.d_idx);
     check_plan_eq(fn, "topk", p.topk, "topk", sh.topk);
+    if (c.k_idx_format != sh.k_idx_format)
+      fail(fn, std::string("cache.k_idx_format = ") + index_key_format_name(c.k_idx_format) +
+                   ", expected plan.shape.k_idx_format = " + index_key_format_name(sh.k_idx_format));
+    if (c.k_idx_format == IndexKeyFormat::fp8_e4m3 && reinterpret_cast<uintptr_t>(c.k_idx_scale) % 16 != 0)
+      fail(fn, "cache.k_idx_scale is not 16-byte aligned, expected the scale pool at a 16-byte boundary");
     if (!any) return;
     check_workspace(fn, plan, workspace);
     cuda::run_decode_index_topk(p, plan, workspace, static_cast<cudaStream_t>(ex.stream));
@@ -395,6 +419,7 @@ DecodePlan plan_decode(const DecodeShape& s, const Exec& ex) {
   check_range(fn, "shape.d", s.d, 0, 512);
   check_range(fn, "shape.d_idx", s.d_idx, 0, 512);
   check_range(fn, "shape.topk", s.topk, 0, kMaxTopk);
+  check_index_format(fn, "shape.k_idx_format", s.k_idx_format);
   const bool attn = s.h_q > 0 || s.d > 0;
   if (attn) {
     check_heads(fn, s.h_q, s.h_kv);
@@ -451,9 +476,11 @@ void decode_index_topk(const DecodeIndexParams& p, const Exec& ex) {
   DecodeShape s = shape_of(p.cache, p.n_q, p.dtype);
   s.d_idx = p.cache.d_idx;
   s.topk = p.topk;
+  s.k_idx_format = p.cache.k_idx_format;
   // Argument errors surface from the planned call, which names the call's own fields.
   if (p.n_q <= 0 || s.d_idx <= 0 || p.topk < 1 || p.topk > kMaxTopk || p.cache.batch < 1 || p.cache.h_kv < 1 ||
       p.cache.bk < 1 || p.cache.max_blocks < 0 || p.dtype != DType::bf16 ||
+      (p.cache.k_idx_format != IndexKeyFormat::native && p.cache.k_idx_format != IndexKeyFormat::fp8_e4m3) ||
       (p.cu_seqlens_q == nullptr && p.cache.batch != 1))
     return decode_index_topk(p, DecodePlan{s, Backend::cuda}, nullptr, ex);
   plan = plan_decode(s, ex);

@@ -9,6 +9,25 @@
 
 namespace msa {
 
+// How the index keys are stored in the cache.
+//   native:   k_idx_cache holds the calls' dtype (bf16 on CUDA).
+//   fp8_e4m3: one byte per element (OCP e4m3, finite values only) and one float32 scale per token
+//             in k_idx_scale, halving the bytes the decode index pass reads (the pass is bound by
+//             that read). The key of a token is e4m3(k_idx_cache) * k_idx_scale. append_kv
+//             quantizes: x = float(k_idx row), a = max |x|; a < 2^-100 gives scale 0 and zero bytes, a
+//             non-finite a gives scale NaN (the token's scores become NaN, ranked below every
+//             number); otherwise scale = a / 448 and byte i = e4m3(x_i * (448 / a)) rounded to nearest
+//             even, saturating at +-448 (float32 arithmetic throughout). decode_index_topk quantizes
+//             each query row q_idx[i, r] the same way to (q8, s_q) and scores
+//               S[j] = index_scale * s_q * scale(j) * sum_d e4m3(q8[d]) * e4m3(k8(j)[d]),
+//             the sum in float32 on the GPU's FP8 tensor cores and exactly (float64) on the CPU.
+//             The selection approximates the native one; docs/decode_index.md gives the measured
+//             agreement. Attention K/V stay in the calls' dtype. On CUDA the scale pool must be
+//             16-byte aligned; on both backends k_idx_scale is [n_pages, bk] contiguous.
+enum class IndexKeyFormat : int32_t { native = 0, fp8_e4m3 = 1 };
+
+const char* index_key_format_name(IndexKeyFormat f);
+
 // The cache: a pool of pages of bk tokens each. A page is exactly one MSA block, so the block
 // table maps the logical block j of request b (its tokens at positions j*bk .. j*bk + bk - 1) to
 // one page, and selecting a block never splits a page. Every pointer lives in the memory of the
@@ -24,6 +43,8 @@ struct PagedKvCache {
   void* k_cache = nullptr;      // [n_pages, bk, h_kv, d]
   void* v_cache = nullptr;      // [n_pages, bk, h_kv, d]
   void* k_idx_cache = nullptr;  // [n_pages, bk, d_idx] (the one shared index-key head)
+  IndexKeyFormat k_idx_format = IndexKeyFormat::native;
+  float* k_idx_scale = nullptr;  // [n_pages, bk] with fp8_e4m3 (null otherwise)
 
   // [batch, max_blocks], row stride max_blocks: block_table[b, j] = page of logical block j of
   // request b. Entries j < ceil(seq_lens[b] / bk) must be page ids 0 <= id < n_pages; the rest are
@@ -137,6 +158,7 @@ struct DecodeShape {
   int64_t d_idx = 0;       // 0: plan the attention only
   int64_t topk = 16;        // 0: the attention is dense (topk_idx = nullptr); needs d_idx = 0
   DType dtype = DType::bf16;
+  IndexKeyFormat k_idx_format = IndexKeyFormat::native;  // of the index-key cache the index pass reads
 };
 
 // What plan_decode chose. workspace_bytes of device memory (256-byte aligned) serve both run calls

@@ -18,6 +18,7 @@
 
 #include "cpu_ops.h"
 #include "cpu_util.h"
+#include "../fp8.h"
 
 namespace msa::cpu {
 namespace {
@@ -108,15 +109,81 @@ void append_kv(const AppendKvParams& p, const std::vector<int32_t>& cu_new, cons
       std::memcpy(v_dst + r * d * es,
                   static_cast<const uint8_t*>(p.v) + (i * p.stride_v_tok + r * p.stride_v_head) * es, size_t(d * es));
     }
-    if (p.k_idx) {
+    if (p.k_idx && c.k_idx_format == IndexKeyFormat::fp8_e4m3) {
+      std::vector<float> x(d_idx);
+      for (int64_t e = 0; e < d_idx; ++e) x[e] = float(load(p.k_idx, p.dtype, i * p.stride_k_idx_tok + e));
+      uint8_t* x_dst = static_cast<uint8_t*>(c.k_idx_cache) + (page * bk + slot) * d_idx;
+      c.k_idx_scale[page * bk + slot] = detail::e4m3_quantize_row(x.data(), d_idx, x_dst);
+    } else if (p.k_idx) {
       uint8_t* x_dst = static_cast<uint8_t*>(c.k_idx_cache) + ((page * bk + slot) * d_idx) * es;
       std::memcpy(x_dst, static_cast<const uint8_t*>(p.k_idx) + i * p.stride_k_idx_tok * es, size_t(d_idx * es));
     }
   });
 }
 
+namespace {
+
+// The FP8 index pass (IndexKeyFormat::fp8_e4m3): the query rows are quantized like the keys, both
+// sides dequantized to float64 and the prefill reference runs on them in float64, so the scores
+// are the contract's sum of e4m3 products times the scales, without float32 rounding.
+void decode_index_topk_fp8(const DecodeIndexParams& p, const detail::SeqInfo& s, const std::vector<int32_t>& lens,
+                           int num_threads) {
+  const PagedKvCache& c = p.cache;
+  const int64_t d_idx = c.d_idx, h_kv = c.h_kv, bk = c.bk;
+  std::vector<double> keys, q;
+  std::vector<float> x(d_idx);
+  std::vector<uint8_t> q8(d_idx);
+  for_chunks(s, lens, d_idx, [&](int64_t b0, int64_t b1) {
+    detail::SeqInfo cs = chunk_info(s, lens, b0, b1);
+    if (cs.n_q == 0) return;
+    keys.assign(size_t(std::max<int64_t>(cs.n_k, 1) * d_idx), 0.0);
+    for (int64_t b = b0; b < b1; ++b) {
+      if (cs.cu_q[b - b0 + 1] == cs.cu_q[b - b0]) continue;
+      const int32_t* table = c.block_table + b * c.max_blocks;
+      double* dst = keys.data() + cs.cu_k[b - b0] * d_idx;
+      parallel_for(lens[b], num_threads, [&](int64_t t) {
+        const int64_t page = table[t / bk], slot = t % bk;
+        const uint8_t* src = static_cast<const uint8_t*>(c.k_idx_cache) + (page * bk + slot) * d_idx;
+        const double sc = c.k_idx_scale[page * bk + slot];
+        for (int64_t e = 0; e < d_idx; ++e) dst[t * d_idx + e] = double(detail::e4m3_decode(src[e])) * sc;
+      });
+    }
+    const int64_t q0 = s.cu_q[b0];
+    q.assign(size_t(cs.n_q * h_kv * d_idx), 0.0);
+    for (int64_t i = 0; i < cs.n_q; ++i)
+      for (int64_t r = 0; r < h_kv; ++r) {
+        const int64_t off = (q0 + i) * p.stride_q_idx_tok + r * p.stride_q_idx_head;
+        for (int64_t e = 0; e < d_idx; ++e) x[e] = float(load(p.q_idx, p.dtype, off + e));
+        const double sq = detail::e4m3_quantize_row(x.data(), d_idx, q8.data());
+        double* dst = q.data() + (i * h_kv + r) * d_idx;
+        for (int64_t e = 0; e < d_idx; ++e) dst[e] = double(detail::e4m3_decode(q8[e])) * sq;
+      }
+    IndexTopkParams ip;
+    ip.seq.n_q = cs.n_q;
+    ip.seq.n_k = cs.n_k;
+    ip.seq.batch = cs.batch;
+    ip.h_kv = h_kv;
+    ip.d_idx = d_idx;
+    ip.bk = bk;
+    ip.topk = p.topk;
+    ip.index_scale = p.index_scale;
+    ip.dtype = DType::f64;
+    ip.q_idx = q.data();
+    ip.stride_q_idx_tok = h_kv * d_idx;
+    ip.stride_q_idx_head = d_idx;
+    ip.k_idx = keys.data();
+    ip.stride_k_idx_tok = d_idx;
+    ip.topk_idx = p.topk_idx + q0 * h_kv * p.topk;
+    ip.index_lse = p.index_lse ? p.index_lse + q0 * h_kv : nullptr;
+    index_topk(ip, cs, num_threads);
+  });
+}
+
+}  // namespace
+
 void decode_index_topk(const DecodeIndexParams& p, const detail::SeqInfo& s, const std::vector<int32_t>& lens,
                        int num_threads) {
+  if (p.cache.k_idx_format == IndexKeyFormat::fp8_e4m3) return decode_index_topk_fp8(p, s, lens, num_threads);
   const PagedKvCache& c = p.cache;
   const int64_t es = dtype_size(p.dtype), d_idx = c.d_idx, h_kv = c.h_kv;
   std::vector<uint8_t> keys;
