@@ -4,11 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
 
+#include "fp8.h"
 #include "msa/msa.h"
 #include "test_util.h"
 
@@ -501,6 +503,196 @@ TEST(Decode, DenseEqualsDensePrefill) {
   }
 }
 
+// ---- the FP8 index-key cache (IndexKeyFormat::fp8_e4m3) ----
+
+// The e4m3 codec against values written out by hand and against its own rounding rule.
+TEST(Fp8Codec, EncodeDecodeAndRounding) {
+  using detail::e4m3_decode;
+  using detail::e4m3_encode;
+  EXPECT_EQ(e4m3_decode(0x38), 1.f);
+  EXPECT_EQ(e4m3_decode(0x01), std::ldexp(1.f, -9));    // smallest subnormal
+  EXPECT_EQ(e4m3_decode(0x08), std::ldexp(1.f, -6));    // smallest normal
+  EXPECT_EQ(e4m3_decode(0x7E), 448.f);                  // largest finite
+  EXPECT_EQ(e4m3_decode(0xC4), -3.f);                   // -1.5 * 2^1
+  EXPECT_TRUE(std::isnan(e4m3_decode(0x7F)));
+  EXPECT_EQ(e4m3_encode(448.f), 0x7E);
+  EXPECT_EQ(e4m3_encode(1e30f), 0x7E);  // saturates, never NaN
+  EXPECT_EQ(e4m3_encode(-500.f), 0xFE);
+  EXPECT_EQ(e4m3_encode(-0.f), 0x80);
+  int checked = 0;
+  for (int b = 0; b < 256; ++b) {
+    if ((b & 0x7F) == 0x7F) continue;
+    ASSERT_EQ(e4m3_encode(e4m3_decode(uint8_t(b))), b) << "byte " << b;
+    // Between b and the next magnitude up: the midpoint goes to the even mantissa, anything off it
+    // to the nearer one.
+    if ((b & 0x7F) >= 0x7E) continue;
+    const float lo = e4m3_decode(uint8_t(b)), hi = e4m3_decode(uint8_t(b + 1)), mid = 0.5f * (lo + hi);
+    const int even = (b & 1) == 0 ? b : b + 1;
+    ASSERT_EQ(e4m3_encode(mid), even) << "midpoint above byte " << b;
+    ASSERT_EQ(e4m3_encode(std::nextafter(mid, lo)), b);
+    ASSERT_EQ(e4m3_encode(std::nextafter(mid, hi)), b + 1);
+    ++checked;
+  }
+  EXPECT_EQ(checked, 2 * 126);
+}
+
+TEST(Fp8Codec, QuantizeRowContract) {
+  std::vector<uint8_t> q(5);
+  std::vector<float> x = {1.f, -7.f, 0.25f, 3.5f, 0.f};
+  float s = detail::e4m3_quantize_row(x.data(), 5, q.data());
+  EXPECT_EQ(s, 7.f / 448.f);
+  EXPECT_EQ(q[1], 0xFE);  // the row's max maps to -448 exactly
+  for (int i = 0; i < 5; ++i) EXPECT_NEAR(detail::e4m3_decode(q[i]) * s, x[i], std::ldexp(std::fabs(x[i]), -4) + 1e-7);
+  std::vector<float> zeros(5, 0.f), tiny(5, 1e-35f), nan = x, inf = x;
+  nan[2] = NAN;
+  inf[0] = -INFINITY;
+  EXPECT_EQ(detail::e4m3_quantize_row(zeros.data(), 5, q.data()), 0.f);
+  EXPECT_EQ(detail::e4m3_quantize_row(tiny.data(), 5, q.data()), 0.f);  // below 2^-100: a zero row
+  EXPECT_EQ(q, std::vector<uint8_t>(5, 0));
+  EXPECT_TRUE(std::isnan(detail::e4m3_quantize_row(nan.data(), 5, q.data())));
+  EXPECT_EQ(q, std::vector<uint8_t>(5, 0));
+  EXPECT_TRUE(std::isnan(detail::e4m3_quantize_row(inf.data(), 5, q.data())));
+}
+
+// An fp8 index cache beside a PagedCase's K/V cache: bytes [n_pages, bk, d_idx] and scales.
+struct Fp8Index {
+  std::vector<uint8_t> bytes;
+  std::vector<float> scale;
+  explicit Fp8Index(const PagedCase& pc)
+      : bytes(size_t(pc.n_pages * pc.dm.bk * pc.dm.d_idx), 0x7F), scale(size_t(pc.n_pages * pc.dm.bk), NAN) {}
+  void attach(PagedKvCache& c) {
+    c.k_idx_cache = bytes.data();
+    c.k_idx_format = IndexKeyFormat::fp8_e4m3;
+    c.k_idx_scale = scale.data();
+  }
+};
+
+// Appends every token of pc (all requests, in two steps) into its K/V cache and an fp8 index cache.
+void append_all_fp8(PagedCase& pc, Fp8Index& fx) {
+  const Dims& dm = pc.dm;
+  const int64_t row = dm.h_kv * dm.d;
+  std::vector<int32_t> half(pc.batch()), cur(pc.batch(), 0);
+  for (int64_t b = 0; b < pc.batch(); ++b) half[b] = pc.nq[b] > 0 ? pc.lens[b] / 2 : 0;
+  for (const std::vector<int32_t>* upto : {&half, &pc.lens}) {
+    std::vector<int32_t> n_new(pc.batch()), lens(pc.batch());
+    for (int64_t b = 0; b < pc.batch(); ++b) {
+      lens[b] = pc.nq[b] > 0 ? (*upto)[b] : 0;
+      n_new[b] = lens[b] - cur[b];
+    }
+    std::vector<int32_t> cu = cu_from_lengths(n_new);
+    const int64_t n = cu.back();
+    Buf k(dm.dtype, size_t(std::max<int64_t>(n, 1) * row)), v(dm.dtype, k.size()),
+        x(dm.dtype, size_t(std::max<int64_t>(n, 1) * dm.d_idx));
+    for (int64_t b = 0; b < pc.batch(); ++b)
+      for (int64_t t = 0; t < n_new[b]; ++t) {
+        const int64_t src = pc.cu_k[b] + cur[b] + t, dst = cu[b] + t;
+        for (int64_t e = 0; e < row; ++e) k.set(dst * row + e, pc.k[src * row + e]), v.set(dst * row + e, pc.v[src * row + e]);
+        for (int64_t e = 0; e < dm.d_idx; ++e) x.set(dst * dm.d_idx + e, pc.kidx[src * dm.d_idx + e]);
+      }
+    AppendKvParams p;
+    p.cache = pc.cache(lens.data());
+    fx.attach(p.cache);
+    p.dtype = dm.dtype;
+    p.n_new = n;
+    p.cu_new = cu.data();
+    p.k = k.data();
+    p.v = v.data();
+    p.k_idx = x.data();
+    append_kv(p);
+    cur = lens;
+  }
+}
+
+// append_kv into an fp8 index cache: each token's bytes and scale follow the quantization
+// contract, the error per element is within half an e4m3 step, the K/V cache is written as usual.
+TEST(DecodeFp8, AppendQuantizesEachToken) {
+  for (DType dt : {DType::f32, DType::bf16}) {
+    Dims dm;
+    dm.dtype = dt;
+    dm.bk = 16;
+    dm.d_idx = 64;
+    PagedCase pc(dm, {40, 17, 3, 90}, {1, 2, 1, 1}, 31 + int(dt));
+    // Rows that exercise the edges: all zero, one NaN, one huge element, tiny values.
+    auto tok = [&](int64_t b, int64_t t) { return &pc.kidx[(pc.cu_k[b] + t) * dm.d_idx]; };
+    std::fill(tok(0, 3), tok(0, 3) + dm.d_idx, 0.0);
+    tok(1, 5)[7] = NAN;
+    tok(3, 60)[0] = 3e4;
+    for (int64_t e = 0; e < dm.d_idx; ++e) tok(3, 61)[e] = 1e-20 * double(e % 5 - 2);
+    Fp8Index fx(pc);
+    append_all_fp8(pc, fx);
+    PagedCase hand(dm, pc.lens, pc.nq, 31 + int(dt));
+    hand.write_by_hand(hand.lens);
+    EXPECT_TRUE(pc.kc.bytes == hand.kc.bytes) << dtype_name(dt);
+    EXPECT_TRUE(pc.vc.bytes == hand.vc.bytes) << dtype_name(dt);
+    int64_t checked = 0;
+    for (int64_t b = 0; b < pc.batch(); ++b)
+      for (int64_t t = 0; t < pc.lens[b]; ++t) {
+        const int64_t slot = pc.table[b * pc.max_blocks + t / dm.bk] * dm.bk + t % dm.bk;
+        std::vector<float> x(dm.d_idx);
+        for (int64_t e = 0; e < dm.d_idx; ++e) x[e] = float(Buf(dt, std::vector<double>{tok(b, t)[e]}).get(0));
+        std::vector<uint8_t> want(dm.d_idx);
+        const float ws = detail::e4m3_quantize_row(x.data(), dm.d_idx, want.data());
+        const float got_s = fx.scale[slot];
+        ASSERT_TRUE(got_s == ws || (std::isnan(got_s) && std::isnan(ws))) << "request " << b << " token " << t;
+        ASSERT_TRUE(std::equal(want.begin(), want.end(), fx.bytes.begin() + slot * dm.d_idx));
+        if (!std::isfinite(got_s)) continue;
+        for (int64_t e = 0; e < dm.d_idx; ++e) {
+          const double dq = double(detail::e4m3_decode(fx.bytes[slot * dm.d_idx + e])) * got_s;
+          ASSERT_LE(std::fabs(dq - x[e]), std::ldexp(std::fabs(x[e]), -4) + std::ldexp(double(got_s), -10) + 1e-300)
+              << "request " << b << " token " << t << " element " << e;
+        }
+        ++checked;
+      }
+    EXPECT_EQ(checked, 40 + 17 + 3 + 90 - 1);  // all but the NaN row
+    EXPECT_TRUE(std::isnan(fx.scale[pc.table[1 * pc.max_blocks + 0] * dm.bk + 5]));
+    EXPECT_EQ(fx.scale[pc.table[0] * dm.bk + 3], 0.f);
+  }
+}
+
+// When every key and query row is exactly representable (e4m3 values times a power of two, with
+// +-448 in the row), quantization is exact and the fp8 index pass must select exactly what the
+// native pass selects on the same values, with the same index_lse.
+TEST(DecodeFp8, ExactValuesSelectLikeTheNativeCache) {
+  for (int64_t bk : {16, 64}) {
+    Dims dm;
+    dm.dtype = DType::f32;
+    dm.bk = bk;
+    dm.topk = 4;
+    dm.d_idx = 32;
+    const int32_t kb = int32_t(dm.topk * bk);
+    PagedCase pc(dm, {1, int32_t(bk) + 1, kb - 1, 3 * kb + 5, 2 * kb}, {1, 3, 2, 5, 1}, 77 + bk);
+    std::mt19937_64 rng(91 + bk);
+    auto fill = [&](double* row, int64_t n) {
+      const int sh = int(rng() % 9) - 4;  // the row's power-of-two scale
+      for (int64_t e = 0; e < n; ++e) {
+        uint8_t byte = uint8_t(rng() % 256);
+        if ((byte & 0x7F) == 0x7F) byte = 0x30;
+        row[e] = std::ldexp(double(detail::e4m3_decode(byte)), sh);
+      }
+      row[rng() % n] = std::ldexp(rng() % 2 ? 448.0 : -448.0, sh);
+    };
+    for (int64_t t = 0; t < pc.cu_k.back(); ++t) fill(&pc.kidx[t * dm.d_idx], dm.d_idx);
+    for (int64_t r = 0; r < pc.cu_q.back() * dm.h_kv; ++r) fill(&pc.qidx[r * dm.d_idx], dm.d_idx);
+    pc.write_by_hand(pc.lens);
+    Outputs native = run_decode(pc);
+    Fp8Index fx(pc);
+    append_all_fp8(pc, fx);
+    Outputs f8;
+    const int64_t n_q = pc.cu_q.back();
+    f8.topk_idx.assign(n_q * dm.h_kv * dm.topk, -7);
+    f8.index_lse.assign(n_q * dm.h_kv, 0.f);
+    Buf qidx(dm.dtype, pc.qidx);
+    DecodeIndexParams ip = index_params(pc, pc.lens.data(), qidx, f8);
+    fx.attach(ip.cache);
+    decode_index_topk(ip);
+    EXPECT_EQ(f8.topk_idx, native.topk_idx) << "bk " << bk;
+    EXPECT_TRUE(allclose(as_double(f8.index_lse), as_double(native.index_lse), 1e-6, 1e-6, "index_lse"));
+    int64_t partial = 0;
+    for (int64_t i = 0; i < n_q; ++i) partial += f8.topk_idx[i * dm.h_kv * dm.topk + dm.topk - 1] >= 0;
+    EXPECT_GT(partial, 0);
+  }
+}
+
 // ---- validation ----
 
 struct Bad {
@@ -678,6 +870,28 @@ TEST(DecodeValidation, PlanBackendMustMatchTheCall) {
   s = DecodeShape{};
   s.h_kv = 1;
   EXPECT_TRUE(throws_error([&] { plan_decode(s, Exec{}); }, {"msa::plan_decode", "plans nothing"}));
+}
+
+TEST(DecodeFp8, Validation) {
+  Bad t;
+  Fp8Index fx(t.pc);
+  auto ip = t.ip();
+  fx.attach(ip.cache);
+  EXPECT_NO_THROW(decode_index_topk(ip));
+  ip.cache.k_idx_scale = nullptr;
+  EXPECT_TRUE(throws_error([&] { decode_index_topk(ip); }, {"msa::decode_index_topk", "cache.k_idx_scale is null"}));
+  ip = t.ip();
+  ip.cache.k_idx_scale = fx.scale.data();  // a scale pool with a native cache
+  EXPECT_TRUE(throws_error([&] { decode_index_topk(ip); }, {"cache.k_idx_scale is set", "native"}));
+  ip = t.ip();
+  ip.cache.k_idx_format = IndexKeyFormat(3);
+  EXPECT_TRUE(throws_error([&] { decode_index_topk(ip); }, {"cache.k_idx_format = 3", "fp8_e4m3"}));
+  DecodeShape sh;
+  sh.h_kv = 2;
+  sh.d_idx = 32;
+  sh.max_blocks = 4;
+  sh.k_idx_format = IndexKeyFormat(9);
+  EXPECT_TRUE(throws_error([&] { plan_decode(sh); }, {"msa::plan_decode", "shape.k_idx_format = 9"}));
 }
 
 }  // namespace
