@@ -3,6 +3,7 @@
 
 #include "msa/common.h"
 #include "msa/decode.h"
+#include "fp8.h"
 
 #ifndef MSA_VERSION_STRING
 #define MSA_VERSION_STRING "0.0.0"
@@ -34,6 +35,8 @@ const char* index_key_format_name(IndexKeyFormat f) {
   }
   return "unknown";
 }
+
+float quantize_e4m3_row(const float* x, int64_t n, uint8_t* out) { return detail::e4m3_quantize_row(x, n, out); }
 
 int64_t dtype_size(DType t) {
   switch (t) {

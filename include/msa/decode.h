@@ -28,6 +28,10 @@ enum class IndexKeyFormat : int32_t { native = 0, fp8_e4m3 = 1 };
 
 const char* index_key_format_name(IndexKeyFormat f);
 
+// The fp8_e4m3 quantization of one row of n values on the host, exactly as append_kv stores an
+// index key: writes n e4m3 bytes to out and returns the row's scale.
+float quantize_e4m3_row(const float* x, int64_t n, uint8_t* out);
+
 // The cache: a pool of pages of bk tokens each. A page is exactly one MSA block, so the block
 // table maps the logical block j of request b (its tokens at positions j*bk .. j*bk + bk - 1) to
 // one page, and selecting a block never splits a page. Every pointer lives in the memory of the

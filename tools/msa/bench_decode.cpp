@@ -28,9 +28,11 @@
 namespace msa::cli {
 namespace {
 
-// Bytes of one cached token: K and V of every KV head, and the shared index key (bf16).
+// Bytes of one cached token: K and V of every KV head, and the shared index key (bf16, or e4m3
+// bytes plus a float32 scale).
 constexpr double kKvBytesPerToken = 2.0 * kHkv * kD * 2;
-constexpr double kIdxBytesPerToken = double(kDidx) * 2;
+double idx_bytes_per_token(IndexKeyFormat f) { return f == IndexKeyFormat::fp8_e4m3 ? kDidx + 4.0 : kDidx * 2.0; }
+const char* fmt_name(IndexKeyFormat f) { return f == IndexKeyFormat::fp8_e4m3 ? "fp8" : "bf16"; }
 // Device memory left free beyond the cache and the tensors of a step (workspaces, the pool).
 constexpr double kReserve = 2e9;
 // Spot checks against the CPU reference copy one request's cache to the host: only up to here.
@@ -39,11 +41,15 @@ constexpr int64_t kCheckMaxContext = 131072;
 struct Case {
   int64_t context = 0, batch = 0, q_tokens = 0;
   bool largest_batch = false;  // the largest batch that fits at this context
+  IndexKeyFormat fmt = IndexKeyFormat::native;  // of the index-key cache
 };
 
 struct CheckResult {
   bool ran = false;
   int64_t rows = 0, selection_mismatch = 0;
+  // bf16 cases: the CPU's fp8 selection of the same keys (quantized on the host) against its bf16
+  // selection: selected blocks in common / blocks selected, over the checked rows.
+  int64_t fp8_common = 0, fp8_selected = 0;
   double o_worst = 0, lse_worst = 0, dense_o_worst = 0, dense_lse_worst = 0;  // in units of the tolerance
   bool pass() const {
     return !ran || (selection_mismatch * 64 <= rows && o_worst <= 1 && lse_worst <= 1 && dense_o_worst <= 1 &&
@@ -91,15 +97,23 @@ CheckResult spot_check(const Case& c, const PagedKvCache& gc, const std::vector<
   r.ran = true;
   const int64_t nb = (c.context + kBk - 1) / kBk, T = c.q_tokens;
   const size_t page_kv = size_t(kBk) * kHkv * kD, page_idx = size_t(kBk) * kDidx;
-  std::vector<uint16_t> k(nb * page_kv), v(nb * page_kv), kidx(nb * page_idx);
+  const bool fp8 = c.fmt == IndexKeyFormat::fp8_e4m3;
+  const size_t idx_es = fp8 ? 1 : 2;
+  std::vector<uint16_t> k(nb * page_kv), v(nb * page_kv);
+  std::vector<uint8_t> kidx(nb * page_idx * idx_es);
+  std::vector<float> kscale(fp8 ? nb * kBk : 0);
   for (int64_t j = 0; j < nb; ++j) {
     const size_t page = size_t(table[j]);
     ok(cudaMemcpy(k.data() + j * page_kv, static_cast<const uint16_t*>(gc.k_cache) + page * page_kv, page_kv * 2,
                   cudaMemcpyDeviceToHost), "download k");
     ok(cudaMemcpy(v.data() + j * page_kv, static_cast<const uint16_t*>(gc.v_cache) + page * page_kv, page_kv * 2,
                   cudaMemcpyDeviceToHost), "download v");
-    ok(cudaMemcpy(kidx.data() + j * page_idx, static_cast<const uint16_t*>(gc.k_idx_cache) + page * page_idx,
-                  page_idx * 2, cudaMemcpyDeviceToHost), "download k_idx");
+    ok(cudaMemcpy(kidx.data() + j * page_idx * idx_es,
+                  static_cast<const uint8_t*>(gc.k_idx_cache) + page * page_idx * idx_es, page_idx * idx_es,
+                  cudaMemcpyDeviceToHost), "download k_idx");
+    if (fp8)
+      ok(cudaMemcpy(kscale.data() + j * kBk, gc.k_idx_scale + page * kBk, kBk * 4, cudaMemcpyDeviceToHost),
+         "download k_idx_scale");
   }
   std::vector<int32_t> ident(nb);
   std::iota(ident.begin(), ident.end(), 0);
@@ -114,6 +128,10 @@ CheckResult spot_check(const Case& c, const PagedKvCache& gc, const std::vector<
   hc.k_cache = k.data();
   hc.v_cache = v.data();
   hc.k_idx_cache = kidx.data();
+  if (fp8) {
+    hc.k_idx_format = IndexKeyFormat::fp8_e4m3;
+    hc.k_idx_scale = kscale.data();
+  }
   hc.block_table = ident.data();
   hc.max_blocks = nb;
   hc.seq_lens = &len;
@@ -133,6 +151,29 @@ CheckResult spot_check(const Case& c, const PagedKvCache& gc, const std::vector<
     std::set<int32_t> a(sel.begin() + row * kTopk, sel.begin() + (row + 1) * kTopk);
     std::set<int32_t> b(ref_sel.begin() + row * kTopk, ref_sel.begin() + (row + 1) * kTopk);
     r.selection_mismatch += a != b;
+  }
+  if (!fp8) {
+    // The same keys through an fp8 cache: quantized per token as append_kv would.
+    std::vector<uint8_t> k8(kidx.size() / 2);
+    std::vector<float> ks(size_t(nb) * kBk), row(kDidx);
+    const uint16_t* k16 = reinterpret_cast<const uint16_t*>(kidx.data());
+    for (int64_t t = 0; t < nb * kBk; ++t) {
+      for (int64_t e = 0; e < kDidx; ++e) row[e] = bf16_to_float(bf16{k16[t * kDidx + e]});
+      ks[t] = quantize_e4m3_row(row.data(), kDidx, k8.data() + t * kDidx);
+    }
+    DecodeIndexParams fp = ip;
+    fp.cache.k_idx_cache = k8.data();
+    fp.cache.k_idx_format = IndexKeyFormat::fp8_e4m3;
+    fp.cache.k_idx_scale = ks.data();
+    std::vector<int32_t> sel8(ref_sel.size());
+    fp.topk_idx = sel8.data();
+    decode_index_topk(fp);
+    for (int64_t row_i = 0; row_i < r.rows; ++row_i) {
+      std::set<int32_t> a(ref_sel.begin() + row_i * kTopk, ref_sel.begin() + (row_i + 1) * kTopk);
+      a.erase(-1);
+      for (int64_t x = 0; x < kTopk; ++x) r.fp8_common += a.count(sel8[row_i * kTopk + x]);
+      r.fp8_selected += int64_t(a.size());
+    }
   }
 
   // o within u |ref| + 4u max|o_ref| of the row (u = 2^-8: bf16 output and P rounding), lse within
@@ -191,13 +232,13 @@ double attention_bytes(const std::vector<int32_t>& sel, const Case& c) {
 }
 
 CaseResult run_case(const Case& c, const BenchDecodeOptions& opt, cudaStream_t stream, void* k_cache, void* v_cache,
-                    void* kidx_cache, int64_t n_pages, const std::vector<int32_t>& table_h, const int32_t* table_d,
+                    void* kidx_cache, float* kidx_scale, int64_t n_pages, const std::vector<int32_t>& table_h, const int32_t* table_d,
                     const int32_t* lens_d) {
   CaseResult res;
   res.c = c;
   const int64_t nb = (c.context + kBk - 1) / kBk, T = c.q_tokens, n_q = c.batch * T;
-  std::printf("  context %lld, batch %lld, %lld query token%s:", (long long)c.context, (long long)c.batch,
-              (long long)T, T == 1 ? "" : "s");
+  std::printf("  %s index keys, context %lld, batch %lld, %lld query token%s:", fmt_name(c.fmt), (long long)c.context,
+              (long long)c.batch, (long long)T, T == 1 ? "" : "s");
   std::fflush(stdout);
 
   PagedKvCache cache;
@@ -210,6 +251,8 @@ CaseResult run_case(const Case& c, const BenchDecodeOptions& opt, cudaStream_t s
   cache.k_cache = k_cache;
   cache.v_cache = v_cache;
   cache.k_idx_cache = kidx_cache;
+  cache.k_idx_format = c.fmt;
+  cache.k_idx_scale = kidx_scale;
   cache.block_table = table_d;
   cache.max_blocks = nb;
   cache.seq_lens = lens_d;
@@ -228,10 +271,12 @@ CaseResult run_case(const Case& c, const BenchDecodeOptions& opt, cudaStream_t s
   s.d = kD;
   s.d_idx = kDidx;
   s.topk = kTopk;
+  s.k_idx_format = c.fmt;
   const DecodePlan plan = plan_decode(s, ex);
   DecodeShape sd = s;
   sd.d_idx = 0;
   sd.topk = 0;
+  sd.k_idx_format = IndexKeyFormat::native;
   const DecodePlan plan_dense = plan_decode(sd, ex);
   res.index_split = plan.index_split;
   res.attention_split = plan.attention_split;
@@ -312,7 +357,7 @@ CaseResult run_case(const Case& c, const BenchDecodeOptions& opt, cudaStream_t s
 
   std::vector<int32_t> sel_h(size_t(n_q) * kHkv * kTopk);
   ok(cudaMemcpy(sel_h.data(), sel.ptr, sel_h.size() * 4, cudaMemcpyDeviceToHost), "download selection");
-  res.index_bytes = double(c.batch) * c.context * kIdxBytesPerToken;
+  res.index_bytes = double(c.batch) * c.context * idx_bytes_per_token(c.fmt);
   res.attention_bytes = attention_bytes(sel_h, c);
   res.dense_bytes = double(c.batch) * c.context * kKvBytesPerToken;
   if (c.context <= kCheckMaxContext && res.step.ran() && res.dense.ran()) {
@@ -337,27 +382,34 @@ std::string to_markdown(const Context& cx, double copy, const std::vector<CaseRe
              cx.runtime.c_str(), cx.date.c_str(), cx.commit.c_str(), cx.commit_source.c_str());
   md += "Command: `" + cx.command + "`\n\n";
   md += strf("M3 shape: h_q %lld, h_kv %lld, d %lld, d_idx %lld, bk %lld, topk %lld, bf16; contexts are the cached "
-             "tokens of every request (the step's query tokens included), pages scattered in the pool. Device-to-device "
-             "copy of 2 GB (read + write): %s GB/s. Times: median of up to %d runs (fewer, marked, when a run is long); "
-             "GB/s = bytes that must be read / time (index: the bf16 index keys of every visible token; attention: K "
-             "and V of the distinct selected blocks per request and group; dense: K and V of every visible token).\n\n",
+             "tokens of every request (the step's query tokens included), pages scattered in the pool. Index keys: bf16 "
+             "(256 B per token) or fp8 (e4m3 bytes + a float32 scale, 132 B per token; the K/V cache stays bf16). "
+             "Device-to-device copy of 2 GB (read + write): %s GB/s. Times: median of up to %d runs (fewer, marked, "
+             "when a run is long); GB/s = bytes that must be read / time (index: the index keys of every visible "
+             "token; attention: K and V of the distinct selected blocks per request and group; dense: K and V of every "
+             "visible token).\n\n",
              (long long)kHq, (long long)kHkv, (long long)kD, (long long)kDidx, (long long)kBk, (long long)kTopk,
              fmt_gbps(copy).c_str(), cx.iters);
-  md += "| context | batch | q tokens | index ms (GB/s) | attention ms (GB/s) | MSA step ms | step, graph ms | dense "
+  md += "| index keys | context | batch | q tokens | index ms (GB/s) | attention ms (GB/s) | MSA step ms | step, graph ms | dense "
         "ms (GB/s) | speed-up | check |\n";
-  md += "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n";
+  md += "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n";
   for (const CaseResult& r : rs) {
     if (!r.skipped.empty()) {
-      md += strf("| %lld | %lld | %lld | skipped: %s | | | | | | |\n", (long long)r.c.context, (long long)r.c.batch,
-                 (long long)r.c.q_tokens, r.skipped.c_str());
+      md += strf("| %s | %lld | %lld | %lld | skipped: %s | | | | | | |\n", fmt_name(r.c.fmt), (long long)r.c.context,
+                 (long long)r.c.batch, (long long)r.c.q_tokens, r.skipped.c_str());
       continue;
     }
     const double best = std::min(r.step.ms(), r.step_graph.ran() ? r.step_graph.ms() : INFINITY);
     std::string chk = !r.check.ran ? "-"
                       : strf("%s (sel %lld/%lld, o %.2f, lse %.2f, dense o %.2f)", r.check.pass() ? "ok" : "FAILED",
                              (long long)r.check.selection_mismatch, (long long)r.check.rows, r.check.o_worst,
-                             r.check.lse_worst, r.check.dense_o_worst);
-    md += strf("| %lld | %lld%s | %lld | %s (%s) | %s (%s) | %s | %s | %s (%s) | %s | %s |\n", (long long)r.c.context,
+                             r.check.lse_worst, r.check.dense_o_worst) +
+                            (r.check.fp8_selected > 0
+                                 ? strf("; fp8 keeps %.3f of the bf16 blocks",
+                                        double(r.check.fp8_common) / double(r.check.fp8_selected))
+                                 : std::string());
+    md += strf("| %s | %lld | %lld%s | %lld | %s (%s) | %s (%s) | %s | %s | %s (%s) | %s | %s |\n", fmt_name(r.c.fmt),
+               (long long)r.c.context,
                (long long)r.c.batch, r.c.largest_batch ? " (largest)" : "", (long long)r.c.q_tokens,
                fmt_meas(r.index).c_str(), fmt_gbps(gbps(r.index_bytes, r.index.ms())).c_str(),
                fmt_meas(r.attention).c_str(), fmt_gbps(gbps(r.attention_bytes, r.attention.ms())).c_str(),
@@ -367,7 +419,8 @@ std::string to_markdown(const Context& cx, double copy, const std::vector<CaseRe
   }
   md += "\nSpeed-up = dense / the faster of the MSA step eager and replayed from a graph. check: request 0 against the "
         "CPU reference (contexts up to 131072): selection rows whose set differs (near-ties may flip), and the worst "
-        "attention errors in units of the tolerance (<= 1 passes).\n";
+        "attention errors in units of the tolerance (<= 1 passes); on bf16 rows also the CPU's selection through an fp8 "
+        "cache of the same keys against its bf16 selection (share of the bf16 blocks fp8 also picks).\n";
   return md;
 }
 
@@ -387,8 +440,9 @@ std::string to_json(const Context& cx, double copy, const std::vector<CaseResult
   j += "  \"copy_gbps\": " + jnum(copy, 5) + ",\n  \"cases\": [\n";
   for (size_t i = 0; i < rs.size(); ++i) {
     const CaseResult& r = rs[i];
-    j += strf("    {\"context\": %lld, \"batch\": %lld, \"largest_batch\": %s, \"q_tokens\": %lld", (long long)r.c.context,
-              (long long)r.c.batch, r.c.largest_batch ? "true" : "false", (long long)r.c.q_tokens);
+    j += strf("    {\"index_keys\": \"%s\", \"context\": %lld, \"batch\": %lld, \"largest_batch\": %s, \"q_tokens\": %lld",
+              fmt_name(r.c.fmt), (long long)r.c.context, (long long)r.c.batch, r.c.largest_batch ? "true" : "false",
+              (long long)r.c.q_tokens);
     if (!r.skipped.empty()) {
       j += ", \"skipped\": " + jstr(r.skipped) + "}";
     } else {
@@ -401,10 +455,12 @@ std::string to_json(const Context& cx, double copy, const std::vector<CaseResult
       j += ",\n     \"dense\": " + jmeas(r.dense, r.dense_bytes);
       if (r.check.ran)
         j += strf(",\n     \"check\": {\"pass\": %s, \"rows\": %lld, \"selection_mismatch\": %lld, \"o_worst\": %s, "
-                  "\"lse_worst\": %s, \"dense_o_worst\": %s, \"dense_lse_worst\": %s}",
+                  "\"lse_worst\": %s, \"dense_o_worst\": %s, \"dense_lse_worst\": %s, \"fp8_common\": %lld, "
+                  "\"fp8_selected\": %lld}",
                   r.check.pass() ? "true" : "false", (long long)r.check.rows, (long long)r.check.selection_mismatch,
                   jnum(r.check.o_worst, 4).c_str(), jnum(r.check.lse_worst, 4).c_str(),
-                  jnum(r.check.dense_o_worst, 4).c_str(), jnum(r.check.dense_lse_worst, 4).c_str());
+                  jnum(r.check.dense_o_worst, 4).c_str(), jnum(r.check.dense_lse_worst, 4).c_str(),
+                  (long long)r.check.fp8_common, (long long)r.check.fp8_selected);
       j += "}";
     }
     j += i + 1 < rs.size() ? ",\n" : "\n";
@@ -436,9 +492,12 @@ int run_bench_decode(const BenchDecodeOptions& o) {
   };
   bool all_pass = true;
   std::mt19937_64 rng(o.seed);
+  for (const std::string& fname : o.index_keys)
   for (int64_t n : o.contexts) {
+    const IndexKeyFormat fmt = fname == "fp8" ? IndexKeyFormat::fp8_e4m3 : IndexKeyFormat::native;
+    const bool fp8 = fmt == IndexKeyFormat::fp8_e4m3;
     const int64_t nb = (n + kBk - 1) / kBk;
-    const double per_request = double(nb) * kBk * (kKvBytesPerToken + kIdxBytesPerToken);
+    const double per_request = double(nb) * kBk * (kKvBytesPerToken + idx_bytes_per_token(fmt));
     size_t free_b = 0, total_b = 0;
     ok(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
     const int64_t fits = int64_t(std::max(0.0, (double(free_b) - kReserve) / per_request));
@@ -448,7 +507,7 @@ int run_bench_decode(const BenchDecodeOptions& o) {
       else {
         for (int64_t t : o.q_tokens) {
           CaseResult r;
-          r.c = {n, b, t, false};
+          r.c = {n, b, t, false, fmt};
           r.skipped = strf("cache of %.1f GB does not fit", per_request * b / 1e9);
           rs.push_back(r);
         }
@@ -460,16 +519,19 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     const int64_t bmax = *std::max_element(batches.begin(), batches.end());
     // One cache for the largest batch of this context; smaller batches use its first requests.
     const int64_t n_pages = bmax * nb;
-    DevMem k, v, kidx, table, lens;
+    DevMem k, v, kidx, kscale, table, lens;
     if (!k.alloc(size_t(n_pages) * kBk * kHkv * kD * 2) || !v.alloc(size_t(n_pages) * kBk * kHkv * kD * 2) ||
-        !kidx.alloc(size_t(n_pages) * kBk * kDidx * 2) || !table.alloc(size_t(n_pages) * 4) ||
-        !lens.alloc(size_t(bmax) * 4)) {
+        !kidx.alloc(size_t(n_pages) * kBk * kDidx * (fp8 ? 1 : 2)) || (fp8 && !kscale.alloc(size_t(n_pages) * kBk * 4)) ||
+        !table.alloc(size_t(n_pages) * 4) || !lens.alloc(size_t(bmax) * 4)) {
       std::printf("  context %lld: the cache for batch %lld did not fit\n", (long long)n, (long long)bmax);
       continue;
     }
     fill_normal_bf16(k.ptr, n_pages * kBk * kHkv * kD, o.seed * 7 + 1, 1.f, stream);
     fill_normal_bf16(v.ptr, n_pages * kBk * kHkv * kD, o.seed * 7 + 2, 1.f, stream);
-    fill_normal_bf16(kidx.ptr, n_pages * kBk * kDidx, o.seed * 7 + 3, 1.f, stream);
+    if (fp8)
+      fill_normal_e4m3_rows(kidx.ptr, kscale.as<float>(), n_pages * kBk, kDidx, o.seed * 7 + 3, stream);
+    else
+      fill_normal_bf16(kidx.ptr, n_pages * kBk * kDidx, o.seed * 7 + 3, 1.f, stream);
     // Pages scattered: the block table is a random permutation of the pool.
     std::vector<int32_t> table_h(n_pages);
     std::iota(table_h.begin(), table_h.end(), 0);
@@ -480,8 +542,9 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     ok(cudaStreamSynchronize(stream), "fill");
     for (int64_t b : batches)
       for (int64_t t : o.q_tokens) {
-        Case c{n, b, t, add_largest && b == fits};
-        rs.push_back(run_case(c, o, stream, k.ptr, v.ptr, kidx.ptr, n_pages, table_h, table.as<int32_t>(),
+        Case c{n, b, t, add_largest && b == fits, fmt};
+        rs.push_back(run_case(c, o, stream, k.ptr, v.ptr, kidx.ptr, fp8 ? kscale.as<float>() : nullptr, n_pages, table_h,
+                              table.as<int32_t>(),
                               lens.as<int32_t>()));
         all_pass &= rs.back().check.pass();
         save();

@@ -1,5 +1,6 @@
 // Device-side random inputs for `msa bench` (see bench_fill.h).
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -38,6 +39,23 @@ __global__ void fill_bf16_kernel(__nv_bfloat16* dst, int64_t n, uint64_t seed, f
 __global__ void fill_f32_kernel(float* dst, int64_t n, uint64_t seed, float sigma) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     dst[i] = sigma * normal_at(seed, i);
+}
+
+// One warp per row: lane l draws elements l, l + 32, ...; the row max by shuffles.
+__global__ void fill_e4m3_rows_kernel(uint8_t* bytes, float* scale, int64_t tokens, int d_idx, uint64_t seed) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5); t < tokens; t += warps) {
+    float a = 0.f;
+    for (int e = lane; e < d_idx; e += 32) a = fmaxf(a, fabsf(normal_at(seed, t * d_idx + e)));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    const float inv = __fdiv_rn(448.f, a);
+    for (int e = lane; e < d_idx; e += 32)
+      bytes[t * d_idx + e] =
+          uint8_t(__nv_cvt_float_to_fp8(__fmul_rn(normal_at(seed, t * d_idx + e), inv), __NV_SATFINITE, __NV_E4M3));
+    if (lane == 0) scale[t] = __fdiv_rn(a, 448.f);
+  }
 }
 
 constexpr float kSink = 5.f;          // sqrt(25)
@@ -84,6 +102,14 @@ void fill_normal_bf16(void* dst, int64_t n, uint64_t seed, float sigma, void* st
 void fill_normal_f32(float* dst, int64_t n, uint64_t seed, float sigma, void* stream) {
   if (n == 0) return;
   fill_f32_kernel<<<blocks_for(n), 256, 0, static_cast<cudaStream_t>(stream)>>>(dst, n, seed, sigma);
+  ok(cudaGetLastError(), "fill launch");
+}
+
+void fill_normal_e4m3_rows(void* bytes, float* scale, int64_t tokens, int64_t d_idx, uint64_t seed, void* stream) {
+  if (tokens == 0) return;
+  if (d_idx % 32 != 0) throw std::runtime_error("msa bench: fill_normal_e4m3_rows needs d_idx % 32 == 0");
+  fill_e4m3_rows_kernel<<<blocks_for(tokens * 32), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<uint8_t*>(bytes), scale, tokens, int(d_idx), seed);
   ok(cudaGetLastError(), "fill launch");
 }
 

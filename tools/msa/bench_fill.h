@@ -20,6 +20,12 @@ void fill_normal_f32(float* dst, int64_t n, uint64_t seed, float sigma, void* st
 // with periods P_f = bk * {16, 26, 42, 68}: near keys gain up to +24, the sink +25, against a
 // random part of standard deviation ~11 (block maxima ~ +29 +- 3), so the selections look like a
 // trained indexer's: the sink, the neighbourhood, then scattered blocks.
+// An FP8 index-key cache of `tokens` rows (IndexKeyFormat::fp8_e4m3): each row is d_idx draws of
+// N(0, 1) quantized by the contract of msa/decode.h (scale = max|x| / 448, e4m3 bytes rounded to
+// nearest even), the bytes to bytes [tokens, d_idx] and the scales to scale [tokens]; one warp per
+// row, d_idx a multiple of 32.
+void fill_normal_e4m3_rows(void* bytes, float* scale, int64_t tokens, int64_t d_idx, uint64_t seed, void* stream);
+
 void plant_sink_and_local(void* q_idx, void* k_idx, int64_t n, int64_t h_kv, int64_t d_idx, int64_t bk, void* stream);
 
 }  // namespace msa::cli

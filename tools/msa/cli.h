@@ -54,6 +54,7 @@ struct BenchDecodeOptions {
   std::vector<int64_t> contexts = {32768, 131072, 524288, 1048576};
   std::vector<int64_t> batches = {1, 32, 128};
   std::vector<int64_t> q_tokens = {1, 8};
+  std::vector<std::string> index_keys = {"bf16", "fp8"};  // index-key cache formats, each a pass
   bool largest_batch = true;  // also the largest batch whose cache fits, at the longest context
   int iters = 20;             // most timed runs per measurement (median reported)
   double budget_s = 2;        // rough time cap per measurement

@@ -139,6 +139,11 @@ int main(int argc, char** argv) {
       ->delimiter(',')
       ->check(CLI::Range(int64_t(1), int64_t(64)))
       ->capture_default_str();
+  cmd_decode->add_option("--index-keys", bench_decode.index_keys,
+                         "Index-key cache formats, comma separated (bf16: native, fp8: e4m3 + a scale per token)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"bf16", "fp8"}))
+      ->capture_default_str();
   cmd_decode->add_flag("!--no-largest-batch", bench_decode.largest_batch,
                        "Skip the largest batch that fits at the longest context");
   cmd_decode->add_option("--iters", bench_decode.iters, "Most timed runs per measurement (median reported)")
