@@ -83,16 +83,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selection_recall(const Tensor& q, con
 // tokens of request b (rows cu_seqlens_q[b] .. cu_seqlens_q[b+1], or all of them for a batch of
 // one) are its last cached tokens. bk must equal the cache's page size (dim 1).
 //
+//
+// The index-key cache either holds the calls' dtype, or is an FP8 cache (IndexKeyFormat::fp8_e4m3
+// of msa/decode.h): k_idx_cache of dtype float8_e4m3fn and its scale pool k_idx_scale float32
+// [n_pages, bk], contiguous, on the same device (on CUDA 16-byte aligned, as torch allocates it).
+// A token's index key is then k_idx_cache[page, slot] * k_idx_scale[page, slot]. k_idx_scale is
+// given exactly with an fp8 cache.
+//
 // Writes k, v [n_new, h_kv, d] and k_idx [n_new, d_idx] of the new tokens (packed by cu_new
 // [batch + 1]) into their slots of the caches, in place. k_idx and k_idx_cache: both or neither.
+// With an fp8 cache each new k_idx row is quantized (one scale per token, written to k_idx_scale).
 void append_kv(const Tensor& k_cache, const Tensor& v_cache, const OptTensor& k_idx_cache, const Tensor& block_table,
                const Tensor& seq_lens, const Tensor& k, const Tensor& v, const OptTensor& k_idx,
-               const OptTensor& cu_new);
+               const OptTensor& cu_new, const OptTensor& k_idx_scale = std::nullopt);
 // (topk_idx int32 [n_q, h_kv, topk] of LOGICAL block numbers, index_lse float32 [n_q, h_kv] or
 // empty ([0]) unless asked for): index_topk of q_idx [n_q, h_kv, d_idx] over the cached index keys.
+// With an fp8 cache (and its k_idx_scale) the query rows are quantized the same way and the
+// selection approximates the native one (msa/decode.h).
 std::tuple<Tensor, Tensor> decode_index_topk(const Tensor& q_idx, const Tensor& k_idx_cache, const Tensor& block_table,
                                              const Tensor& seq_lens, const OptTensor& cu_seqlens_q, int64_t bk,
-                                             int64_t topk, double index_scale, bool return_index_lse);
+                                             int64_t topk, double index_scale, bool return_index_lse,
+                                             const OptTensor& k_idx_scale = std::nullopt);
 // (o [n_q, h_q, d], lse float32 [n_q, h_q]): sparse attention of q over the cached blocks of topk_idx,
 // or dense attention over every visible cached token when topk_idx is absent.
 std::tuple<Tensor, Tensor> decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,

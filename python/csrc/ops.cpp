@@ -50,6 +50,8 @@ std::string dtype_str(at::ScalarType t) {
       return "int32";
     case at::kLong:
       return "int64";
+    case at::kFloat8_e4m3fn:
+      return "float8_e4m3fn";
     default:
       return c10::toString(t);
   }
@@ -631,6 +633,7 @@ msa::DecodeShape decode_shape(const msa::PagedKvCache& c, int64_t n_q, msa::DTyp
   s.d = 0;
   s.d_idx = 0;
   s.dtype = dtype;
+  s.k_idx_format = c.k_idx_format;
   return s;
 }
 
@@ -665,11 +668,44 @@ void check_writable(const char* fn, const char* name, const Tensor& t) {
                  "), expected a contiguous cache, which append_kv writes in place");
 }
 
+// The format of an index-key cache follows its dtype: the calls' dtype (like ref) is native,
+// float8_e4m3fn is IndexKeyFormat::fp8_e4m3 and needs its scale pool k_idx_scale, float32
+// [n_pages, bk] on the same device (which the native format must not be given). Returns the
+// scale pool ready for the core (writable: must already be contiguous; read only: made so), or an
+// undefined tensor for the native format.
+Tensor index_scale_pool(const char* fn, const Tensor& k_idx_cache, const OptTensor& k_idx_scale, const Tensor& ref,
+                        const char* ref_name, int64_t n_pages, int64_t bk, bool writable,
+                        msa::IndexKeyFormat& format) {
+  if (k_idx_cache.scalar_type() != at::kFloat8_e4m3fn) {
+    if (k_idx_cache.scalar_type() != ref.scalar_type())
+      fail(fn, "k_idx_cache dtype = " + dtype_str(k_idx_cache.scalar_type()) + ", expected " +
+                   dtype_str(ref.scalar_type()) + " like " + ref_name +
+                   " (or float8_e4m3fn with k_idx_scale for an fp8 index-key cache)");
+    if (k_idx_scale.has_value())
+      fail(fn, "k_idx_scale is given with a " + dtype_str(k_idx_cache.scalar_type()) +
+                   " k_idx_cache, expected None (scales belong to a float8_e4m3fn index-key cache only)");
+    format = msa::IndexKeyFormat::native;
+    return Tensor();
+  }
+  if (!k_idx_scale.has_value())
+    fail(fn, "k_idx_scale is None with a float8_e4m3fn k_idx_cache, expected its float32 [n_pages, bk] scale pool");
+  const Tensor& s = *k_idx_scale;
+  check_device(fn, "k_idx_scale", s, ref, ref_name);
+  check_dtype(fn, "k_idx_scale", s, at::kFloat, "");
+  check_shape(fn, "k_idx_scale", s, {n_pages, bk}, "[n_pages, bk]");
+  format = msa::IndexKeyFormat::fp8_e4m3;
+  if (writable) {
+    check_writable(fn, "k_idx_scale", s);
+    return s;
+  }
+  return s.contiguous();
+}
+
 }  // namespace
 
 void append_kv(const Tensor& k_cache, const Tensor& v_cache, const OptTensor& k_idx_cache, const Tensor& block_table,
                const Tensor& seq_lens, const Tensor& k, const Tensor& v, const OptTensor& k_idx,
-               const OptTensor& cu_new) {
+               const OptTensor& cu_new, const OptTensor& k_idx_scale) {
   const char* fn = "append_kv";
   check_shape(fn, "k", k, {-1, -1, -1}, "[n_new, h_kv, d]");
   msa::AppendKvParams p;
@@ -692,7 +728,7 @@ void append_kv(const Tensor& k_cache, const Tensor& v_cache, const OptTensor& k_
   c.d = d;
   c.k_cache = k_cache.data_ptr();
   c.v_cache = v_cache.data_ptr();
-  Tensor cu, k2 = rows(k), v2 = rows(v), k_idx2;
+  Tensor cu, k2 = rows(k), v2 = rows(v), k_idx2, scale;
   p.n_new = n_new;
   if (cu_new.has_value()) {
     cu = cu_seqlens(fn, "cu_new", *cu_new, k, "k", c.batch + 1);
@@ -704,10 +740,13 @@ void append_kv(const Tensor& k_cache, const Tensor& v_cache, const OptTensor& k_
   if (k_idx.has_value() != k_idx_cache.has_value())
     fail(fn, std::string(k_idx ? "k_idx_cache is None but k_idx is given" : "k_idx is None but k_idx_cache is given") +
                  ", expected both (or neither, for a layer without an index branch)");
+  if (k_idx_scale.has_value() && !k_idx_cache.has_value())
+    fail(fn, "k_idx_scale is given but k_idx_cache is None, expected None (a layer without an index branch has no "
+             "scale pool)");
   if (k_idx_cache.has_value()) {
     const Tensor& kc = *k_idx_cache;
     check_device(fn, "k_idx_cache", kc, k, "k");
-    check_dtype(fn, "k_idx_cache", kc, k.scalar_type(), " like k");
+    scale = index_scale_pool(fn, kc, k_idx_scale, k, "k", n_pages, bk, true, c.k_idx_format);
     if (kc.dim() != 3 && kc.dim() != 4) check_shape(fn, "k_idx_cache", kc, {n_pages, bk, -1}, "[n_pages, bk, d_idx]");
     c.d_idx = kc.size(-1);
     if (c.d_idx < 1) fail(fn, "k_idx_cache shape = " + shape_str(kc.sizes()) + ", expected d_idx >= 1");
@@ -721,6 +760,7 @@ void append_kv(const Tensor& k_cache, const Tensor& v_cache, const OptTensor& k_
     // token nothing is written, so the branch is left out then.
     if (n_new > 0) {
       c.k_idx_cache = kc2.data_ptr();
+      if (scale.defined()) c.k_idx_scale = scale.data_ptr<float>();
       k_idx2 = rows(k_idx_2d);
       bind2(k_idx2, p.k_idx, p.stride_k_idx_tok);
     }
@@ -731,18 +771,21 @@ void append_kv(const Tensor& k_cache, const Tensor& v_cache, const OptTensor& k_
 
 std::tuple<Tensor, Tensor> decode_index_topk(const Tensor& q_idx, const Tensor& k_idx_cache, const Tensor& block_table,
                                              const Tensor& seq_lens, const OptTensor& cu_seqlens_q, int64_t bk,
-                                             int64_t topk, double index_scale, bool return_index_lse) {
+                                             int64_t topk, double index_scale, bool return_index_lse,
+                                             const OptTensor& k_idx_scale) {
   const char* fn = "decode_index_topk";
   check_shape(fn, "q_idx", q_idx, {-1, -1, -1}, "[n_q, h_kv, d_idx]");
   msa::DecodeIndexParams p;
   p.dtype = float_dtype(fn, "q_idx", q_idx);
   const int64_t n_q = q_idx.size(0), h_kv = q_idx.size(1), d_idx = q_idx.size(2);
   check_device(fn, "k_idx_cache", k_idx_cache, q_idx, "q_idx");
-  check_dtype(fn, "k_idx_cache", k_idx_cache, q_idx.scalar_type(), " like q_idx");
+  msa::IndexKeyFormat format = msa::IndexKeyFormat::native;
   if (k_idx_cache.dim() != 3 && k_idx_cache.dim() != 4)
     check_shape(fn, "k_idx_cache", k_idx_cache, {-1, -1, d_idx}, "[n_pages, bk, d_idx]");
   Tensor kc = index_cache(fn, k_idx_cache, k_idx_cache.size(0), k_idx_cache.size(1), d_idx);
   check_bk(fn, bk, k_idx_cache, "k_idx_cache");
+  Tensor scale = index_scale_pool(fn, k_idx_cache, k_idx_scale, q_idx, "q_idx", k_idx_cache.size(0),
+                                  k_idx_cache.size(1), false, format);
   c10::DeviceGuard guard(q_idx.device());
   Table table = paged_table(fn, block_table, seq_lens, q_idx, "q_idx");
   Tensor cu;
@@ -763,6 +806,8 @@ std::tuple<Tensor, Tensor> decode_index_topk(const Tensor& q_idx, const Tensor& 
   c.h_kv = h_kv;
   c.d_idx = d_idx;
   c.k_idx_cache = kc.data_ptr();
+  c.k_idx_format = format;
+  if (scale.defined()) c.k_idx_scale = scale.data_ptr<float>();
   p.topk = topk;
   p.index_scale = float(index_scale);
   p.n_q = n_q;
@@ -881,11 +926,12 @@ TORCH_LIBRARY(msa, m) {
   // Decode over a paged KV cache (inference only: no backward). append_kv writes the caches in place.
   m.def(
       "append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? k_idx_cache, Tensor block_table, "
-      "Tensor seq_lens, Tensor k, Tensor v, Tensor? k_idx=None, Tensor? cu_new=None) -> ()");
+      "Tensor seq_lens, Tensor k, Tensor v, Tensor? k_idx=None, Tensor? cu_new=None, "
+      "Tensor(d!)? k_idx_scale=None) -> ()");
   m.def(
       "decode_index_topk(Tensor q_idx, Tensor k_idx_cache, Tensor block_table, Tensor seq_lens, "
-      "Tensor? cu_seqlens_q=None, int bk=128, int topk=16, float index_scale=0.0, bool return_index_lse=False) "
-      "-> (Tensor topk_idx, Tensor index_lse)");
+      "Tensor? cu_seqlens_q=None, int bk=128, int topk=16, float index_scale=0.0, bool return_index_lse=False, "
+      "Tensor? k_idx_scale=None) -> (Tensor topk_idx, Tensor index_lse)");
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
       "Tensor? topk_idx, Tensor? cu_seqlens_q=None, int bk=128, float scale=0.0) -> (Tensor o, Tensor lse)");

@@ -27,6 +27,7 @@ __all__ = [
     "append_kv",
     "decode_index_topk",
     "decode_attention",
+    "new_index_cache",
 ]
 
 
@@ -120,13 +121,13 @@ def _(q, k, topk_idx, cu_seqlens_q=None, cu_seqlens_k=None, q_pos=None, bk=128, 
 
 # Decode (inference only: no autograd). append_kv mutates its caches and returns nothing.
 @torch.library.register_fake("msa::append_kv")
-def _(k_cache, v_cache, k_idx_cache, block_table, seq_lens, k, v, k_idx=None, cu_new=None):
+def _(k_cache, v_cache, k_idx_cache, block_table, seq_lens, k, v, k_idx=None, cu_new=None, k_idx_scale=None):
     return None
 
 
 @torch.library.register_fake("msa::decode_index_topk")
 def _(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q=None, bk=128, topk=16, index_scale=0.0,
-      return_index_lse=False):
+      return_index_lse=False, k_idx_scale=None):
     n_q, h_kv = q_idx.shape[0], q_idx.shape[1]
     topk_idx = q_idx.new_empty((n_q, h_kv, max(topk, 0)), dtype=torch.int32)
     lse = q_idx.new_empty((n_q, h_kv) if return_index_lse else (0,), dtype=torch.float32)
@@ -262,28 +263,48 @@ def selection_recall(q, k, topk_idx, cu_seqlens_q=None, cu_seqlens_k=None, q_pos
 # tokens of request b (packed rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]) are its last cached tokens.
 # CPU and CUDA tensors (CUDA: bfloat16, d 64 or 128, bk a multiple of 16 up to 256; the current
 # stream; workspace from torch's caching allocator).
+# The index-key cache may be FP8 (msa/decode.h, IndexKeyFormat::fp8_e4m3): k_idx_cache of dtype
+# torch.float8_e4m3fn plus its scale pool k_idx_scale float32 [n_pages, bk] (new_index_cache makes
+# both); a token's key is k_idx_cache[page, slot].float() * k_idx_scale[page, slot]. The index pass
+# over it reads half the bytes and selects approximately like the native cache.
 
-def append_kv(k_cache, v_cache, k_idx_cache, block_table, seq_lens, k, v, k_idx=None, cu_new=None):
+def new_index_cache(n_pages, bk, d_idx, *, fp8=False, dtype=torch.bfloat16, device=None):
+    """An empty index-key cache: (k_idx_cache [n_pages, bk, d_idx], k_idx_scale [n_pages, bk] or None).
+
+    fp8: float8_e4m3fn bytes and a float32 scale per token; otherwise dtype (the calls' dtype) and
+    no scales. Zero-filled, so unwritten slots hold a zero key.
+    """
+    if not fp8:
+        return torch.zeros(n_pages, bk, d_idx, dtype=dtype, device=device), None
+    return (torch.zeros(n_pages, bk, d_idx, dtype=torch.float8_e4m3fn, device=device),
+            torch.zeros(n_pages, bk, dtype=torch.float32, device=device))
+
+
+def append_kv(k_cache, v_cache, k_idx_cache, block_table, seq_lens, k, v, k_idx=None, cu_new=None, *,
+              k_idx_scale=None):
     """Writes the new tokens' k, v [n_new, h_kv, d] and k_idx [n_new, d_idx] into the caches, in place.
 
     Token t of request b (packed row cu_new[b] + t; cu_new may be None for a batch of one) goes to
     position seq_lens[b] - n_new_b + t. Grow seq_lens and give new blocks a page before the call.
-    k_idx_cache and k_idx are both None for a layer without an index branch. Returns None.
+    k_idx_cache and k_idx are both None for a layer without an index branch. With a float8_e4m3fn
+    k_idx_cache, k_idx_scale (its float32 [n_pages, bk] scale pool) is required and each k_idx row
+    is quantized into the two. Returns None.
     """
-    _ops.append_kv(k_cache, v_cache, k_idx_cache, block_table, seq_lens, k, v, k_idx, cu_new)
+    _ops.append_kv(k_cache, v_cache, k_idx_cache, block_table, seq_lens, k, v, k_idx, cu_new, k_idx_scale)
 
 
 def decode_index_topk(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q=None, *, topk=16, index_scale=0.0,
-                      return_index_lse=False, bk=None):
+                      return_index_lse=False, bk=None, k_idx_scale=None):
     """index_topk of the query tokens q_idx [n_q, h_kv, d_idx] over their request's cached index keys.
 
     Returns (topk_idx int32 [n_q, h_kv, topk], index_lse float32 [n_q, h_kv] or None). The block
     numbers are logical (the j of block_table[b, j]), as in a prefill selection of the same
     sequence, and feed decode_attention unchanged. bk defaults to the page size, k_idx_cache.shape[1].
+    A float8_e4m3fn k_idx_cache needs its k_idx_scale; the query rows are then quantized the same way.
     """
     bk = k_idx_cache.shape[1] if bk is None else bk
     topk_idx, lse = _ops.decode_index_topk(q_idx, k_idx_cache, block_table, seq_lens, cu_seqlens_q, bk, topk,
-                                           index_scale, return_index_lse)
+                                           index_scale, return_index_lse, k_idx_scale)
     return topk_idx, lse if return_index_lse else None
 
 

@@ -296,7 +296,8 @@ def test_errors_name_the_argument():
     raises(index(k_idx_cache=c.k_idx_cache[:, :, :4]),
            "msa::decode_index_topk: k_idx_cache shape = [7, 8, 4], expected [n_pages, bk, d_idx] = [7, 8, 8]")
     raises(index(k_idx_cache=c.k_idx_cache.double()),
-           "msa::decode_index_topk: k_idx_cache dtype = float64, expected float32 like q_idx")
+           "msa::decode_index_topk: k_idx_cache dtype = float64, expected float32 like q_idx (or float8_e4m3fn with "
+           "k_idx_scale for an fp8 index-key cache)")
     with pytest.raises(ValueError, match=re.escape("msa::decode_index_topk: cache.seq_lens[0] = 99, expected")):
         index(seq_lens=torch.tensor([99, 20], dtype=torch.int32))()
     raises(lambda: msa_torch.decode_attention(q, c.k_cache, c.v_cache[:, :, :1], c.block_table, c.seq_lens, sel,
