@@ -124,6 +124,12 @@ void add_commands(CLI::App& app, Commands& c) {
   gn->add_option("--mode", g.mode, "auto (MSA checkpoints sparse, dense ones dense) | dense | sparse")
       ->check(CLI::IsMember({"auto", "dense", "sparse"}))
       ->capture_default_str();
+  gn->add_option("--index-cache", g.index_cache,
+                 "Index-key cache of the MSA layers in sparse mode: bf16 (the attention dtype; the model's dtype on "
+                 "the CPU) | fp8 (float8_e4m3fn + a float32 scale per token: half the bytes the decode index pass "
+                 "reads, approximate selection)")
+      ->check(CLI::IsMember({"bf16", "fp8"}))
+      ->capture_default_str();
   gn->add_flag("!--no-stop", g.stop_at_eos, "Do not stop at <eos>");
   gn->add_flag("--echo", g.echo, "Print the prompt before the continuation");
   gn->add_option("--device", g.device, "cpu | cuda")

@@ -74,6 +74,7 @@ struct GenerateOptions {
   double temperature = 0.0;    // 0: greedy
   uint64_t seed = 1;           // of the sampling
   std::string mode = "auto";   // auto (dense ckpt: dense, MSA ckpt: sparse) | dense | sparse
+  std::string index_cache = "bf16";  // bf16 (the attention dtype) | fp8 (float8_e4m3fn + a scale per token)
   bool stop_at_eos = true;     // end at the end-of-document token
   bool echo = false;           // print the prompt before the continuation
   std::string device = "cpu";  // cpu (the decode ops have no CUDA kernel yet) | cuda

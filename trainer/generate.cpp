@@ -34,14 +34,15 @@ int64_t pick(const at::Tensor& logits_row, const SampleConfig& s, at::Generator&
 
 }  // namespace
 
-Generation generate(const LM& model, const std::vector<int64_t>& prompt, AttnMode mode, const SampleConfig& s) {
+Generation generate(const LM& model, const std::vector<int64_t>& prompt, AttnMode mode, const SampleConfig& s,
+                    IndexCache index) {
   if (prompt.empty()) throw Error("msa generate: empty prompt, expected at least one token");
   if (s.max_new < 0) throw Error("msa generate: max_new = " + std::to_string(s.max_new) + ", expected >= 0");
   at::NoGradGuard ng;
   Generation g;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(s.seed);
   const int64_t n = int64_t(prompt.size());
-  KvCache cache = model.new_cache(n + std::max<int64_t>(s.max_new, 1), mode);
+  KvCache cache = model.new_cache(n + std::max<int64_t>(s.max_new, 1), mode, index);
   std::vector<at::Tensor> rows;
   auto t0 = std::chrono::steady_clock::now();
   at::Tensor last = model.prefill(at::tensor(prompt, at::kLong).to(model.device()), cache).narrow(0, n - 1, 1);
@@ -80,15 +81,24 @@ int run_generate(const GenerateOptions& o) {
     s.seed = o.seed;
     s.vocab_limit = data::kVocab;  // the padding rows of the embedding were never targets
     s.stop_token = o.stop_at_eos ? data::kEos : -1;
-    Generation g = generate(model, prompt, mode, s);
+    const IndexCache index = o.index_cache == "fp8" ? IndexCache::fp8 : IndexCache::native;
+    Generation g = generate(model, prompt, mode, s, index);
     std::vector<int32_t> out(g.tokens.begin(), g.tokens.end());
     const std::string text = (o.echo ? o.prompt : std::string()) + data::decode(out);
     std::fwrite(text.data(), 1, text.size(), stdout);
     std::fputc('\n', stdout);
     const int64_t steps = int64_t(g.tokens.size()) - 1;
+    // What the index-key cache held: the native one is the attention dtype (float on the CPU).
+    std::string index_desc = "no";
+    if (mode == AttnMode::sparse)
+      index_desc = index == IndexCache::fp8                                ? "fp8"
+                   : device.is_cuda()                                      ? "bf16"
+                   : model.params()[0].second.scalar_type() == at::kDouble ? "float64"
+                                                                           : "float32";
     std::fprintf(stderr,
-                 "msa generate: %s attention, prompt %lld tokens (prefill %.3f s), %lld new tokens (%.1f ms/token)\n",
-                 mode_name(mode), (long long)prompt.size(), g.prefill_s, (long long)g.tokens.size(),
+                 "msa generate: %s attention, %s index cache, prompt %lld tokens (prefill %.3f s), %lld new tokens "
+                 "(%.1f ms/token)\n",
+                 mode_name(mode), index_desc.c_str(), (long long)prompt.size(), g.prefill_s, (long long)g.tokens.size(),
                  steps > 0 ? 1e3 * g.decode_s / double(steps) : 0.0);
     return 0;
   });

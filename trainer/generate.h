@@ -29,7 +29,9 @@ struct Generation {
   double prefill_s = 0, decode_s = 0;  // wall time of the prefill and of all decode steps
 };
 
-// mode: sparse (MSA layers select blocks) or dense. The prompt must not be empty.
-Generation generate(const LM& model, const std::vector<int64_t>& prompt, AttnMode mode, const SampleConfig& s);
+// mode: sparse (MSA layers select blocks) or dense. The prompt must not be empty. index: how the
+// cache stores the index keys (IndexCache::fp8 only matters in sparse mode).
+Generation generate(const LM& model, const std::vector<int64_t>& prompt, AttnMode mode, const SampleConfig& s,
+                    IndexCache index = IndexCache::native);
 
 }  // namespace msa::train

@@ -254,11 +254,14 @@ ForwardOut LM::forward(const Tensor& tokens, const Tensor& cu_seqlens, AttnMode 
   return {logits, kl_sum};
 }
 
-KvCache LM::new_cache(int64_t capacity, AttnMode mode) const {
+const char* index_cache_name(IndexCache f) { return f == IndexCache::fp8 ? "fp8" : "bf16"; }
+
+KvCache LM::new_cache(int64_t capacity, AttnMode mode, IndexCache index) const {
   const ModelConfig& c = cfg_;
   if (capacity < 1) throw Error("msa generate: cache capacity " + std::to_string(capacity) + ", expected >= 1");
   KvCache cache;
   cache.mode = mode == AttnMode::sparse ? AttnMode::sparse : AttnMode::dense;
+  cache.index = index;
   const int64_t n_pages = (capacity + c.bk - 1) / c.bk;
   cache.capacity = n_pages * c.bk;
   const at::ScalarType pdt = params_[0].second.scalar_type();
@@ -267,7 +270,14 @@ KvCache LM::new_cache(int64_t capacity, AttnMode mode) const {
     KvCache::Layer L;
     L.k = at::zeros({n_pages, c.bk, c.h_kv, c.d_head}, opt);
     L.v = at::zeros({n_pages, c.bk, c.h_kv, c.d_head}, opt);
-    if (l >= c.dense_layers && cache.mode == AttnMode::sparse) L.k_idx = at::zeros({n_pages, c.bk, c.d_idx}, opt);
+    if (l >= c.dense_layers && cache.mode == AttnMode::sparse) {
+      if (index == IndexCache::fp8) {
+        L.k_idx = at::zeros({n_pages, c.bk, c.d_idx}, opt.dtype(at::kFloat8_e4m3fn));
+        L.k_idx_scale = at::zeros({n_pages, c.bk}, opt.dtype(at::kFloat));
+      } else {
+        L.k_idx = at::zeros({n_pages, c.bk, c.d_idx}, opt);
+      }
+    }
     cache.layers.push_back(L);
   }
   // Pages in order: one sequence owns the whole pool, so the table is the identity.
@@ -302,10 +312,11 @@ Tensor LM::prefill(const Tensor& tokens, KvCache& cache) const {
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
     KvCache::Layer& L = cache.layers[l];
     const LayerTrace& t = trace[l];
-    std::optional<Tensor> ki, kic;
+    std::optional<Tensor> ki, kic, kis;
     if (L.k_idx.defined()) ki = t.k_idx, kic = L.k_idx;
+    if (L.k_idx_scale.defined()) kis = L.k_idx_scale;
     msa_torch::append_kv(L.k, L.v, kic, cache.block_table, cache.seq_lens, t.k.contiguous(), t.v.contiguous(), ki,
-                         std::nullopt);
+                         std::nullopt, kis);
   }
   return out.logits;
 }
@@ -337,9 +348,11 @@ Tensor LM::decode_step(const Tensor& token, KvCache& cache) const {
       qi = apply_rope(rms_norm(qi, p(lname(l, "idx_q_norm")), c.norm_eps), rope_idx).to(adt);
       Tensor ki = at::linear(h, p(lname(l, "idx_wk"))).view({1, 1, c.d_idx});
       ki = apply_rope(rms_norm(ki, p(lname(l, "idx_k_norm")), c.norm_eps), rope_idx).view({1, c.d_idx}).to(adt);
-      msa_torch::append_kv(L.k, L.v, L.k_idx, cache.block_table, cache.seq_lens, k, v, ki, std::nullopt);
+      std::optional<Tensor> kis;
+      if (L.k_idx_scale.defined()) kis = L.k_idx_scale;
+      msa_torch::append_kv(L.k, L.v, L.k_idx, cache.block_table, cache.seq_lens, k, v, ki, std::nullopt, kis);
       Tensor topk_idx = std::get<0>(msa_torch::decode_index_topk(qi, L.k_idx, cache.block_table, cache.seq_lens,
-                                                                 std::nullopt, c.bk, c.topk, 0.0, false));
+                                                                 std::nullopt, c.bk, c.topk, 0.0, false, kis));
       o = std::get<0>(msa_torch::decode_attention(q, L.k, L.v, cache.block_table, cache.seq_lens, topk_idx,
                                                   std::nullopt, c.bk, 0.0));
     } else {

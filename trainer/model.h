@@ -67,12 +67,21 @@ struct LayerTrace {
 };
 using Trace = std::vector<LayerTrace>;
 
+// How generation stores the index keys of MSA layers (msa/decode.h, IndexKeyFormat): native is
+// the attention dtype (bf16 on CUDA, the model's dtype on the CPU; `--index-cache bf16`); fp8 is
+// one float8_e4m3fn byte per element plus a float32 scale per token, quantized by append_kv, which
+// halves what the decode index pass reads and makes its selection approximate.
+enum class IndexCache { native, fp8 };
+const char* index_cache_name(IndexCache f);  // "bf16" (native) or "fp8", the --index-cache values
+
 // Paged K/V caches of one sequence for generation (inference only; generate.h drives them). A
 // page is a block of bk tokens (msa/decode.h); per layer k, v [n_pages, bk, h_kv, d] after RoPE in
-// the attention dtype, and k_idx [n_pages, bk, d_idx] for MSA layers run sparse (else undefined).
+// the attention dtype, and k_idx [n_pages, bk, d_idx] for MSA layers run sparse (else undefined):
+// the attention dtype, or float8_e4m3fn with its scales k_idx_scale float32 [n_pages, bk]
+// (IndexCache::fp8; otherwise k_idx_scale is undefined).
 struct KvCache {
   struct Layer {
-    Tensor k, v, k_idx;
+    Tensor k, v, k_idx, k_idx_scale;
   };
   std::vector<Layer> layers;
   Tensor block_table;                // int32 [1, n_pages], on the model's device
@@ -80,6 +89,7 @@ struct KvCache {
   int64_t len = 0;                   // host copy of seq_lens
   int64_t capacity = 0;              // n_pages * bk
   AttnMode mode = AttnMode::sparse;  // of the MSA layers: sparse or dense
+  IndexCache index = IndexCache::native;
 };
 
 struct ForwardOut {
@@ -102,8 +112,10 @@ class LM {
   // prefill: the forward over tokens [n] (one sequence) appended to an empty cache; returns the
   // logits [n, vocab]. decode_step: one token [1] at position cache.len, appended and attended
   // over the cache (MSA layers: decode_index_topk + decode_attention; dense ones: dense over the
-  // cached tokens); returns its logits [1, vocab]. Both equal forward's rows on the same sequence.
-  KvCache new_cache(int64_t capacity, AttnMode mode) const;
+  // cached tokens); returns its logits [1, vocab]. Both equal forward's rows on the same sequence
+  // with the native index cache; with IndexCache::fp8 the prompt still runs the forward (its index
+  // keys are quantized into the cache) and the decode steps select from the quantized keys.
+  KvCache new_cache(int64_t capacity, AttnMode mode, IndexCache index = IndexCache::native) const;
   Tensor prefill(const Tensor& tokens, KvCache& cache) const;
   Tensor decode_step(const Tensor& token, KvCache& cache) const;
 

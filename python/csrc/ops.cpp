@@ -674,8 +674,7 @@ void check_writable(const char* fn, const char* name, const Tensor& t) {
 // scale pool ready for the core (writable: must already be contiguous; read only: made so), or an
 // undefined tensor for the native format.
 Tensor index_scale_pool(const char* fn, const Tensor& k_idx_cache, const OptTensor& k_idx_scale, const Tensor& ref,
-                        const char* ref_name, int64_t n_pages, int64_t bk, bool writable,
-                        msa::IndexKeyFormat& format) {
+                        const char* ref_name, int64_t n_pages, int64_t bk, bool writable, msa::IndexKeyFormat& format) {
   if (k_idx_cache.scalar_type() != at::kFloat8_e4m3fn) {
     if (k_idx_cache.scalar_type() != ref.scalar_type())
       fail(fn, "k_idx_cache dtype = " + dtype_str(k_idx_cache.scalar_type()) + ", expected " +
@@ -741,8 +740,9 @@ void append_kv(const Tensor& k_cache, const Tensor& v_cache, const OptTensor& k_
     fail(fn, std::string(k_idx ? "k_idx_cache is None but k_idx is given" : "k_idx is None but k_idx_cache is given") +
                  ", expected both (or neither, for a layer without an index branch)");
   if (k_idx_scale.has_value() && !k_idx_cache.has_value())
-    fail(fn, "k_idx_scale is given but k_idx_cache is None, expected None (a layer without an index branch has no "
-             "scale pool)");
+    fail(fn,
+         "k_idx_scale is given but k_idx_cache is None, expected None (a layer without an index branch has no "
+         "scale pool)");
   if (k_idx_cache.has_value()) {
     const Tensor& kc = *k_idx_cache;
     check_device(fn, "k_idx_cache", kc, k, "k");
