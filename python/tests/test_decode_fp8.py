@@ -482,7 +482,9 @@ def test_cuda_fp8_decode_index_topk_matches_cpu(d_idx):
     assert bad is None, f"CUDA fp8 selection drops a clearly better block: row {bad}"
     # float32 FP8 tensor-core sums against exact float64 ones: near-ties may swap, rarely.
     assert same >= 0.95, f"only {same:.3f} of the rows equal the CPU fp8 selection"
-    err = (lse.cpu().double() - want_lse.double()).abs().max().item()
+    # index_lse over the same support (rows that selected alike): float32 sums of exact e4m3 products.
+    alike = (got == want).all(dim=2)
+    err = (lse.cpu().double() - want_lse.double()).abs()[alike].max().item()
     assert err <= 1e-4 * (1 + want_lse.abs().max().item()), f"index_lse cuda vs cpu: worst {err:.3g}"
 
 
