@@ -77,7 +77,7 @@ struct GenerateOptions {
   std::string index_cache = "bf16";  // bf16 (the attention dtype) | fp8 (float8_e4m3fn + a scale per token)
   bool stop_at_eos = true;     // end at the end-of-document token
   bool echo = false;           // print the prompt before the continuation
-  std::string device = "cpu";  // cpu (the decode ops have no CUDA kernel yet) | cuda
+  std::string device = "cpu";  // cpu | cuda (CUDA needs a build with MSA_WITH_CUDA and the torch CUDA wheel)
   int threads = 0;
 };
 
