@@ -5,9 +5,12 @@
 // sweep of blocks-per-CTA splits around the plan's choice at the main shapes. Effective GB/s =
 // index-key bytes the pass must read (every visible token of every request, d_idx bf16 each) /
 // median time; a device-to-device copy of the same byte count is printed as the ceiling. Pages are
-// shuffled in the pool; keys and queries are random bf16.
+// shuffled in the pool; keys and queries are random bf16. With --format fp8 (or both) the index
+// keys are an fp8_e4m3 cache (random finite e4m3 bytes, random positive scales) and the bytes the
+// pass must read are d_idx + 4 (the scale) per visible token; --main times only b32 x 128K and
+// b1 x 1M (1 token, with the split sweep).
 //
-//   bench_decode_index [--iters N]
+//   bench_decode_index [--iters N] [--format bf16|fp8|both] [--main]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -31,6 +34,17 @@ using msa::bench::ok;
 __global__ void fill_normal_f32_kernel(float* x, int64_t n, uint64_t seed) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     x[i] = msa::bench::normal_from_hash(msa::bench::hash_at(seed, i));
+}
+
+// Random finite e4m3 bytes (0x7F / 0xFF, the NaN codes, become +-448) and scales in [1, 2) / 448.
+__global__ void fill_e4m3_kernel(uint8_t* x, int64_t n, float* sc, int64_t n_sc, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    uint8_t b = uint8_t(msa::bench::hash_at(seed, i));
+    if ((b & 0x7F) == 0x7F) b = uint8_t((b & 0x80) | 0x7E);
+    x[i] = b;
+  }
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n_sc; i += int64_t(gridDim.x) * blockDim.x)
+    sc[i] = (1.f + float(msa::bench::hash_at(seed + 1, i) >> 40) * 0x1p-24f) / 448.f;
 }
 
 struct Shape {
@@ -74,15 +88,22 @@ float copy_ms(size_t bytes, int iters) {
   return ms;
 }
 
-void run_shape(const Shape& s, int iters) {
+void run_shape(const Shape& s, int iters, bool fp8) {
   const int64_t n_blk = (s.ctx + s.bk - 1) / s.bk;
   const int64_t n_pages = s.batch * n_blk;
   const int64_t n_q = s.batch * s.n_q_per_req;
   const size_t key_elems = size_t(n_pages * s.bk * s.d_idx);
-  __nv_bfloat16 *kc = nullptr, *q = nullptr;
-  ok(cudaMalloc(&kc, key_elems * 2), "malloc k_idx_cache");
+  void* kc = nullptr;
+  float* ksc = nullptr;
+  __nv_bfloat16* q = nullptr;
+  ok(cudaMalloc(&kc, key_elems * (fp8 ? 1 : 2)), "malloc k_idx_cache");
   ok(cudaMalloc(&q, size_t(n_q * s.h_kv * s.d_idx) * 2), "malloc q_idx");
-  msa::bench::fill_normal_bf16<<<1024, 256>>>(kc, int64_t(key_elems), 11);
+  if (fp8) {
+    ok(cudaMalloc(&ksc, size_t(n_pages * s.bk) * 4), "malloc k_idx_scale");
+    fill_e4m3_kernel<<<1024, 256>>>(static_cast<uint8_t*>(kc), int64_t(key_elems), ksc, n_pages * s.bk, 11);
+  } else {
+    msa::bench::fill_normal_bf16<<<1024, 256>>>(static_cast<__nv_bfloat16*>(kc), int64_t(key_elems), 11);
+  }
   msa::bench::fill_normal_bf16<<<64, 256>>>(q, n_q * s.h_kv * s.d_idx, 12);
   ok(cudaGetLastError(), "fill");
   std::vector<int32_t> table(static_cast<size_t>(n_pages));
@@ -108,6 +129,10 @@ void run_shape(const Shape& s, int iters) {
   p.cache.h_kv = s.h_kv;
   p.cache.d_idx = s.d_idx;
   p.cache.k_idx_cache = kc;
+  if (fp8) {
+    p.cache.k_idx_format = msa::IndexKeyFormat::fp8_e4m3;
+    p.cache.k_idx_scale = ksc;
+  }
   p.cache.block_table = d_table;
   p.cache.max_blocks = n_blk;
   p.cache.seq_lens = d_lens;
@@ -128,17 +153,18 @@ void run_shape(const Shape& s, int iters) {
   sh.h_kv = s.h_kv;
   sh.d_idx = s.d_idx;
   sh.topk = s.topk;
+  sh.k_idx_format = p.cache.k_idx_format;
   msa::Exec ex;
   ex.backend = msa::Backend::cuda;
   msa::DecodePlan plan = msa::plan_decode(sh, ex);
   void* ws = nullptr;
   ok(cudaMalloc(&ws, std::max<size_t>(plan.workspace_bytes, 256)), "malloc workspace");
 
-  const double bytes = double(s.batch) * double(s.ctx) * double(s.d_idx) * 2.0;
+  const double bytes = double(s.batch) * double(s.ctx) * (fp8 ? double(s.d_idx) + 4.0 : double(s.d_idx) * 2.0);
   auto [eager, graph] = time_call(p, plan, ws, iters);
-  std::printf("%-28s eager %8.1f us %7.1f GB/s   graph %8.1f us %7.1f GB/s  (%.1f MB keys, split %lld, "
+  std::printf("%-4s %-28s eager %8.1f us %7.1f GB/s   graph %8.1f us %7.1f GB/s  (%.1f MB keys, split %lld, "
               "%lld CTAs, workspace %lld B)\n",
-              s.name, eager * 1e3, bytes / (eager * 1e6), graph * 1e3, bytes / (graph * 1e6), bytes / 1e6,
+              fp8 ? "fp8" : "bf16", s.name, eager * 1e3, bytes / (eager * 1e6), graph * 1e3, bytes / (graph * 1e6), bytes / 1e6,
               (long long)plan.index_split, (long long)(s.batch * ((n_blk + plan.index_split - 1) / plan.index_split)),
               (long long)plan.workspace_bytes);
   {
@@ -172,6 +198,7 @@ void run_shape(const Shape& s, int iters) {
   }
   cudaFree(ws);
   cudaFree(kc);
+  cudaFree(ksc);
   cudaFree(q);
   cudaFree(d_table);
   cudaFree(d_lens);
@@ -184,8 +211,25 @@ void run_shape(const Shape& s, int iters) {
 
 int main(int argc, char** argv) {
   int iters = 20;
-  for (int i = 1; i < argc; ++i)
-    if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) iters = std::atoi(argv[++i]);
+  bool do_bf16 = true, do_fp8 = false, main_only = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) {
+      iters = std::atoi(argv[++i]);
+    } else if (!std::strcmp(argv[i], "--format") && i + 1 < argc) {
+      const std::string f = argv[++i];
+      do_bf16 = f == "bf16" || f == "both";
+      do_fp8 = f == "fp8" || f == "both";
+      if (!do_bf16 && !do_fp8) {
+        std::fprintf(stderr, "bench_decode_index: --format %s, expected bf16, fp8 or both\n", f.c_str());
+        return 2;
+      }
+    } else if (!std::strcmp(argv[i], "--main")) {
+      main_only = true;
+    } else {
+      std::fprintf(stderr, "usage: bench_decode_index [--iters N] [--format bf16|fp8|both] [--main]\n");
+      return 2;
+    }
+  }
   const cudaDeviceProp prop = msa::bench::device_props();
   std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
   const int64_t K = 1024;
@@ -202,6 +246,10 @@ int main(int argc, char** argv) {
       {"b32 x 32K x 1 tok", 32, 32 * K, 1, 4, 128, 128, 16, true, false},
       {"b32 x 128K x 1, d64 bk64", 32, 128 * K, 1, 4, 64, 64, 16, true, false},
   };
-  for (const Shape& s : shapes) run_shape(s, iters);
+  for (const Shape& s : shapes) {
+    if (main_only && !s.sweep) continue;
+    if (do_bf16) run_shape(s, iters, false);
+    if (do_fp8) run_shape(s, iters, true);
+  }
   return 0;
 }

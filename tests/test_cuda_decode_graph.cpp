@@ -4,10 +4,14 @@
 // same inputs) and the CPU reference (cache bytes exactly; attention within the derived bf16
 // bounds on the GPU's own selection; the selection against the CPU index pass). When the CUDA
 // index pass is not built yet, the captured step is append + attention on a host-made selection,
-// and the test says so. Skips with a message when no GPU is visible.
+// and the test says so. The same step runs with an fp8_e4m3 index-key cache (bytes and scales
+// equal to the CPU append bit for bit, the selection against the CPU's fp8 index pass). Skips
+// with a message when no GPU is visible.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <iostream>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -49,14 +53,17 @@ struct Step {
   std::vector<int32_t> lens, nq, cu;  // nq: new (= query) tokens per request and step
   int64_t batch, n_q, max_blocks, n_pages;
   std::vector<int32_t> table, free_pages;
-  Buf kc, vc, xc;                           // CPU cache (bf16)
+  bool fp8;                                 // index keys as e4m3 bytes + float32 scales
+  Buf kc, vc, xc;                           // CPU cache (bf16; xc holds the e4m3 bytes with fp8)
+  std::vector<float> xsc;                   // CPU scale pool (fp8)
+  DevBuf<float> gsc, esc;                   // graph and eager scale pools (fp8)
   DevBuf<uint8_t> gk, gv, gx, ek, ev, ex_;  // graph and eager caches
   DevBuf<int32_t> dtable, dlens, dcu, didx, eidx;
   DevBuf<uint8_t> k, v, x, q, qi, go, eo;
   DevBuf<float> glse, else_;
   std::mt19937_64 rng{2024};
 
-  Step(std::vector<int32_t> prompt, std::vector<int32_t> nq_, int steps)
+  Step(std::vector<int32_t> prompt, std::vector<int32_t> nq_, int steps, bool fp8_ = false)
       : lens(std::move(prompt)),
         nq(std::move(nq_)),
         cu(cu_from_lengths(nq)),
@@ -64,9 +71,13 @@ struct Step {
         n_q(cu.back()),
         max_blocks(mb(lens, nq, steps)),
         n_pages(batch * max_blocks + 3),
+        fp8(fp8_),
         kc(DType::bf16, size_t(n_pages * bk * row)),
         vc(DType::bf16, kc.size()),
-        xc(DType::bf16, size_t(n_pages * bk * d_idx)),
+        xc(DType::bf16, size_t(n_pages * bk * d_idx / (fp8 ? 2 : 1))),
+        xsc(fp8 ? size_t(n_pages * bk) : 0, std::numeric_limits<float>::quiet_NaN()),
+        gsc(xsc),
+        esc(xsc),
         gk(kc.bytes.size()),
         gv(kc.bytes.size()),
         gx(xc.bytes.size()),
@@ -121,7 +132,7 @@ struct Step {
 
   AppendKvParams append_params(const int32_t* seq_lens, const int32_t* cu_new, int64_t n_new, const void* kk,
                                const void* vv, const void* xx, void* kcache, void* vcache, void* xcache,
-                               const int32_t* tbl) {
+                               const int32_t* tbl, float* xscale) {
     AppendKvParams p;
     p.cache.batch = batch;
     p.cache.n_pages = n_pages;
@@ -132,6 +143,10 @@ struct Step {
     p.cache.k_cache = kcache;
     p.cache.v_cache = vcache;
     p.cache.k_idx_cache = xcache;
+    if (fp8) {
+      p.cache.k_idx_format = IndexKeyFormat::fp8_e4m3;
+      p.cache.k_idx_scale = xscale;
+    }
     p.cache.block_table = tbl;
     p.cache.max_blocks = max_blocks;
     p.cache.seq_lens = seq_lens;
@@ -154,20 +169,21 @@ struct Step {
     Buf bv(DType::bf16, randn(rng, size_t(tot * row), 1.0, DType::bf16));
     Buf bx(DType::bf16, randn(rng, size_t(tot * d_idx), 1.0, DType::bf16));
     AppendKvParams p = append_params(to.data(), c.data(), tot, bk_.data(), bv.data(), bx.data(), kc.data(), vc.data(),
-                                     xc.data(), table.data());
+                                     xc.data(), table.data(), xsc.data());
     append_kv(p);
     DevBuf<int32_t> dl(to), dc(c);
     DevBuf<uint8_t> dk(bk_.bytes), dv(bv.bytes), dx(bx.bytes);
     for (int copy = 0; copy < 2; ++copy) {
       AppendKvParams pg = append_params(dl.ptr, dc.ptr, tot, dk.ptr, dv.ptr, dx.ptr, copy ? ek.ptr : gk.ptr,
-                                        copy ? ev.ptr : gv.ptr, copy ? ex_.ptr : gx.ptr, dtable.ptr);
+                                        copy ? ev.ptr : gv.ptr, copy ? ex_.ptr : gx.ptr, dtable.ptr,
+                                        copy ? esc.ptr : gsc.ptr);
       append_kv(pg, on(nullptr));
     }
     cuda_check(cudaDeviceSynchronize(), "prompt append");
   }
 };
 
-DecodeIndexParams index_params(Step& S, uint8_t* xcache, int32_t* idx) {
+DecodeIndexParams index_params(Step& S, uint8_t* xcache, int32_t* idx, float* xscale) {
   DecodeIndexParams p;
   p.cache.batch = S.batch;
   p.cache.n_pages = S.n_pages;
@@ -176,6 +192,10 @@ DecodeIndexParams index_params(Step& S, uint8_t* xcache, int32_t* idx) {
   p.cache.d = S.d;
   p.cache.d_idx = S.d_idx;
   p.cache.k_idx_cache = xcache;
+  if (S.fp8) {
+    p.cache.k_idx_format = IndexKeyFormat::fp8_e4m3;
+    p.cache.k_idx_scale = xscale;
+  }
   p.cache.block_table = S.dtable.ptr;
   p.cache.max_blocks = S.max_blocks;
   p.cache.seq_lens = S.dlens.ptr;
@@ -272,11 +292,10 @@ std::vector<int32_t> host_selection(Step& S) {
   return idx;
 }
 
-TEST(CudaDecodeGraph, CapturedStepReplaysWithGrowingContexts) {
-  REQUIRE_GPU();
+void captured_step_replays(bool fp8) {
   const int steps = 5;
   // Contexts at and around page boundaries, one request with 2 tokens per step (speculative).
-  Step S({63, 127, 1000, 1, 256}, {1, 2, 1, 1, 1}, steps);
+  Step S({63, 127, 1000, 1, 256}, {1, 2, 1, 1, 1}, steps, fp8);
   cudaStream_t stream;
   cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
 
@@ -291,6 +310,7 @@ TEST(CudaDecodeGraph, CapturedStepReplaysWithGrowingContexts) {
   shape.d = S.d;
   shape.d_idx = S.d_idx;
   shape.topk = S.topk;
+  shape.k_idx_format = fp8 ? IndexKeyFormat::fp8_e4m3 : IndexKeyFormat::native;
   const DecodePlan plan = plan_decode(shape, on(stream));
   DevBuf<uint8_t> ws(plan.workspace_bytes), ews(plan.workspace_bytes);
 
@@ -300,7 +320,7 @@ TEST(CudaDecodeGraph, CapturedStepReplaysWithGrowingContexts) {
     cuda_check(cudaMemcpy(S.dlens.ptr, S.lens.data(), S.batch * 4, cudaMemcpyHostToDevice), "lens");
     S.qi.poison(0);
     try {
-      decode_index_topk(index_params(S, S.ex_.ptr, S.eidx.ptr), plan, ews.ptr, on(stream));
+      decode_index_topk(index_params(S, S.ex_.ptr, S.eidx.ptr, S.esc.ptr), plan, ews.ptr, on(stream));
       cuda_check(cudaStreamSynchronize(stream), "index probe");
     } catch (const msa::Error&) {
       throw;
@@ -315,8 +335,8 @@ TEST(CudaDecodeGraph, CapturedStepReplaysWithGrowingContexts) {
   for (int64_t b = 0; b < S.batch; ++b) cur[b] += S.nq[b];
   // The step's pointers are fixed; its sizes (n_q, n_new) too. Everything else is device data.
   AppendKvParams ap = S.append_params(S.dlens.ptr, S.dcu.ptr, S.n_q, S.k.ptr, S.v.ptr, S.x.ptr, S.gk.ptr, S.gv.ptr,
-                                      S.gx.ptr, S.dtable.ptr);
-  DecodeIndexParams ip = index_params(S, S.gx.ptr, S.didx.ptr);
+                                      S.gx.ptr, S.dtable.ptr, S.gsc.ptr);
+  DecodeIndexParams ip = index_params(S, S.gx.ptr, S.didx.ptr, S.gsc.ptr);
   DecodeAttentionParams tp = attention_params(S, S.gk.ptr, S.gv.ptr, S.didx.ptr, S.go.ptr, S.glse.ptr);
 
   cudaGraph_t graph;
@@ -359,21 +379,27 @@ TEST(CudaDecodeGraph, CapturedStepReplaysWithGrowingContexts) {
     cuda_check(cudaGraphLaunch(exec, stream), "graph launch");
     // The same calls eagerly on the second cache.
     append_kv(S.append_params(S.dlens.ptr, S.dcu.ptr, S.n_q, S.k.ptr, S.v.ptr, S.x.ptr, S.ek.ptr, S.ev.ptr, S.ex_.ptr,
-                              S.dtable.ptr),
+                              S.dtable.ptr, S.esc.ptr),
               on(stream));
-    if (with_index) decode_index_topk(index_params(S, S.ex_.ptr, S.eidx.ptr), plan, ews.ptr, on(stream));
+    if (with_index) decode_index_topk(index_params(S, S.ex_.ptr, S.eidx.ptr, S.esc.ptr), plan, ews.ptr, on(stream));
     decode_attention(attention_params(S, S.ek.ptr, S.ev.ptr, S.eidx.ptr, S.eo.ptr, S.else_.ptr), plan, ews.ptr,
                      on(stream));
     cuda_check(cudaStreamSynchronize(stream), "step");
 
     // CPU: append, then the index pass and the attention on the GPU's selection.
     AppendKvParams cp = S.append_params(S.lens.data(), S.cu.data(), S.n_q, bk_.data(), bv.data(), bx.data(),
-                                        S.kc.data(), S.vc.data(), S.xc.data(), S.table.data());
+                                        S.kc.data(), S.vc.data(), S.xc.data(), S.table.data(), S.xsc.data());
     append_kv(cp);
     const std::string at = "step " + std::to_string(step);
     ASSERT_TRUE(bitwise_equal(S.gk.get(), S.kc.bytes)) << at << ": k cache (graph) vs CPU append";
     ASSERT_TRUE(bitwise_equal(S.gv.get(), S.vc.bytes)) << at << ": v cache";
     ASSERT_TRUE(bitwise_equal(S.gx.get(), S.xc.bytes)) << at << ": index-key cache";
+    ASSERT_TRUE(bitwise_equal(S.ex_.get(), S.xc.bytes)) << at << ": index-key cache (eager)";
+    if (fp8) {
+      const std::vector<float> gs = S.gsc.get(), es = S.esc.get();
+      ASSERT_EQ(0, std::memcmp(gs.data(), S.xsc.data(), gs.size() * 4)) << at << ": index-key scales (graph) vs CPU";
+      ASSERT_EQ(0, std::memcmp(es.data(), S.xsc.data(), es.size() * 4)) << at << ": index-key scales (eager) vs CPU";
+    }
     ASSERT_TRUE(bitwise_equal(S.ek.get(), S.kc.bytes)) << at << ": k cache (eager)";
     const std::vector<int32_t> gidx = S.didx.get(), eidx = S.eidx.get();
     ASSERT_EQ(gidx, eidx) << at << ": selection, graph vs eager";
@@ -417,6 +443,16 @@ TEST(CudaDecodeGraph, CapturedStepReplaysWithGrowingContexts) {
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaStreamDestroy(stream);
+}
+
+TEST(CudaDecodeGraph, CapturedStepReplaysWithGrowingContexts) {
+  REQUIRE_GPU();
+  captured_step_replays(false);
+}
+
+TEST(CudaDecodeGraph, CapturedStepReplaysWithFp8IndexKeys) {
+  REQUIRE_GPU();
+  captured_step_replays(true);
 }
 
 #endif  // MSA_WITH_CUDA

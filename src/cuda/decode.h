@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include <cuda_runtime_api.h>
 
@@ -33,5 +34,40 @@ void run_append_kv(const AppendKvParams& p, cudaStream_t stream);
 // std::runtime_error when the allocation fails.
 void* scratch_alloc(size_t bytes, cudaStream_t stream);
 void scratch_free(void* ptr, cudaStream_t stream);
+
+#ifdef __CUDACC__
+// The fp8_e4m3 row quantization of msa/decode.h on the device, for one row spread over a warp (V
+// values per lane, in any placement): the same float32 steps as detail::e4m3_quantize_row (IEEE
+// division and product, round to nearest even with saturation in the conversion), so the bytes and
+// the scale equal the host's bit for bit. Writes V bytes to q8 and returns the row's scale (0 for a
+// row whose max |x| < 2^-100, NaN with zero bytes if any value is not finite). All 32 lanes call.
+template <int V>
+__device__ __forceinline__ float e4m3_quantize_row_warp(const float (&x)[V], uint8_t (&q8)[V]) {
+  float a = 0.f;
+  bool finite = true;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    finite = finite && isfinite(x[i]);
+    a = fmaxf(a, fabsf(x[i]));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+  finite = __all_sync(0xffffffffu, finite);
+  if (!finite || a < 0x1p-100f) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) q8[i] = 0;
+    return finite ? 0.f : __int_as_float(0x7fc00000);
+  }
+  const float inv = __fdiv_rn(448.f, a);
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    uint16_t pair;
+    // e4m3x2: the first source lands in the upper byte.
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.f), "f"(__fmul_rn(x[i], inv)));
+    q8[i] = uint8_t(pair & 0xff);
+  }
+  return __fdiv_rn(a, 448.f);
+}
+#endif
 
 }  // namespace msa::cuda

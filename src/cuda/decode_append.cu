@@ -1,4 +1,5 @@
-// decode_append.cu — append_kv on the GPU (new tokens' k, v, k_idx into their pages) and the
+// decode_append.cu — append_kv on the GPU (new tokens' k, v, k_idx into their pages; k_idx
+// quantized to e4m3 bytes + a float32 scale per token with IndexKeyFormat::fp8_e4m3) and the
 // stream-ordered scratch of the unplanned decode calls.
 #include <cstdint>
 #include <stdexcept>
@@ -12,6 +13,9 @@ namespace msa::cuda {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kMaxIdxPerLane = 16;  // d_idx <= 512 (validated)
+
+__device__ __forceinline__ float bf16_bits_to_float(uint16_t b) { return __uint_as_float(uint32_t(b) << 16); }
 
 struct AppendArgs {
   const uint16_t* k;
@@ -20,7 +24,8 @@ struct AppendArgs {
   int64_t stride_k_tok, stride_k_head, stride_v_tok, stride_v_head, stride_k_idx_tok;
   uint16_t* k_cache;
   uint16_t* v_cache;
-  uint16_t* k_idx_cache;
+  void* k_idx_cache;    // bf16 [n_pages, bk, d_idx], or e4m3 bytes with k_idx_scale
+  float* k_idx_scale;   // [n_pages, bk] with fp8_e4m3, else null
   const int32_t* block_table;
   const int32_t* seq_lens;
   const int32_t* cu_new;  // null: one request
@@ -51,9 +56,31 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const AppendArgs a) {
     a.k_cache[slot * row + e] = a.k[i * a.stride_k_tok + r * a.stride_k_head + c];
     a.v_cache[slot * row + e] = a.v[i * a.stride_v_tok + r * a.stride_v_head + c];
   }
-  if (a.k_idx)
-    for (int64_t e = threadIdx.x; e < a.d_idx; e += kThreads)
-      a.k_idx_cache[slot * a.d_idx + e] = a.k_idx[i * a.stride_k_idx_tok + e];
+  if (a.k_idx && a.k_idx_scale) {
+    // One warp quantizes the row (d_idx <= 512: 16 values per lane, lane-strided; the padding
+    // zeros change neither the max nor finiteness).
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      float x[kMaxIdxPerLane];
+      uint8_t q8[kMaxIdxPerLane];
+#pragma unroll
+      for (int u = 0; u < kMaxIdxPerLane; ++u) {
+        const int64_t e = lane + 32 * u;
+        x[u] = e < a.d_idx ? bf16_bits_to_float(a.k_idx[i * a.stride_k_idx_tok + e]) : 0.f;
+      }
+      const float sc = e4m3_quantize_row_warp<kMaxIdxPerLane>(x, q8);
+      uint8_t* dst = static_cast<uint8_t*>(a.k_idx_cache) + slot * a.d_idx;
+#pragma unroll
+      for (int u = 0; u < kMaxIdxPerLane; ++u) {
+        const int64_t e = lane + 32 * u;
+        if (e < a.d_idx) dst[e] = q8[u];
+      }
+      if (lane == 0) a.k_idx_scale[slot] = sc;
+    }
+  } else if (a.k_idx) {
+    uint16_t* dst = static_cast<uint16_t*>(a.k_idx_cache) + slot * a.d_idx;
+    for (int64_t e = threadIdx.x; e < a.d_idx; e += kThreads) dst[e] = a.k_idx[i * a.stride_k_idx_tok + e];
+  }
 }
 
 }  // namespace
@@ -71,7 +98,11 @@ void run_append_kv(const AppendKvParams& p, cudaStream_t stream) {
   a.stride_k_idx_tok = p.stride_k_idx_tok;
   a.k_cache = static_cast<uint16_t*>(c.k_cache);
   a.v_cache = static_cast<uint16_t*>(c.v_cache);
-  a.k_idx_cache = static_cast<uint16_t*>(c.k_idx_cache);
+  a.k_idx_cache = c.k_idx_cache;
+  a.k_idx_scale = c.k_idx_format == IndexKeyFormat::fp8_e4m3 ? c.k_idx_scale : nullptr;
+  if (p.k_idx && c.k_idx_format == IndexKeyFormat::fp8_e4m3 && (c.d_idx > 32 * kMaxIdxPerLane || !c.k_idx_scale))
+    throw Error("msa::append_kv: cache.d_idx = " + std::to_string(c.d_idx) +
+                             " with fp8_e4m3 index keys, expected d_idx <= 512 and a scale pool");
   a.block_table = c.block_table;
   a.seq_lens = c.seq_lens;
   a.cu_new = p.cu_new;

@@ -15,6 +15,11 @@
 // are the whole cost at decode (a few rows per request), so everything is arranged around
 // streaming each page once: several tiles of rows re-read the slice from shared memory.
 //
+// With IndexKeyFormat::fp8_e4m3 a sibling score kernel streams 1-byte keys and their per-token
+// scales through the same ring, quantizes the query rows in the kernel exactly as append_kv
+// quantizes keys, and scores with mma.sync m16n8k32 e4m3 (keys on M, query rows on N); the block
+// statistics, the top-k and the lse stages are shared.
+//
 // Device arrays are read only in the kernels and clamped: lengths to 0 .. max_blocks * bk,
 // offsets to 0 .. n_q, a token whose position is negative sees nothing (all -1). A page id
 // outside 0 .. n_pages - 1 is never dereferenced: its block gets the block score NaN (ranked below
@@ -46,7 +51,8 @@ constexpr const char* kFn = "decode_index_topk";
 struct Args {
   const uint16_t* q;  // [n_q, h_kv, D], strides in elements
   int64_t stride_q_tok, stride_q_head;
-  const uint16_t* k_cache;  // [n_pages, bk, D]
+  const void* k_cache;     // [n_pages, bk, D]: bf16, or e4m3 bytes (fp8 kernel)
+  const float* k_scale;    // [n_pages, bk] per-token scales of the e4m3 keys (fp8 kernel)
   const int32_t* block_table;
   const int32_t* seq_lens;
   const int32_t* cu_q;  // null: one request
@@ -195,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) decode_index_score_
     const int32_t page = table[blk];
     const int64_t kv = min64(bk, len - blk * bk);
     if (page < 0 || int64_t(page) >= a.n_pages || k0 >= kv) return;
-    const uint16_t* base = a.k_cache + int64_t(page) * bk * D;
+    const uint16_t* base = static_cast<const uint16_t*>(a.k_cache) + int64_t(page) * bk * D;
     const uint32_t dst = ring + uint32_t(int(g % S::kStages) * S::kSliceBytes);
 #pragma unroll
     for (int u = 0; u < kCopies; ++u) {
@@ -332,6 +338,304 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) decode_index_score_
   }
 }
 
+// ---- The FP8 score kernel (IndexKeyFormat::fp8_e4m3) ----
+// The same grid, warps and per-warp cp.async ring as the bf16 kernel, with 1-byte keys: a slice is
+// 32 keys x D bytes plus their 32 float32 scales (4 KB at D = 128, as the bf16 slice, so the
+// per-slice work of the copy loop is spread over as many bytes). The keys sit on the M side of
+// mma.sync m16n8k32 (e4m3 x e4m3 -> f32), two m16 tiles per slice, and the query rows of a pass on
+// N in tiles of 8, so one MMA covers 16 keys x 32 dims for up to 8 rows (the usual step: 1 token x
+// 4 groups) and the key fragments are shared by all tiles. On sm_90 ptxas lowers this mma.sync to
+// an exact e4m3 -> f16 unpack and f16 HMMAs with fp32 accumulation (Hopper's FP8 tensor path is
+// wgmma), so the products are exact and the sum is fp32. The copy loop's bookkeeping is kept in
+// shifts and 32-bit arithmetic: with the 64-bit divisions of the bf16 kernel's loop the fp8 pass
+// was issue bound (2.2 TB/s at b32 x 128K against 2.65 with the 32-key slices and shifts, H100). A lane's 16-byte read of a key row is 16 dims = the A halves
+// of two k32 steps; the query rows are quantized in the kernel (exactly as the host does) into
+// shared memory as bytes, read back in the same order as B fragments. Scores are
+// acc * (s_q * index_scale) * s_k. Each lane keeps the running max / sum-exp of its two keys per
+// slice for each of its rows; the 8 lanes sharing a row combine them once per block.
+
+__device__ __forceinline__ void mma_16832_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+  asm(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 4 bytes global -> shared (a scale; the row is clamped per lane like the keys').
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ float lds32f(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+  return v;
+}
+
+// Lane-local running statistics: folds four scores (with visibility) into s, no shuffles; the
+// lanes of a row are combined once at the end of the block.
+__device__ __forceinline__ void stat_update4(RowStat& s, float x0, bool v0, float x1, bool v1, float x2, bool v2,
+                                             float x3, bool v3, bool lse) {
+  const float qnan = __int_as_float(0x7fc00000);
+  const float m_new =
+      fmaxf(s.m, fmaxf(fmaxf(v0 ? x0 : qnan, v1 ? x1 : qnan), fmaxf(v2 ? x2 : qnan, v3 ? x3 : qnan)));
+  if (lse) {
+    s.nan |= (v0 && isnan(x0)) || (v1 && isnan(x1)) || (v2 && isnan(x2)) || (v3 && isnan(x3));
+    if (isfinite(m_new)) {
+      float l = isfinite(s.m) ? s.l * __expf(s.m - m_new) : 0.f;
+      if (v0 && !isnan(x0)) l += __expf(x0 - m_new);
+      if (v1 && !isnan(x1)) l += __expf(x1 - m_new);
+      if (v2 && !isnan(x2)) l += __expf(x2 - m_new);
+      if (v3 && !isnan(x3)) l += __expf(x3 - m_new);
+      s.l = l;
+    }
+  }
+  s.m = m_new;
+}
+
+// Shared memory of the fp8 kernel: per warp kStages slices (32 key rows of D bytes, the 16-byte
+// chunks of odd rows swapped by 64 bytes at D = 128 so that one 8-lane phase of 16-byte reads
+// covers all banks, then 32 scales), the pass's quantized Q rows (stride chosen for the same
+// reason) and their scales.
+template <int D, int NT>
+struct SmemFp8 {
+  static constexpr int kKeys = 32;
+  static constexpr int kKeyBytes = kKeys * D;
+  static constexpr int kSliceBytes = kKeyBytes + kKeys * 4;
+  static constexpr int kStages = D == 128 ? 3 : 6;  // ~12.4 KB of keys per warp
+  static constexpr int kRingBytes = kWarps * kStages * kSliceBytes;
+  static constexpr int kQStride = D == 128 ? 192 : 64;
+  static constexpr int kQBytes = NT * 8 * kQStride;
+  static constexpr int kQScaleOff = kRingBytes + kQBytes;
+  static constexpr int kBytes = kQScaleOff + NT * 8 * 4;
+};
+
+template <int D>
+__device__ __forceinline__ uint32_t key_off8(int row, int ch) {
+  if constexpr (D == 128) return uint32_t(row * 128 + ((ch ^ ((row & 1) << 2)) << 4));
+  else return uint32_t(row * D + (ch << 4));
+}
+
+template <int D, int NT>
+__global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) decode_index_score_fp8_kernel(const Args a) {
+  using S = SmemFp8<D, NT>;
+  constexpr int kReads = D / 64;              // 16-byte reads per key row per lane (two k32 steps each)
+  constexpr int kChunks = D / 16;             // 16-byte chunks per key row
+  constexpr int kCopies = S::kKeys * kChunks / 32;  // cp.async of keys per lane per slice
+  constexpr int kPerLane = D / 32;            // query values a lane quantizes
+  constexpr bool kQRegs = NT == 1;            // Q fragments held in registers for the whole chunk
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* q_s = smem + S::kRingBytes;
+  float* qsc_s = reinterpret_cast<float*>(smem + S::kQScaleOff);
+
+  const int64_t b = blockIdx.x / unsigned(a.n_chunks);
+  const int c = int(blockIdx.x % unsigned(a.n_chunks));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const uint32_t ring = smem_addr(smem) + uint32_t(warp * S::kStages * S::kSliceBytes);
+  const uint32_t q_addr = smem_addr(q_s);
+
+  int64_t lo = 0, hi = a.n_q;
+  if (a.cu_q) {
+    lo = clamp64(a.cu_q[b], 0, a.n_q);
+    hi = clamp64(a.cu_q[b + 1], lo, a.n_q);
+  }
+  const int64_t nq_b = hi - lo;
+  if (nq_b == 0) return;
+  const int64_t bk = a.bk;
+  const int64_t len = clamp64(a.seq_lens[b], 0, a.max_blocks * bk);
+  const int64_t rows = nq_b * a.h_kv;
+  const int64_t row0 = lo * a.h_kv;
+
+  if (c == 0) {
+    for (int64_t rr = threadIdx.x; rr < rows; rr += kThreads) {
+      const int64_t pos = len - nq_b + rr / a.h_kv;
+      a.ws_nvis[row0 + rr] = pos >= 0 ? int32_t(pos / bk + 1) : 0;
+    }
+  }
+  const int64_t n_blk = (len + bk - 1) / bk;
+  const int64_t blk0 = int64_t(c) * a.split;
+  if (blk0 >= n_blk) return;
+  const int64_t blk1 = min64(blk0 + a.split, n_blk);
+  const int32_t* table = a.block_table + b * a.max_blocks;
+  // Slice g of this warp is slot (g & gmask) * 32 of its block g >> gsh: shifts, not 64-bit
+  // divisions, which would cost as much issue time as the slice's MMAs and epilogue together (bk
+  // is 64 or 128, checked on the host).
+  const int gsh = bk == 128 ? 2 : 1, gmask = (1 << gsh) - 1;
+  const int64_t n_mine = blk1 - blk0 > warp ? (blk1 - blk0 - warp + kWarps - 1) / kWarps : 0;
+  const int64_t n_slices = n_mine << gsh;
+  const uint8_t* kc = static_cast<const uint8_t*>(a.k_cache);
+
+  auto issue = [&](int64_t g) {
+    const int64_t blk = blk0 + warp + (g >> gsh) * kWarps;
+    const int k0 = (int(g) & gmask) * S::kKeys;
+    const int32_t page = table[blk];
+    const int64_t kv = min64(bk, len - blk * bk);
+    if (page < 0 || int64_t(page) >= a.n_pages || k0 >= kv) return;
+    const uint8_t* base = kc + int64_t(page) * bk * D;
+    const uint32_t dst = ring + (uint32_t(g) % S::kStages) * S::kSliceBytes;
+#pragma unroll
+    for (int u = 0; u < kCopies; ++u) {
+      const int e = u * 32 + lane, row = e / kChunks, ch = e % kChunks;
+      const int64_t kr = min64(k0 + row, kv - 1);  // never a slot at or past seq_lens
+      cp_async16(dst + key_off8<D>(row, ch), base + kr * D + ch * 16);
+    }
+    cp_async4(dst + S::kKeyBytes + lane * 4, a.k_scale + int64_t(page) * bk + min64(k0 + lane, kv - 1));
+  };
+
+  for (int64_t pass0 = 0; pass0 < rows; pass0 += NT * 8) {
+    const int pass_rows = int(min64(rows - pass0, NT * 8));
+    __syncthreads();  // the previous pass's Q is no longer read
+    // Quantize this pass's Q rows, one warp per row; rows past the request are zero with scale 0.
+    for (int rr = warp; rr < NT * 8; rr += kWarps) {
+      uint8_t q8[kPerLane];
+      float sc = 0.f;
+      if (rr < pass_rows) {
+        const int64_t gr = row0 + pass0 + rr;
+        const uint16_t* src = a.q + (gr / a.h_kv) * a.stride_q_tok + (gr % a.h_kv) * a.stride_q_head + lane * kPerLane;
+        float x[kPerLane];
+#pragma unroll
+        for (int u = 0; u < kPerLane; ++u) x[u] = __uint_as_float(uint32_t(src[u]) << 16);
+        sc = e4m3_quantize_row_warp<kPerLane>(x, q8) * a.scale;
+      } else {
+#pragma unroll
+        for (int u = 0; u < kPerLane; ++u) q8[u] = 0;
+      }
+      uint32_t w = 0;
+#pragma unroll
+      for (int u = 0; u < kPerLane; ++u) w |= uint32_t(q8[u]) << (8 * u);
+      if constexpr (kPerLane == 4)
+        *reinterpret_cast<uint32_t*>(q_s + rr * S::kQStride + lane * 4) = w;
+      else
+        *reinterpret_cast<uint16_t*>(q_s + rr * S::kQStride + lane * 2) = uint16_t(w);
+      if (lane == 0) qsc_s[rr] = sc;
+    }
+    __syncthreads();
+
+    // This lane's rows (tig * 2 + r of each tile of 8): scale and the last key position each sees.
+    // Positions fit int32 (seq_lens is int32); kept narrow to save registers.
+    float qsc[NT][2];
+    int32_t lim[NT][2];
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int rr = t * 8 + tig * 2 + r;
+        qsc[t][r] = qsc_s[rr];
+        lim[t][r] = rr < pass_rows ? int32_t(len - nq_b + (pass0 + rr) / a.h_kv) : -1;
+      }
+    uint4 qf[kQRegs ? NT : 1][kReads];
+    if constexpr (kQRegs) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int j = 0; j < kReads; ++j)
+          qf[t][j] = lds128(q_addr + uint32_t((t * 8 + gid) * S::kQStride + (j * 4 + tig) * 16));
+    }
+
+    RowStat st[NT][2];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) stat_reset(st[t][0]), stat_reset(st[t][1]);
+#pragma unroll
+    for (int s = 0; s < S::kStages - 1; ++s) {
+      if (s < n_slices) issue(s);
+      cp_async_commit();
+    }
+    for (int64_t g = 0; g < n_slices; ++g) {
+      if (g + S::kStages - 1 < n_slices) issue(g + S::kStages - 1);
+      cp_async_commit();
+      cp_async_wait<S::kStages - 1>();
+      __syncwarp();
+
+      const int64_t blk = blk0 + warp + (g >> gsh) * kWarps;
+      const int k0 = (int(g) & gmask) * S::kKeys;
+      const int32_t page = table[blk];
+      const int64_t kv = min64(bk, len - blk * bk);
+      if (page >= 0 && int64_t(page) < a.n_pages && k0 < kv) {
+        const uint32_t stage = ring + (uint32_t(g) % S::kStages) * S::kSliceBytes;
+        float acc[2][NT][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int t = 0; t < NT; ++t) acc[mt][t][0] = acc[mt][t][1] = acc[mt][t][2] = acc[mt][t][3] = 0.f;
+#pragma unroll
+        for (int j = 0; j < kReads; ++j) {
+          uint4 qv[NT];
+#pragma unroll
+          for (int t = 0; t < NT; ++t) {
+            if constexpr (kQRegs) qv[t] = qf[t][j];
+            else if (t * 8 < pass_rows) qv[t] = lds128(q_addr + uint32_t((t * 8 + gid) * S::kQStride + (j * 4 + tig) * 16));
+          }
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            // A: keys mt * 16 + gid (a0, a2) and + 8 (a1, a3); each 16-byte read is two k32 steps.
+            const uint4 ka = lds128(stage + key_off8<D>(mt * 16 + gid, j * 4 + tig));
+            const uint4 kb = lds128(stage + key_off8<D>(mt * 16 + gid + 8, j * 4 + tig));
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+              if (t * 8 >= pass_rows) break;
+              mma_16832_e4m3(acc[mt][t], ka.x, kb.x, ka.y, kb.y, qv[t].x, qv[t].y);
+              mma_16832_e4m3(acc[mt][t], ka.z, kb.z, ka.w, kb.w, qv[t].z, qv[t].w);
+            }
+          }
+        }
+        float sk[2][2];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) sk[mt][h] = lds32f(stage + S::kKeyBytes + (mt * 16 + h * 8 + gid) * 4);
+        const int64_t kp = blk * bk + k0 + gid;  // position of key gid; key mt * 16 + h * 8 + gid is kp + 16 mt + 8 h
+        // acc[mt][t][r]: key mt * 16 + gid, row t * 8 + tig * 2 + r; acc[mt][t][2 + r]: key + 8.
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          if (t * 8 >= pass_rows) break;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int64_t L = lim[t][r];
+            const float qs = qsc[t][r];
+            stat_update4(st[t][r], acc[0][t][r] * qs * sk[0][0], kp <= L, acc[0][t][2 + r] * qs * sk[0][1], kp + 8 <= L,
+                         acc[1][t][r] * qs * sk[1][0], kp + 16 <= L, acc[1][t][2 + r] * qs * sk[1][1], kp + 24 <= L,
+                         a.lse);
+          }
+        }
+      }
+      __syncwarp();  // every lane is done with this stage before it is refilled
+
+      if ((int(g) & gmask) == gmask) {
+        // The block is complete: the 8 lanes of a row (same tig) combine max, sum and NaN flag.
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float m = st[t][r].m;
+#pragma unroll
+            for (int o = 4; o < 32; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            float l = 0.f;
+            int nan = 0;
+            if (a.lse) {
+              l = (isfinite(st[t][r].m) && isfinite(m)) ? st[t][r].l * __expf(st[t][r].m - m) : 0.f;
+              nan = st[t][r].nan ? 1 : 0;
+#pragma unroll
+              for (int o = 4; o < 32; o <<= 1) {
+                l += __shfl_xor_sync(0xffffffffu, l, o);
+                nan |= __shfl_xor_sync(0xffffffffu, nan, o);
+              }
+            }
+            const int rr = t * 8 + tig * 2 + r;
+            if (gid == 0 && rr < pass_rows) {
+              const int64_t off = (row0 + pass0 + rr) * a.max_blocks + blk;
+              a.ws_m[off] = m;
+              if (a.lse) a.ws_l[off] = nan ? __int_as_float(0x7fc00000) : l;
+            }
+            stat_reset(st[t][r]);
+          }
+      }
+    }
+    cp_async_wait<0>();
+  }
+}
+
 // index_lse of each row from its selection: log sum over the selected blocks of exp(M) * L, NaN if
 // any selected block holds a NaN score, +inf if any holds +inf, -inf without mass. One warp per
 // row, a lane per selected entry.
@@ -407,6 +711,13 @@ void launch_score(const Args& a, int64_t grid, cudaStream_t stream) {
   decode_index_score_kernel<D, NT><<<unsigned(grid), kThreads, bytes, stream>>>(a);
 }
 
+template <int D, int NT>
+void launch_score_fp8(const Args& a, int64_t grid, cudaStream_t stream) {
+  constexpr int bytes = SmemFp8<D, NT>::kBytes;
+  ensure_smem(kFn, reinterpret_cast<const void*>(&decode_index_score_fp8_kernel<D, NT>), bytes);
+  decode_index_score_fp8_kernel<D, NT><<<unsigned(grid), kThreads, bytes, stream>>>(a);
+}
+
 }  // namespace
 
 size_t plan_decode_index(DecodePlan& plan) {
@@ -417,7 +728,8 @@ size_t plan_decode_index(DecodePlan& plan) {
   // whenever a slot frees, so many short CTAs balance the SMs and the memory channels better than
   // one even wave of long ones (H100, b32 x 128K: 375.9 us at 8 blocks per CTA against 396.2 us
   // at 128, 412.8 us at 256; b1 x 1M: 125.0 us at 8 against 127.5 us at 32, docs/decode_index.md).
-  const int64_t page_bytes = s.bk * s.d_idx * 2;
+  // With fp8_e4m3 keys a page is half the bytes, so a CTA takes twice the blocks.
+  const int64_t page_bytes = s.bk * s.d_idx * (s.k_idx_format == IndexKeyFormat::fp8_e4m3 ? 1 : 2);
   const int64_t best = kWarps * std::max<int64_t>(1, 32768 / page_bytes);
   plan.index_split = best;
   return ws_layout(s.n_q, s.h_kv, s.max_blocks).total;
@@ -441,7 +753,8 @@ void run_decode_index_topk(const DecodeIndexParams& p, const DecodePlan& plan, v
   a.q = static_cast<const uint16_t*>(p.q_idx);
   a.stride_q_tok = p.stride_q_idx_tok;
   a.stride_q_head = p.stride_q_idx_head;
-  a.k_cache = static_cast<const uint16_t*>(c.k_idx_cache);
+  a.k_cache = c.k_idx_cache;
+  a.k_scale = c.k_idx_scale;
   a.block_table = c.block_table;
   a.seq_lens = c.seq_lens;
   a.cu_q = p.cu_seqlens_q;
@@ -468,7 +781,21 @@ void run_decode_index_topk(const DecodeIndexParams& p, const DecodePlan& plan, v
   // and a pass of NT tiles scores NT * 16 rows at most; larger requests take several passes).
   const int64_t hint_rows = std::max<int64_t>(1, std::min(plan.shape.max_q, p.n_q)) * c.h_kv;
   const int nt = hint_rows <= 16 ? 1 : hint_rows <= 32 ? 2 : kMaxTiles;
-  if (c.d_idx == 128) {
+  // The fp8 kernel's tiles are 8 rows (n8): 1, 2, 4 or 8 of them per pass.
+  const int nt8 = hint_rows <= 8 ? 1 : hint_rows <= 16 ? 2 : hint_rows <= 32 ? 4 : 8;
+  if (c.k_idx_format == IndexKeyFormat::fp8_e4m3) {
+    if (c.d_idx == 128) {
+      if (nt8 == 1) launch_score_fp8<128, 1>(a, grid, stream);
+      else if (nt8 == 2) launch_score_fp8<128, 2>(a, grid, stream);
+      else if (nt8 == 4) launch_score_fp8<128, 4>(a, grid, stream);
+      else launch_score_fp8<128, 8>(a, grid, stream);
+    } else {
+      if (nt8 == 1) launch_score_fp8<64, 1>(a, grid, stream);
+      else if (nt8 == 2) launch_score_fp8<64, 2>(a, grid, stream);
+      else if (nt8 == 4) launch_score_fp8<64, 4>(a, grid, stream);
+      else launch_score_fp8<64, 8>(a, grid, stream);
+    }
+  } else if (c.d_idx == 128) {
     if (nt == 1) launch_score<128, 1>(a, grid, stream);
     else if (nt == 2) launch_score<128, 2>(a, grid, stream);
     else launch_score<128, 4>(a, grid, stream);
