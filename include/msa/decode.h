@@ -20,7 +20,7 @@ namespace msa {
 //             even, saturating at +-448 (float32 arithmetic throughout). decode_index_topk quantizes
 //             each query row q_idx[i, r] the same way to (q8, s_q) and scores
 //               S[j] = index_scale * s_q * scale(j) * sum_d e4m3(q8[d]) * e4m3(k8(j)[d]),
-//             the sum in float32 on the GPU's FP8 tensor cores and exactly (float64) on the CPU.
+//             the sum in float32 on the GPU (tensor cores) and in float64 on the CPU.
 //             The selection approximates the native one; docs/decode_index.md gives the measured
 //             agreement. Attention K/V stay in the calls' dtype. On CUDA the scale pool must be
 //             16-byte aligned; on both backends k_idx_scale is [n_pages, bk] contiguous.
