@@ -1,8 +1,9 @@
 // bench_dense — times msa::dense_attention_forward on the CUDA backend: causal GQA, bf16, one
 // sequence, at the M3 shape (h_q = 64, h_kv = 4, d = 128) for each n asked, plus d = 64 and a
-// g = 1 shape at the largest / smallest n. Both CTA schedules (overlap, pingpong) are timed and
-// their outputs compared bitwise. CUDA events, warm-up, median of the timed runs; the inputs
-// (>= 150 MB) do not fit in L2. Cost model: 4 * h_q * d * n (n + 1) / 2 FLOPs (~2 h_q d n^2).
+// g = 1 shape at the largest / smallest n. All CTA schedules (overlap, pingpong and their
+// persistent variants) are timed and their outputs compared bitwise with overlap's. CUDA events,
+// warm-up, median of the timed runs; the inputs (>= 150 MB) do not fit in L2. Cost model:
+// 4 * h_q * d * n (n + 1) / 2 FLOPs (~2 h_q d n^2).
 // bench/torch_dense.py times PyTorch SDPA (cuDNN, flash) on the same shapes for comparison.
 //
 //   bench_dense [--n 8192,32768] [--iters N]
@@ -15,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bench_util.h"
@@ -64,8 +66,15 @@ void run_shape(const Shape& s, int iters) {
   const double flops = 4.0 * double(s.h_q) * double(s.d) * (double(s.n) * double(s.n + 1) / 2.0);
   std::vector<uint16_t> o_first;
   std::vector<float> lse_first;
-  for (auto sched : {msa::cuda::DenseSchedule::overlap, msa::cuda::DenseSchedule::pingpong}) {
-    const bool pp = sched == msa::cuda::DenseSchedule::pingpong;
+  using msa::cuda::DenseSchedule;
+  const std::pair<DenseSchedule, const char*> schedules[] = {{DenseSchedule::overlap, "overlap"},
+                                                             {DenseSchedule::pingpong, "pingpong"},
+                                                             {DenseSchedule::persistent, "persist"},
+                                                             {DenseSchedule::persistent_pingpong, "persist-pp"}};
+  for (const auto& sn : schedules) {
+    const DenseSchedule sched = sn.first;
+    const char* name = sn.second;
+    const bool first = sched == DenseSchedule::overlap;
     const float ms = median_ms([&](int) { msa::cuda::run_dense_fwd(p, nullptr, sched); }, 2, iters);
     ok(cudaGetLastError(), "dense forward");
     std::vector<uint16_t> oh(static_cast<size_t>(nq));
@@ -73,14 +82,14 @@ void run_shape(const Shape& s, int iters) {
     ok(cudaMemcpy(oh.data(), o, nq * 2, cudaMemcpyDeviceToHost), "download o");
     ok(cudaMemcpy(lh.data(), lse, lh.size() * 4, cudaMemcpyDeviceToHost), "download lse");
     const char* same = "-";
-    if (!pp) {
+    if (first) {
       o_first = oh;
       lse_first = lh;
     } else {
       same = (oh == o_first && std::memcmp(lh.data(), lse_first.data(), lh.size() * 4) == 0) ? "yes" : "NO";
     }
     std::printf("| %6lld | %4lld | %4lld | %3lld | %-8s | %9.3f | %7.1f | %s |\n", (long long)s.n, (long long)s.h_q,
-                (long long)s.h_kv, (long long)s.d, pp ? "pingpong" : "overlap", ms, flops / (ms * 1e-3) / 1e12, same);
+                (long long)s.h_kv, (long long)s.d, name, ms, flops / (ms * 1e-3) / 1e12, same);
     std::fflush(stdout);
   }
   cudaFree(q);

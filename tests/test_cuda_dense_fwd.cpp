@@ -1,8 +1,8 @@
 // Tests of msa::dense_attention_forward on the CUDA backend against the CPU backend run in float64
 // on the same bf16-exact inputs: single sequences of awkward lengths, every group size and head
 // dim, varlen batches mixing tiny, empty and long sequences, chunked queries (bottom-right and
-// explicit positions), decode, strided and misaligned operands, both CTA schedules (bitwise equal),
-// and 20 bitwise-identical repeats. Outputs are poisoned before every run.
+// explicit positions), decode, strided and misaligned operands, all CTA schedules (bitwise equal;
+// the persistent one also with many tiles per CTA), and 20 bitwise-identical repeats. Outputs are poisoned before every run.
 //
 // Tolerances (derived, per element of o): the kernel rounds P to bf16 (unit roundoff 2^-8) for
 // the P V product while its normaliser sums the fp32 P, so o moves by at most
@@ -21,6 +21,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cuda_test_util.h"
@@ -192,8 +193,8 @@ struct Gpu {
 };
 
 // Runs the CUDA backend reps times through the public API (outputs poisoned before each run) and
-// once more through the other schedule; returns the first result. Every later run, and the other
-// schedule, must match it bitwise.
+// once more through each other schedule; returns the first result. Every later run, and every
+// other schedule, must match it bitwise.
 Gpu run_gpu(const Case& c, const Data& x, int reps, ::testing::AssertionResult* same) {
   std::mt19937_64 rng(c.seed ^ 0x9e3779b97f4a7c15ull);
   Strided hq(x.q, c.n_q(), c.h_q, c.d, c.q_tok, c.q_head, c.q_off, rng);
@@ -262,14 +263,19 @@ Gpu run_gpu(const Case& c, const Data& x, int reps, ::testing::AssertionResult* 
   r.stride_v_tok = hv.tok;
   r.stride_o_head = o_head;
   r.stride_o_tok = o_tok;
-  const cuda::DenseSchedule other = cuda::kDenseDefaultSchedule == cuda::DenseSchedule::overlap
-                                        ? cuda::DenseSchedule::pingpong
-                                        : cuda::DenseSchedule::overlap;
-  o.poison(kPoisonByte);
-  lse.poison(kPoisonByte);
-  if (c.n_q() > 0) cuda::run_dense_fwd(r, nullptr, other);
-  cuda_check(cudaDeviceSynchronize(), "dense forward kernel (other schedule)");
-  check_same(o.get(), lse.get(), "the other schedule");
+  const std::pair<cuda::DenseSchedule, const char*> schedules[] = {
+      {cuda::DenseSchedule::overlap, "the overlap schedule"},
+      {cuda::DenseSchedule::pingpong, "the pingpong schedule"},
+      {cuda::DenseSchedule::persistent, "the persistent schedule"},
+      {cuda::DenseSchedule::persistent_pingpong, "the persistent pingpong schedule"}};
+  for (const auto& [other, what] : schedules) {
+    if (other == cuda::kDenseDefaultSchedule) continue;
+    o.poison(kPoisonByte);
+    lse.poison(kPoisonByte);
+    if (c.n_q() > 0) cuda::run_dense_fwd(r, nullptr, other);
+    cuda_check(cudaDeviceSynchronize(), what);
+    check_same(o.get(), lse.get(), what);
+  }
 
   first.o.resize(size_t(c.n_q() * c.h_q * c.d));
   for (int64_t i = 0; i < c.n_q(); ++i)
@@ -435,6 +441,32 @@ TEST(CudaDenseFwd, SanitizerSmall) {
   REQUIRE_GPU();
   run_case(make_self(901, {1, 130, 5}, 4, 1, 128));
   run_case(make(902, {3, 64}, {300, 64}, 2, 2, 64));
+}
+
+// Many more query tiles than SMs, so that every persistent CTA takes several tiles: its two Q
+// buffers and the K/V ring wrap their phases many times, tiles of 0 to 6 key tiles alternate, and
+// with cu_seqlens the surplus tile numbers are skipped.
+TEST(CudaDenseFwd, PersistentManyTilesPerCta) {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(1101);
+  std::vector<int32_t> lens;
+  for (int b = 0; b < 150; ++b) lens.push_back(b % 17 == 0 ? 0 : int32_t(rng() % 700));
+  run_case(make_self(1102, lens, 4, 1, 64));
+  Case c = make_self(1103, {1100}, 16, 16, 128);
+  c.pass_cu_q = c.pass_cu_k = false;
+  run_case(c);
+  std::vector<int32_t> ones(300, 1), keys;
+  for (int b = 0; b < 300; ++b) keys.push_back(1 + int32_t(rng() % 600));
+  run_case(make(1104, ones, keys, 16, 1, 128));  // decode: one tile per sequence
+}
+
+// As SanitizerSmall, with 4 times more tiles than a CTA-per-SM grid holds.
+TEST(CudaDenseFwd, SanitizerPersistentWraps) {
+  REQUIRE_GPU();
+  std::mt19937_64 rng(1201);
+  std::vector<int32_t> lens;
+  for (int b = 0; b < 270; ++b) lens.push_back(1 + int32_t(rng() % 40));
+  run_case(make_self(1202, lens, 2, 2, 64));
 }
 
 TEST(CudaDenseFwd, TwentyRunsBitwiseIdentical) {

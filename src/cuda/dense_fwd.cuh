@@ -1,7 +1,8 @@
 // dense_fwd.cuh — the CUDA dense causal GQA attention forward for sm_90a (FlashAttention-3 style:
 // a TMA producer warp streams K/V tiles into a shared-memory ring, two consumer warpgroups run
-// S = Q K^T and O += P V on wgmma with the online softmax in registers) and its launcher
-// template. Instantiated per head dim in dense_fwd_d64.cu / dense_fwd_d128.cu; host side in
+// S = Q K^T and O += P V on wgmma with the online softmax in registers), one CTA per query tile or
+// persistent (one CTA per SM taking tiles from a counter), and the launcher templates.
+// Instantiated per head dim in dense_fwd_d64.cu / dense_fwd_d128.cu; host side in
 // dense_fwd_host.cu. Design and measurements: docs/dense_attention.md.
 #pragma once
 
@@ -45,6 +46,11 @@ constexpr int kDnThreads = (kDnConsumers + 1) * 128;
 // plus softmax state, ~210 registers at d = 128; the producer loop needs ~20. 2*240 + 24 <= 512.
 constexpr int kDnConsumerRegs = 240;
 constexpr int kDnProducerRegs = 24;
+// The persistent producer also claims tiles and computes their row metadata: at 24 registers ptxas
+// spilled 124 bytes there (4 at 32), so it gets 40 and the consumers 232 (2*232 + 40 <= 512; no
+// spill either side).
+constexpr int kDnPersistProducerRegs = 40;
+constexpr int kDnPersistConsumerRegs = 232;
 // K/V ring depth: two stages hide the L2 latency behind the ~2000 cycles of tensor work of a
 // d = 128 stage; a d = 64 stage is half the work, so it gets a third stage (shared memory allows).
 template <int D>
@@ -71,6 +77,7 @@ struct DenseFwdKernelParams {
   int o_vec = 0;                        // element pairs of o are 4-byte aligned: bf16x2 stores
   float* lse = nullptr;                 // [n_q, h_q]
   float scale_log2 = 0.f;               // scale * log2(e): the softmax runs in base 2
+  unsigned* tile_counter = nullptr;     // persistent schedule: next query tile to hand out, zero at launch
 };
 
 // Shared-memory map, identical on host (sizing) and device. Q and every K/V stage start at
@@ -103,6 +110,48 @@ __host__ __device__ constexpr DnSmemLayout dn_smem_layout(int d, int stages) {
   off += uint32_t(stages) * 8;
   l.bar_free_v = off;
   off += uint32_t(stages) * 8;
+  l.total = off;
+  return l;
+}
+
+// Shared-memory map of the persistent kernel: two Q buffers, each with the metadata of its query
+// tile (row positions and tokens, then head_kv, n_kt, n_full), so that the producer fills the next
+// tile's while the consumers still work on the current one; the K/V ring as above.
+constexpr int kDnQBufs = 2;
+struct DnPersistLayout {
+  uint32_t q, q_bytes, k, v, stage_bytes, row_p, row_tok, info, bar_k, bar_v, bar_free_k, bar_free_v, bar_q,
+      bar_free_q, total;
+};
+
+__host__ __device__ constexpr DnPersistLayout dn_persist_layout(int d, int stages) {
+  DnPersistLayout l{};
+  uint32_t off = 0;
+  l.q_bytes = uint32_t(kDnBlockM) * d * 2;
+  l.q = off;
+  off += kDnQBufs * l.q_bytes;
+  l.stage_bytes = uint32_t(kDnBlockN) * d * 2;
+  l.k = off;
+  off += uint32_t(stages) * l.stage_bytes;
+  l.v = off;
+  off += uint32_t(stages) * l.stage_bytes;
+  l.row_p = off;
+  off += kDnQBufs * kDnBlockM * 4;
+  l.row_tok = off;
+  off += kDnQBufs * kDnBlockM * 4;
+  l.info = off;
+  off += kDnQBufs * 16;
+  l.bar_k = off;
+  off += uint32_t(stages) * 8;
+  l.bar_v = off;
+  off += uint32_t(stages) * 8;
+  l.bar_free_k = off;
+  off += uint32_t(stages) * 8;
+  l.bar_free_v = off;
+  off += uint32_t(stages) * 8;
+  l.bar_q = off;
+  off += kDnQBufs * 8;
+  l.bar_free_q = off;
+  off += kDnQBufs * 8;
   l.total = off;
   return l;
 }
@@ -195,6 +244,140 @@ __device__ __forceinline__ void pack_p(const float (&s)[64], uint32_t (&pf)[32])
   for (int jj = 0; jj < 16; ++jj)
 #pragma unroll
     for (int i = 0; i < 2; ++i) pf[jj * 2 + i] = pack_bf16(s[jj * 4 + i * 2], s[jj * 4 + i * 2 + 1]);
+}
+
+// One consumer warpgroup's sweep over the n_kt > 0 key tiles of its query tile: O (zero on entry),
+// the running max m and the thread-partial sum l are updated in place. The tile's first key tile
+// sits in ring stage s (parity phase); on return (s, phase) name the stage after its last one, so
+// a persistent CTA carries them on to its next query tile. pos: the positions of this thread's two
+// rows; key tiles below n_full skip the causal mask.
+//
+// Software pipeline (FlashAttention-3's intra-warpgroup overlap): S of tile j is issued, then
+// P V of tile j - 1; the softmax of tile j runs while the tensor cores do that P V. Every
+// group is retired before the back-edge, so no wgmma is in flight across it (C7514). P is
+// packed to bf16 only after the wait, not while the P V of tile j - 1 still reads the fragment
+// registers: packing earlier made ptxas copy the fragment between the two GEMMs and
+// serialize every wgmma (C7513).
+// Pingpong turns: consumer wg waits on barrier 1 + wg and hands the turn to the other on
+// 2 - wg. Each warpgroup has n_kt + 1 issue points; warpgroup 1 opens with one arrival and
+// skips its last, so every sync has exactly one matching arrival and none is left over.
+template <int D, bool PINGPONG>
+__device__ __forceinline__ void consume_tile(float (&o)[D / 2], float (&m)[2], float (&l)[2], uint32_t q_wg,
+                                             uint32_t sk, uint32_t sv, uint32_t stage_bytes, uint32_t bar_k,
+                                             uint32_t bar_v, uint32_t bar_free_k, uint32_t bar_free_v,
+                                             const int (&pos)[2], int n_kt, int n_full, int q4, int lane, int wg,
+                                             float scale_log2, int& s, uint32_t& phase) {
+  constexpr int S = dn_stages<D>();
+  float alpha[2];
+  float sacc[64];
+  uint32_t pf[32];
+  auto turn_begin = [&] {
+    if constexpr (PINGPONG) named_bar_sync(1 + wg, 2 * 128);
+  };
+  auto turn_end = [&](bool last) {
+    if constexpr (PINGPONG)
+      if (!(last && wg == 1)) named_bar_arrive(2 - wg, 2 * 128);
+  };
+  if constexpr (PINGPONG)
+    if (wg == 1) named_bar_arrive(1, 2 * 128);
+  mbar_wait(bar_k + 8 * s, phase);
+  turn_begin();
+  issue_qk<D>(sacc, q_wg, sk + s * stage_bytes);
+  turn_end(false);
+  wgmma_wait<0>();
+  fence_acc(sacc);
+  __syncwarp();
+  if (lane == 0) mbar_arrive(bar_free_k + 8 * s);
+  {
+    const int lim[2] = {pos[0], pos[1]};
+    softmax_tile(sacc, m, l, alpha, lim, 0 >= n_full, q4, scale_log2);  // alpha = 0: O is still 0
+    pack_p(sacc, pf);
+  }
+  // s, phase: the stage of tile j - 1 in the loop.
+  for (int j = 1; j < n_kt; ++j) {
+    int sn = s + 1;
+    uint32_t phase_n = phase;
+    if (sn == S) {
+      sn = 0;
+      phase_n ^= 1;
+    }
+    mbar_wait(bar_k + 8 * sn, phase_n);
+    turn_begin();
+    issue_qk<D>(sacc, q_wg, sk + sn * stage_bytes);
+    // The rescale of O for tile j - 1 runs under the S GEMM of tile j.
+#pragma unroll
+    for (int e = 0; e < D / 2; ++e) o[e] *= alpha[(e >> 1) & 1];
+    mbar_wait(bar_v + 8 * s, phase);
+    issue_pv<D>(o, pf, sv + s * stage_bytes);
+    turn_end(false);
+    wgmma_wait<1>();
+    fence_acc(sacc);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar_free_k + 8 * sn);
+    const int lim[2] = {pos[0] - j * kDnBlockN, pos[1] - j * kDnBlockN};
+    softmax_tile(sacc, m, l, alpha, lim, j >= n_full, q4, scale_log2);
+    wgmma_wait<0>();
+    fence_acc(o);
+    fence_regs(pf);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar_free_v + 8 * s);
+    pack_p(sacc, pf);
+    s = sn;
+    phase = phase_n;
+  }
+#pragma unroll
+  for (int e = 0; e < D / 2; ++e) o[e] *= alpha[(e >> 1) & 1];
+  mbar_wait(bar_v + 8 * s, phase);
+  turn_begin();
+  issue_pv<D>(o, pf, sv + s * stage_bytes);
+  turn_end(true);
+  wgmma_wait<0>();
+  fence_acc(o);
+  fence_regs(pf);
+  __syncwarp();
+  // The last tile's V stays held until every warp of the warpgroup has retired its P V.
+  if (lane == 0) mbar_arrive(bar_free_v + 8 * s);
+  if (++s == S) {
+    s = 0;
+    phase ^= 1;
+  }
+}
+
+// Epilogue of one consumer thread: quad-sum of l, O / l and lse = m * scale + ln(l) for its two
+// rows (row0, row0 + 8; tok < 0: a row past the sequence, not written). A row that saw no key
+// gets o = 0 and lse = -inf (the CPU reference's empty support).
+template <int D>
+__device__ __forceinline__ void store_tile(const float (&o)[D / 2], const float (&m)[2], float (&l)[2],
+                                           const int (&tok)[2], int row0, int head_kv, int g, int q4,
+                                           const DenseFwdKernelParams& p) {
+  const unsigned full = 0xffffffffu;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(full, l[i], 1);
+    l[i] += __shfl_xor_sync(full, l[i], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = row0 + 8 * i;
+    if (tok[i] < 0) continue;
+    const int64_t head = int64_t(head_kv) * g + (r & (g - 1));
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    uint16_t* dst = p.o + int64_t(tok[i]) * p.stride_o_tok + head * p.stride_o_head;
+#pragma unroll
+    for (int jj = 0; jj < D / 8; ++jj) {
+      const int col = 8 * jj + 2 * q4;
+      const float v0 = o[jj * 4 + i * 2] * inv, v1 = o[jj * 4 + i * 2 + 1] * inv;
+      if (p.o_vec) {
+        *reinterpret_cast<uint32_t*>(dst + col) = pack_bf16(v0, v1);
+      } else {
+        dst[col] = __bfloat16_as_ushort(__float2bfloat16_rn(v0));
+        dst[col + 1] = __bfloat16_as_ushort(__float2bfloat16_rn(v1));
+      }
+    }
+    if (q4 == 0)
+      p.lse[int64_t(tok[i]) * p.h_q + head] =
+          l[i] > 0.f ? (m[i] * p.scale_log2 + log2f(l[i])) * 0.6931471805599453f : -INFINITY;
+  }
 }
 
 }  // namespace dn_detail
@@ -352,115 +535,202 @@ __global__ void __launch_bounds__(kDnThreads, 1)
     float o[D / 2];
 #pragma unroll
     for (int e = 0; e < D / 2; ++e) o[e] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2];
-    float sacc[64];
-    uint32_t pf[32];
-
-    // Software pipeline (FlashAttention-3's intra-warpgroup overlap): S of tile j is issued, then
-    // P V of tile j - 1; the softmax of tile j runs while the tensor cores do that P V. Every
-    // group is retired before the back-edge, so no wgmma is in flight across it (C7514). P is
-    // packed to bf16 only after the wait, not while the P V of tile j - 1 still reads the fragment
-    // registers: packing earlier made ptxas copy the fragment between the two GEMMs and
-    // serialize every wgmma (C7513).
-    // Pingpong turns: consumer wg waits on barrier 1 + wg and hands the turn to the other on
-    // 2 - wg. Each warpgroup has n_kt + 1 issue points; warpgroup 1 opens with one arrival and
-    // skips its last, so every sync has exactly one matching arrival and none is left over.
-    auto turn_begin = [&] {
-      if constexpr (PINGPONG) named_bar_sync(1 + wg, 2 * 128);
-    };
-    auto turn_end = [&](bool last) {
-      if constexpr (PINGPONG)
-        if (!(last && wg == 1)) named_bar_arrive(2 - wg, 2 * 128);
-    };
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     if (n_kt > 0) {
-      if constexpr (PINGPONG)
-        if (wg == 1) named_bar_arrive(1, 2 * 128);
-      mbar_wait(bar_k, 0);
-      turn_begin();
-      issue_qk<D>(sacc, q_wg, sk);
-      turn_end(false);
-      wgmma_wait<0>();
-      fence_acc(sacc);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(bar_free_k);
-      {
-        const int lim[2] = {pos[0], pos[1]};
-        softmax_tile(sacc, m, l, alpha, lim, 0 >= n_full, q4, scale_log2);  // alpha = 0: O is still 0
-        pack_p(sacc, pf);
-      }
-      int s = 0;  // stage of tile j - 1
+      int s = 0;
       uint32_t phase = 0;
-      for (int j = 1; j < n_kt; ++j) {
-        int sn = s + 1;
-        uint32_t phase_n = phase;
-        if (sn == S) {
-          sn = 0;
-          phase_n ^= 1;
-        }
-        mbar_wait(bar_k + 8 * sn, phase_n);
-        turn_begin();
-        issue_qk<D>(sacc, q_wg, sk + sn * lay.stage_bytes);
-        // The rescale of O for tile j - 1 runs under the S GEMM of tile j.
-#pragma unroll
-        for (int e = 0; e < D / 2; ++e) o[e] *= alpha[(e >> 1) & 1];
-        mbar_wait(bar_v + 8 * s, phase);
-        issue_pv<D>(o, pf, sv + s * lay.stage_bytes);
-        turn_end(false);
-        wgmma_wait<1>();
-        fence_acc(sacc);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bar_free_k + 8 * sn);
-        const int lim[2] = {pos[0] - j * kDnBlockN, pos[1] - j * kDnBlockN};
-        softmax_tile(sacc, m, l, alpha, lim, j >= n_full, q4, scale_log2);
-        wgmma_wait<0>();
-        fence_acc(o);
-        fence_regs(pf);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bar_free_v + 8 * s);
-        pack_p(sacc, pf);
-        s = sn;
-        phase = phase_n;
-      }
-#pragma unroll
-      for (int e = 0; e < D / 2; ++e) o[e] *= alpha[(e >> 1) & 1];
-      mbar_wait(bar_v + 8 * s, phase);
-      turn_begin();
-      issue_pv<D>(o, pf, sv + s * lay.stage_bytes);
-      turn_end(true);
-      wgmma_wait<0>();
-      fence_acc(o);
-      fence_regs(pf);
+      consume_tile<D, PINGPONG>(o, m, l, q_wg, sk, sv, lay.stage_bytes, bar_k, bar_v, bar_free_k, bar_free_v, pos,
+                                n_kt, n_full, q4, lane, wg, scale_log2, s, phase);
     }
+    const int tok[2] = {row_tok[row0], row_tok[row0 + 8]};
+    store_tile<D>(o, m, l, tok, row0, head_kv, g, q4, p);
+  }
+}
 
-    // Epilogue: quad-sum of l, O / l, lse = m * scale + ln(l). A row that saw no key gets o = 0
-    // and lse = -inf (the CPU reference's empty support).
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      l[i] += __shfl_xor_sync(full, l[i], 1);
-      l[i] += __shfl_xor_sync(full, l[i], 2);
+// Persistent variant of the overlap schedule: gridDim.x <= #SMs CTAs, each taking query tiles
+// from an atomic counter in the order of dense_fwd_kernel (heads outermost, longest causal sweep
+// first within a head), so the CTAs that finish early take the short tiles of the tail. The
+// producer warp computes a tile's metadata and loads its Q by TMA (3D map over [n_q, h_q, d], box
+// 64 columns x g heads x 128 / g tokens: exactly the tile's 128 rows, row = token * g + head) into
+// one of two Q buffers, then streams its K/V tiles through the ring, which runs on across tiles;
+// so the barrier set-up is paid once per CTA, and the next tile's Q and first K/V tiles load while
+// the consumers finish the current one (last P V, epilogue). Per-tile arithmetic is that of
+// dense_fwd_kernel, so the outputs are bitwise the same. Needs a TMA-able q (16-byte aligned base
+// and strides); rows of the box past the sequence hold other tokens (or TMA's zeros past n_q) and
+// are never written. PINGPONG: the consumer warpgroups take GEMM turns as in dense_fwd_kernel
+// (the turn protocol is balanced per tile, so it runs on across tiles unchanged).
+template <int D, bool PINGPONG>
+__global__ void __launch_bounds__(kDnThreads, 1)
+    dense_fwd_persistent_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_k,
+                                const __grid_constant__ CUtensorMap tmap_v, const DenseFwdKernelParams p) {
+  using namespace dn_detail;
+  constexpr int S = dn_stages<D>();
+  constexpr DnPersistLayout lay = dn_persist_layout(D, S);
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const unsigned full = 0xffffffffu;
+  const int g = 1 << p.log2_g;
+
+  const uint32_t s_base = smem_addr(smem);
+  const uint32_t sq = s_base + lay.q, sk = s_base + lay.k, sv = s_base + lay.v;
+  int* row_p = reinterpret_cast<int*>(smem + lay.row_p);
+  int* row_tok = reinterpret_cast<int*>(smem + lay.row_tok);
+  int* info = reinterpret_cast<int*>(smem + lay.info);
+  const uint32_t bar_k = s_base + lay.bar_k, bar_v = s_base + lay.bar_v;
+  const uint32_t bar_free_k = s_base + lay.bar_free_k, bar_free_v = s_base + lay.bar_free_v;
+  const uint32_t bar_q = s_base + lay.bar_q, bar_free_q = s_base + lay.bar_free_q;
+
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(bar_k + 8 * s, 1);
+      mbar_init(bar_v + 8 * s, 1);
+      mbar_init(bar_free_k + 8 * s, kDnConsumers * 4);
+      mbar_init(bar_free_v + 8 * s, kDnConsumers * 4);
     }
+    // Every thread that wrote (producer lanes: the metadata) or read (consumer threads: their rows'
+    // metadata, and Q through wgmma) a buffer arrives itself: an mbarrier arrive releases only the
+    // arriving thread's own prior accesses.
+    for (int b = 0; b < kDnQBufs; ++b) {
+      mbar_init(bar_q + 8 * b, 32);
+      mbar_init(bar_free_q + 8 * b, kDnConsumers * 128);
+    }
+    fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  const int wg = __shfl_sync(full, tid / 128, 0);
+  if (wg == kDnConsumers) {
+    setmaxnreg_dec<kDnPersistProducerRegs>();
+    if (warp != kDnConsumers * 4) return;
+    const int tok_per_tile = kDnBlockM >> p.log2_g;
+    const int64_t total = int64_t(p.h_kv) * p.tiles_per_head;
+    int s = 0, qb = 0;
+    uint32_t phase = 0, qphase = 0;
+    for (;;) {
+      // A tile is claimed only once the previous one's loads are all issued (about two key tiles
+      // before the consumers finish it): claimed any earlier, a long tile could queue behind a
+      // long one while other CTAs run dry at the end.
+      unsigned next = 0;
+      if (lane == 0) next = atomicAdd(p.tile_counter, 1u);
+      int64_t tile = __shfl_sync(full, next, 0);
+      int head_kv = -1;
+      int64_t b = 0, t_in = 0;
+      while (tile < total) {
+        head_kv = int(tile / p.tiles_per_head);
+        const int64_t t = int64_t(p.tiles_per_head) - 1 - (tile - int64_t(head_kv) * p.tiles_per_head);
+        t_in = t;
+        if (p.tile_start == nullptr) break;
+        if (t < p.tile_start[p.batch]) {
+          b = find_seq(p.tile_start, p.batch, t);
+          t_in = t - p.tile_start[b];
+          break;
+        }
+        // The grid over-counts by up to one tile per sequence: claim another.
+        head_kv = -1;
+        if (lane == 0) next = atomicAdd(p.tile_counter, 1u);
+        tile = __shfl_sync(full, next, 0);
+      }
+      mbar_wait(bar_free_q + 8 * qb, qphase ^ 1);
+      int* rp = row_p + qb * kDnBlockM;
+      int* rt = row_tok + qb * kDnBlockM;
+      int* inf = info + qb * 4;
+      if (head_kv < 0) {
+        // No tile left: tell the consumers to stop.
+        if (lane == 0) inf[0] = -1;
+        mbar_arrive(bar_q + 8 * qb);
+        break;
+      }
+      const SeqRows sr = seq_rows(p.cu_q, p.cu_k, b, p.n_q, p.n_k);
+      const int64_t tok0 = sr.q_lo + t_in * tok_per_tile;
+      int pmax = -1, pmin = INT_MAX;
+      for (int r = lane; r < kDnBlockM; r += 32) {
+        const int64_t tok = tok0 + (r >> p.log2_g);
+        int pos = -1, tk = -1;
+        if (tok < sr.q_hi) {
+          pos = int(query_pos(p.q_pos, sr, tok));
+          tk = int(tok);
+          pmax = max(pmax, pos);
+          pmin = min(pmin, pos);
+        }
+        rp[r] = pos;
+        rt[r] = tk;
+      }
+      pmax = __reduce_max_sync(full, pmax);
+      pmin = __reduce_min_sync(full, pmin);
+      const int n_kt = pmax >= 0 ? pmax / kDnBlockN + 1 : 0;
+      if (lane == 0) {
+        inf[0] = head_kv;
+        inf[1] = n_kt;
+        inf[2] = n_kt > 0 ? (pmin + 1) / kDnBlockN : 0;
+      }
+      if (lane != 0) mbar_arrive(bar_q + 8 * qb);
+      if (lane == 0) {
+        mbar_arrive_expect_tx(bar_q + 8 * qb, lay.q_bytes);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = row0 + 8 * i;
-      const int tok = row_tok[r];
-      if (tok < 0) continue;
-      const int64_t head = int64_t(head_kv) * g + (r & (g - 1));
-      const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-      uint16_t* dst = p.o + int64_t(tok) * p.stride_o_tok + head * p.stride_o_head;
+        for (int a = 0; a < D / kDnAtom; ++a)
+          tma_load_3d(sq + qb * lay.q_bytes + a * (kDnBlockM * 128), &tmap_q, a * kDnAtom, head_kv * g, int(tok0),
+                      bar_q + 8 * qb);
+        const int k_lo = int(sr.k_lo);
+        for (int j = 0; j < n_kt; ++j) {
+          const int key_row = k_lo + j * kDnBlockN;
+          mbar_wait(bar_free_k + 8 * s, phase ^ 1);
+          mbar_arrive_expect_tx(bar_k + 8 * s, lay.stage_bytes);
 #pragma unroll
-      for (int jj = 0; jj < D / 8; ++jj) {
-        const int col = 8 * jj + 2 * q4;
-        const float v0 = o[jj * 4 + i * 2] * inv, v1 = o[jj * 4 + i * 2 + 1] * inv;
-        if (p.o_vec) {
-          *reinterpret_cast<uint32_t*>(dst + col) = pack_bf16(v0, v1);
-        } else {
-          dst[col] = __bfloat16_as_ushort(__float2bfloat16_rn(v0));
-          dst[col + 1] = __bfloat16_as_ushort(__float2bfloat16_rn(v1));
+          for (int a = 0; a < D / kDnAtom; ++a)
+            tma_load_3d(sk + s * lay.stage_bytes + a * (kDnBlockN * 128), &tmap_k, a * kDnAtom, head_kv, key_row,
+                        bar_k + 8 * s);
+          mbar_wait(bar_free_v + 8 * s, phase ^ 1);
+          mbar_arrive_expect_tx(bar_v + 8 * s, lay.stage_bytes);
+#pragma unroll
+          for (int a = 0; a < D / kDnAtom; ++a)
+            tma_load_3d(sv + s * lay.stage_bytes + a * (kDnBlockN * 128), &tmap_v, a * kDnAtom, head_kv, key_row,
+                        bar_v + 8 * s);
+          if (++s == S) {
+            s = 0;
+            phase ^= 1;
+          }
         }
       }
-      if (q4 == 0)
-        p.lse[int64_t(tok) * p.h_q + head] =
-            l[i] > 0.f ? (m[i] * scale_log2 + log2f(l[i])) * 0.6931471805599453f : -INFINITY;
+      __syncwarp();
+      if (++qb == kDnQBufs) {
+        qb = 0;
+        qphase ^= 1;
+      }
+    }
+  } else {
+    setmaxnreg_inc<kDnPersistConsumerRegs>();
+    const int row0 = wg * kDnRowsPerConsumer + (warp & 3) * 16 + (lane >> 2);  // rows row0 and row0 + 8
+    const int q4 = lane & 3;
+    int s = 0, qb = 0;
+    uint32_t phase = 0, qphase = 0;
+    for (;;) {
+      mbar_wait(bar_q + 8 * qb, qphase);
+      const int* inf = info + qb * 4;
+      // Lane 0's copy, so that ptxas sees warp-uniform bounds (C7518).
+      const int head_kv = __shfl_sync(full, inf[0], 0);
+      if (head_kv < 0) break;
+      const int n_kt = __shfl_sync(full, inf[1], 0);
+      const int n_full = __shfl_sync(full, inf[2], 0);
+      const int pos[2] = {row_p[qb * kDnBlockM + row0], row_p[qb * kDnBlockM + row0 + 8]};
+      const int tok[2] = {row_tok[qb * kDnBlockM + row0], row_tok[qb * kDnBlockM + row0 + 8]};
+      const uint32_t q_wg = sq + qb * lay.q_bytes + uint32_t(wg * kDnRowsPerConsumer) * 128;
+
+      float o[D / 2];
+#pragma unroll
+      for (int e = 0; e < D / 2; ++e) o[e] = 0.f;
+      float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+      if (n_kt > 0)
+        consume_tile<D, PINGPONG>(o, m, l, q_wg, sk, sv, lay.stage_bytes, bar_k, bar_v, bar_free_k, bar_free_v, pos, n_kt,
+                               n_full, q4, lane, wg, p.scale_log2, s, phase);
+      // Q and the metadata are no longer read: the producer may fill this buffer with the tile
+      // after next while this warp stores its rows.
+      mbar_arrive(bar_free_q + 8 * qb);
+      store_tile<D>(o, m, l, tok, row0, head_kv, g, q4, p);
+      if (++qb == kDnQBufs) {
+        qb = 0;
+        qphase ^= 1;
+      }
     }
   }
 }
@@ -478,6 +748,21 @@ void launch_dense_fwd(const CUtensorMap& tmap_k, const CUtensorMap& tmap_v, cons
                      err);
   const int64_t grid = int64_t(kp.h_kv) * kp.tiles_per_head;
   kernel<<<dim3(unsigned(grid)), dim3(kDnThreads), bytes, stream>>>(tmap_k, tmap_v, kp);
+  check_cuda(kDenseFwdOp, cudaGetLastError(), "kernel launch failed");
+}
+
+// Host launcher of the persistent kernel (grid CTAs, at most one per SM); same instantiation files.
+template <int D, bool PINGPONG>
+void launch_dense_fwd_persistent(const CUtensorMap& tmap_q, const CUtensorMap& tmap_k, const CUtensorMap& tmap_v,
+                                 const DenseFwdKernelParams& kp, int grid, cudaStream_t stream) {
+  constexpr int S = dn_stages<D>();
+  const size_t bytes = size_t(dn_persist_layout(D, S).total) + 1024;  // + base alignment
+  auto kernel = dense_fwd_persistent_kernel<D, PINGPONG>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err != cudaSuccess)
+    throw_cuda_error(kDenseFwdOp, "cudaFuncSetAttribute(" + std::to_string(bytes) + " bytes of shared memory) failed",
+                     err);
+  kernel<<<dim3(unsigned(grid)), dim3(kDnThreads), bytes, stream>>>(tmap_q, tmap_k, tmap_v, kp);
   check_cuda(kDenseFwdOp, cudaGetLastError(), "kernel launch failed");
 }
 

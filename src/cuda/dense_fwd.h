@@ -11,10 +11,13 @@ namespace msa::cuda {
 
 // How the two consumer warpgroups of a CTA share the tensor cores: each on its own, overlapping
 // its softmax with its own P V GEMM (overlap), or additionally taking turns to issue GEMMs so that
-// one's softmax runs under the other's GEMMs (pingpong). Speed only: the outputs are bitwise the
-// same. Both stay compiled so that benchmarks and tests can compare them.
-enum class DenseSchedule { overlap, pingpong };
-constexpr DenseSchedule kDenseDefaultSchedule = DenseSchedule::overlap;
+// one's softmax runs under the other's GEMMs (pingpong); one CTA per query tile. persistent and
+// persistent_pingpong run the same in at most one CTA per SM that takes query tiles from an atomic
+// counter and loads the next tile's Q and K/V while finishing the current one (they need 16-byte
+// aligned q rows and strides; other q layouts run overlap / pingpong). Speed only: the outputs are
+// bitwise the same. All stay compiled so that benchmarks and tests can compare them.
+enum class DenseSchedule { overlap, pingpong, persistent, persistent_pingpong };
+constexpr DenseSchedule kDenseDefaultSchedule = DenseSchedule::persistent;
 
 // p arrives validated by attention_api.cpp for shapes only (strides and scale resolved, d in
 // {64, 128}, h_q / h_kv in {1, 2, 4, 8, 16}, topk_idx null, n_q > 0). Every pointer, the varlen

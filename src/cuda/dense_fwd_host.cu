@@ -21,6 +21,15 @@ MSA_DENSE_FWD_EXTERN(64, true)
 MSA_DENSE_FWD_EXTERN(128, false)
 MSA_DENSE_FWD_EXTERN(128, true)
 #undef MSA_DENSE_FWD_EXTERN
+#define MSA_DENSE_FWD_PERSISTENT_EXTERN(D, PP)                                                   \
+  extern template void launch_dense_fwd_persistent<D, PP>(const CUtensorMap&, const CUtensorMap&, \
+                                                          const CUtensorMap&, const DenseFwdKernelParams&, int, \
+                                                          cudaStream_t);
+MSA_DENSE_FWD_PERSISTENT_EXTERN(64, false)
+MSA_DENSE_FWD_PERSISTENT_EXTERN(64, true)
+MSA_DENSE_FWD_PERSISTENT_EXTERN(128, false)
+MSA_DENSE_FWD_PERSISTENT_EXTERN(128, true)
+#undef MSA_DENSE_FWD_PERSISTENT_EXTERN
 
 namespace {
 
@@ -132,15 +141,32 @@ void run_dense_fwd(const AttentionParams& p, cudaStream_t stream, DenseSchedule 
                              " query tiles exceed the CUDA grid");
   kp.tiles_per_head = int(tiles);
 
+  // The persistent kernels load Q by TMA; other q layouts take the one-CTA-per-tile kernel of the
+  // same GEMM order (same math).
+  const bool want_persistent =
+      schedule == DenseSchedule::persistent || schedule == DenseSchedule::persistent_pingpong;
+  const bool want_pp = schedule == DenseSchedule::pingpong || schedule == DenseSchedule::persistent_pingpong;
+  const bool persistent = want_persistent && kp.q_vec;
+
+  // One scratch block: the varlen tile prefix [batch + 1] (with cu_seqlens_q), then the persistent
+  // kernel's tile counter.
   ScratchGuard tile_scratch, k_scratch, v_scratch;
-  if (kp.cu_q != nullptr) {
+  const int64_t n_prefix = kp.cu_q != nullptr ? kp.batch + 1 : 0;
+  if (n_prefix > 0 || persistent) {
     tile_scratch.stream = stream;
-    check_cuda(kDenseFwdOp, cudaMallocAsync(&tile_scratch.ptr, size_t(kp.batch + 1) * sizeof(int32_t), stream),
+    check_cuda(kDenseFwdOp,
+               cudaMallocAsync(&tile_scratch.ptr, size_t(n_prefix + (persistent ? 1 : 0)) * sizeof(int32_t), stream),
                "cudaMallocAsync");
-    tile_prefix_kernel<<<1, kScanThreads, 0, stream>>>(kp.cu_q, kp.batch, kp.n_q, int(tok_per_tile),
-                                                       static_cast<int32_t*>(tile_scratch.ptr));
+  }
+  int32_t* scratch = static_cast<int32_t*>(tile_scratch.ptr);
+  if (kp.cu_q != nullptr) {
+    tile_prefix_kernel<<<1, kScanThreads, 0, stream>>>(kp.cu_q, kp.batch, kp.n_q, int(tok_per_tile), scratch);
     check_cuda(kDenseFwdOp, cudaGetLastError(), "tile prefix launch");
-    kp.tile_start = static_cast<const int32_t*>(tile_scratch.ptr);
+    kp.tile_start = scratch;
+  }
+  if (persistent) {
+    kp.tile_counter = reinterpret_cast<unsigned*>(scratch + n_prefix);
+    check_cuda(kDenseFwdOp, cudaMemsetAsync(kp.tile_counter, 0, sizeof(unsigned), stream), "cudaMemsetAsync");
   }
 
   // With n_k == 0 every row sees nothing: no tile is loaded and the maps stay empty.
@@ -166,8 +192,26 @@ void run_dense_fwd(const AttentionParams& p, cudaStream_t stream, DenseSchedule 
     tmap_v = prepare(p.v, p.stride_v_tok, p.stride_v_head, v_scratch);
   }
 
+  if (persistent) {
+    // Q as a 3D map over [n_q, h_q, d]: box 64 columns x g heads x 128 / g tokens is one query
+    // tile's 128 rows in the kernel's row order (token-major, head within the group minor).
+    const CUtensorMap tmap_q = make_bf16_tensor_map_sw128<3>(
+        kDenseFwdOp, kp.q, {cuuint64_t(d), cuuint64_t(kp.h_q), cuuint64_t(kp.n_q)},
+        {cuuint64_t(kp.stride_q_head) * 2, cuuint64_t(kp.stride_q_tok) * 2},
+        {cuuint32_t(kDnAtom), cuuint32_t(g), cuuint32_t(tok_per_tile)});
+    int device = 0, sms = 0;
+    check_cuda(kDenseFwdOp, cudaGetDevice(&device), "cudaGetDevice");
+    check_cuda(kDenseFwdOp, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+               "cudaDeviceGetAttribute");
+    const int grid = int(std::max<int64_t>(1, std::min<int64_t>(int64_t(sms), tiles * kp.h_kv)));
+    if (d == 64 && !want_pp) return launch_dense_fwd_persistent<64, false>(tmap_q, tmap_k, tmap_v, kp, grid, stream);
+    if (d == 64 && want_pp) return launch_dense_fwd_persistent<64, true>(tmap_q, tmap_k, tmap_v, kp, grid, stream);
+    if (d == 128 && !want_pp) return launch_dense_fwd_persistent<128, false>(tmap_q, tmap_k, tmap_v, kp, grid, stream);
+    if (d == 128 && want_pp) return launch_dense_fwd_persistent<128, true>(tmap_q, tmap_k, tmap_v, kp, grid, stream);
+  }
+
   // One flat dispatch over the compiled head dims.
-  const bool pp = schedule == DenseSchedule::pingpong;
+  const bool pp = want_pp;
   if (d == 64 && !pp) return launch_dense_fwd<64, false>(tmap_k, tmap_v, kp, stream);
   if (d == 64 && pp) return launch_dense_fwd<64, true>(tmap_k, tmap_v, kp, stream);
   if (d == 128 && !pp) return launch_dense_fwd<128, false>(tmap_k, tmap_v, kp, stream);
