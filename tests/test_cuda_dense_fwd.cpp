@@ -193,8 +193,8 @@ struct Gpu {
 };
 
 // Runs the CUDA backend reps times through the public API (outputs poisoned before each run) and
-// once more through each other schedule; returns the first result. Every later run, and every
-// other schedule, must match it bitwise.
+// once more through each explicit schedule (the default, automatic, picks one of them by d);
+// returns the first result. Every later run, and every schedule, must match it bitwise.
 Gpu run_gpu(const Case& c, const Data& x, int reps, ::testing::AssertionResult* same) {
   std::mt19937_64 rng(c.seed ^ 0x9e3779b97f4a7c15ull);
   Strided hq(x.q, c.n_q(), c.h_q, c.d, c.q_tok, c.q_head, c.q_off, rng);
@@ -252,7 +252,7 @@ Gpu run_gpu(const Case& c, const Data& x, int reps, ::testing::AssertionResult* 
       check_same(o.get(), lse.get(), "a repeated run");
     }
   }
-  // The other schedule, through the internal entry (params resolved as the API would).
+  // Every schedule, through the internal entry (params resolved as the API would).
   AttentionParams r = p;
   if (r.scale == 0.f) r.scale = float(1.0 / std::sqrt(double(c.d)));
   r.stride_q_head = hq.head;

@@ -15,9 +15,11 @@ namespace msa::cuda {
 // persistent_pingpong run the same in at most one CTA per SM that takes query tiles from an atomic
 // counter and loads the next tile's Q and K/V while finishing the current one (they need 16-byte
 // aligned q rows and strides; other q layouts run overlap / pingpong). Speed only: the outputs are
-// bitwise the same. All stay compiled so that benchmarks and tests can compare them.
-enum class DenseSchedule { overlap, pingpong, persistent, persistent_pingpong };
-constexpr DenseSchedule kDenseDefaultSchedule = DenseSchedule::persistent;
+// bitwise the same. All stay compiled so that benchmarks and tests can compare them. automatic
+// picks by head dim what measured fastest (docs/dense_attention.md): persistent_pingpong at d = 64
+// (the exposed softmax is hidden under the other warpgroup's GEMMs), persistent at d = 128.
+enum class DenseSchedule { overlap, pingpong, persistent, persistent_pingpong, automatic };
+constexpr DenseSchedule kDenseDefaultSchedule = DenseSchedule::automatic;
 
 // p arrives validated by attention_api.cpp for shapes only (strides and scale resolved, d in
 // {64, 128}, h_q / h_kv in {1, 2, 4, 8, 16}, topk_idx null, n_q > 0). Every pointer, the varlen

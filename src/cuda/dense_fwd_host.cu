@@ -103,6 +103,8 @@ CUtensorMap make_kv_map(const uint16_t* base, int64_t n, int64_t h, int64_t d, i
 
 void run_dense_fwd(const AttentionParams& p, cudaStream_t stream, DenseSchedule schedule) {
   const int d = int(p.d);
+  if (schedule == DenseSchedule::automatic)
+    schedule = d == 64 ? DenseSchedule::persistent_pingpong : DenseSchedule::persistent;
   const int64_t g = p.h_q / p.h_kv;
   int log2_g = 0;
   while ((int64_t(1) << log2_g) < g) ++log2_g;
