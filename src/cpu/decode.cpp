@@ -123,6 +123,32 @@ void append_kv(const AppendKvParams& p, const std::vector<int32_t>& cu_new, cons
 
 namespace {
 
+// The prefill index_topk on a chunk's gathered keys (rows d_idx apart) for its queries from packed
+// row q0: the dtype and the q_idx layout are the caller's (the call's own, or float64 copies).
+void run_chunk_index(const DecodeIndexParams& p, const detail::SeqInfo& cs, int64_t q0, DType dtype,
+                     const void* q_idx, int64_t stride_q_tok, int64_t stride_q_head, const void* keys,
+                     int num_threads) {
+  const PagedKvCache& c = p.cache;
+  IndexTopkParams ip;
+  ip.seq.n_q = cs.n_q;
+  ip.seq.n_k = cs.n_k;
+  ip.seq.batch = cs.batch;
+  ip.h_kv = c.h_kv;
+  ip.d_idx = c.d_idx;
+  ip.bk = c.bk;
+  ip.topk = p.topk;
+  ip.index_scale = p.index_scale;
+  ip.dtype = dtype;
+  ip.q_idx = q_idx;
+  ip.stride_q_idx_tok = stride_q_tok;
+  ip.stride_q_idx_head = stride_q_head;
+  ip.k_idx = keys;
+  ip.stride_k_idx_tok = c.d_idx;
+  ip.topk_idx = p.topk_idx + q0 * c.h_kv * p.topk;
+  ip.index_lse = p.index_lse ? p.index_lse + q0 * c.h_kv : nullptr;
+  index_topk(ip, cs, num_threads);
+}
+
 // The FP8 index pass (IndexKeyFormat::fp8_e4m3): the query rows are quantized like the keys, both
 // sides dequantized to float64 and the prefill reference runs on them in float64, so the scores
 // are the contract's sum of e4m3 products times the scales, without float32 rounding.
@@ -158,24 +184,7 @@ void decode_index_topk_fp8(const DecodeIndexParams& p, const detail::SeqInfo& s,
         double* dst = q.data() + (i * h_kv + r) * d_idx;
         for (int64_t e = 0; e < d_idx; ++e) dst[e] = double(detail::e4m3_decode(q8[e])) * sq;
       }
-    IndexTopkParams ip;
-    ip.seq.n_q = cs.n_q;
-    ip.seq.n_k = cs.n_k;
-    ip.seq.batch = cs.batch;
-    ip.h_kv = h_kv;
-    ip.d_idx = d_idx;
-    ip.bk = bk;
-    ip.topk = p.topk;
-    ip.index_scale = p.index_scale;
-    ip.dtype = DType::f64;
-    ip.q_idx = q.data();
-    ip.stride_q_idx_tok = h_kv * d_idx;
-    ip.stride_q_idx_head = d_idx;
-    ip.k_idx = keys.data();
-    ip.stride_k_idx_tok = d_idx;
-    ip.topk_idx = p.topk_idx + q0 * h_kv * p.topk;
-    ip.index_lse = p.index_lse ? p.index_lse + q0 * h_kv : nullptr;
-    index_topk(ip, cs, num_threads);
+    run_chunk_index(p, cs, q0, DType::f64, q.data(), h_kv * d_idx, d_idx, keys.data(), num_threads);
   });
 }
 
@@ -185,7 +194,7 @@ void decode_index_topk(const DecodeIndexParams& p, const detail::SeqInfo& s, con
                        int num_threads) {
   if (p.cache.k_idx_format == IndexKeyFormat::fp8_e4m3) return decode_index_topk_fp8(p, s, lens, num_threads);
   const PagedKvCache& c = p.cache;
-  const int64_t es = dtype_size(p.dtype), d_idx = c.d_idx, h_kv = c.h_kv;
+  const int64_t es = dtype_size(p.dtype), d_idx = c.d_idx;
   std::vector<uint8_t> keys;
   for_chunks(s, lens, d_idx, [&](int64_t b0, int64_t b1) {
     detail::SeqInfo cs = chunk_info(s, lens, b0, b1);
@@ -195,24 +204,8 @@ void decode_index_topk(const DecodeIndexParams& p, const detail::SeqInfo& s, con
       if (cs.cu_q[b - b0 + 1] > cs.cu_q[b - b0])
         gather(c, c.k_idx_cache, d_idx, es, b, lens[b], {}, keys.data() + cs.cu_k[b - b0] * d_idx * es, num_threads);
     const int64_t q0 = s.cu_q[b0];
-    IndexTopkParams ip;
-    ip.seq.n_q = cs.n_q;
-    ip.seq.n_k = cs.n_k;
-    ip.seq.batch = cs.batch;
-    ip.h_kv = h_kv;
-    ip.d_idx = d_idx;
-    ip.bk = c.bk;
-    ip.topk = p.topk;
-    ip.index_scale = p.index_scale;
-    ip.dtype = p.dtype;
-    ip.q_idx = static_cast<const uint8_t*>(p.q_idx) + q0 * p.stride_q_idx_tok * es;
-    ip.stride_q_idx_tok = p.stride_q_idx_tok;
-    ip.stride_q_idx_head = p.stride_q_idx_head;
-    ip.k_idx = keys.data();
-    ip.stride_k_idx_tok = d_idx;
-    ip.topk_idx = p.topk_idx + q0 * h_kv * p.topk;
-    ip.index_lse = p.index_lse ? p.index_lse + q0 * h_kv : nullptr;
-    index_topk(ip, cs, num_threads);
+    run_chunk_index(p, cs, q0, p.dtype, static_cast<const uint8_t*>(p.q_idx) + q0 * p.stride_q_idx_tok * es,
+                    p.stride_q_idx_tok, p.stride_q_idx_head, keys.data(), num_threads);
   });
 }
 
