@@ -105,15 +105,15 @@ __device__ __forceinline__ void stat_reset(RowStat& s) {
   s.nan = false;
 }
 
-// Folds four scores of this lane (with their visibility) into s; the group max is shared by the
-// quad (the 4 lanes holding one row), so m stays equal across the quad.
-__device__ __forceinline__ void stat_update(RowStat& s, float x0, bool v0, float x1, bool v1, float x2, bool v2,
-                                            float x3, bool v3, bool lse) {
+// The max of four scores of this lane over the visible ones (NaN: none visible is a number).
+__device__ __forceinline__ float max4(float x0, bool v0, float x1, bool v1, float x2, bool v2, float x3, bool v3) {
   const float qnan = __int_as_float(0x7fc00000);
-  float gm = fmaxf(fmaxf(v0 ? x0 : qnan, v1 ? x1 : qnan), fmaxf(v2 ? x2 : qnan, v3 ? x3 : qnan));
-  gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 1));
-  gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 2));
-  const float m_new = fmaxf(s.m, gm);
+  return fmaxf(fmaxf(v0 ? x0 : qnan, v1 ? x1 : qnan), fmaxf(v2 ? x2 : qnan, v3 ? x3 : qnan));
+}
+
+// Moves s to the new max m_new (>= s.m and every visible score) and adds the four scores' mass.
+__device__ __forceinline__ void stat_fold(RowStat& s, float m_new, float x0, bool v0, float x1, bool v1, float x2,
+                                          bool v2, float x3, bool v3, bool lse) {
   if (lse) {
     s.nan |= (v0 && isnan(x0)) || (v1 && isnan(x1)) || (v2 && isnan(x2)) || (v3 && isnan(x3));
     // Only a finite max carries mass that a sum can hold; +inf and all -inf are settled from the
@@ -128,6 +128,16 @@ __device__ __forceinline__ void stat_update(RowStat& s, float x0, bool v0, float
     }
   }
   s.m = m_new;
+}
+
+// Folds four scores of this lane (with their visibility) into s; the group max is shared by the
+// quad (the 4 lanes holding one row), so m stays equal across the quad.
+__device__ __forceinline__ void stat_update(RowStat& s, float x0, bool v0, float x1, bool v1, float x2, bool v2,
+                                            float x3, bool v3, bool lse) {
+  float gm = max4(x0, v0, x1, v1, x2, v2, x3, v3);
+  gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 1));
+  gm = fmaxf(gm, __shfl_xor_sync(0xffffffffu, gm, 2));
+  stat_fold(s, fmaxf(s.m, gm), x0, v0, x1, v1, x2, v2, x3, v3, lse);
 }
 
 // Shared memory of the score kernel: per warp a ring of kStages slices of 16 keys (16 rows of D
@@ -377,21 +387,7 @@ __device__ __forceinline__ float lds32f(uint32_t addr) {
 // lanes of a row are combined once at the end of the block.
 __device__ __forceinline__ void stat_update4(RowStat& s, float x0, bool v0, float x1, bool v1, float x2, bool v2,
                                              float x3, bool v3, bool lse) {
-  const float qnan = __int_as_float(0x7fc00000);
-  const float m_new =
-      fmaxf(s.m, fmaxf(fmaxf(v0 ? x0 : qnan, v1 ? x1 : qnan), fmaxf(v2 ? x2 : qnan, v3 ? x3 : qnan)));
-  if (lse) {
-    s.nan |= (v0 && isnan(x0)) || (v1 && isnan(x1)) || (v2 && isnan(x2)) || (v3 && isnan(x3));
-    if (isfinite(m_new)) {
-      float l = isfinite(s.m) ? s.l * __expf(s.m - m_new) : 0.f;
-      if (v0 && !isnan(x0)) l += __expf(x0 - m_new);
-      if (v1 && !isnan(x1)) l += __expf(x1 - m_new);
-      if (v2 && !isnan(x2)) l += __expf(x2 - m_new);
-      if (v3 && !isnan(x3)) l += __expf(x3 - m_new);
-      s.l = l;
-    }
-  }
-  s.m = m_new;
+  stat_fold(s, fmaxf(s.m, max4(x0, v0, x1, v1, x2, v2, x3, v3)), x0, v0, x1, v1, x2, v2, x3, v3, lse);
 }
 
 // Shared memory of the fp8 kernel: per warp kStages slices (32 key rows of D bytes, the 16-byte
