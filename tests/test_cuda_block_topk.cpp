@@ -318,6 +318,20 @@ TEST(CudaBlockTopk, LongRows) {
   check_case(make_case(4003, 60, 10000, 7, true, 1, 0, true));
 }
 
+// Few long rows (a decode step at long context) take the kernel that splits a row over the warps
+// of a CTA and merges their lists: runs of whole tiles, uneven runs, warps without tiles, rows
+// whose visible part is short, and every value kind (ties across the runs' boundaries included).
+TEST(CudaBlockTopk, FewLongRowsSplitOverWarps) {
+  REQUIRE_GPU();
+  check_case(make_case(4101, 4, 8192, 16, true, 0, 0, false));           // b1 x 1M at bk 128
+  check_case(make_case(4102, 4, 8192, 16, true, 0, 0, true));            // with short visible parts
+  check_case(make_case(4103, 3, 65536, 32, false, 3, 0, true));          // 64 tiles, 8 per warp
+  check_case(make_case(4104, 7, 4096, 31, true, 0, 1, false));           // 4 tiles: 4 warps idle
+  check_case(make_case(4105, 5, 9217, 1, true, 0, 0, true));             // k_sel = 0: the own block
+  check_case(make_case(4106, 264, 4100, 2, false, 0, 0, true));          // the most rows that split
+  check_case(make_case(4107, 2, 12000, 16, true, 0, 0, false, true));    // plain random
+}
+
 TEST(CudaBlockTopk, NoBlocks) {
   REQUIRE_GPU();
   Case c;

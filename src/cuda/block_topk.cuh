@@ -1,6 +1,6 @@
-// block_topk.cuh — the sm_90 kernel behind msa::block_topk and its launcher (internal; included by
-// block_topk.cu only). One warp owns one row at a time; the design and its measurements are in
-// docs/topk.md.
+// block_topk.cuh — the sm_90 kernels behind msa::block_topk and their launcher (internal; included
+// by block_topk.cu only). One warp owns one row at a time; few long rows get a CTA each, its warps
+// splitting the row (block_topk_split_kernel). The design and its measurements are in docs/topk.md.
 //
 // Per row: the visible candidate columns are streamed through shared memory in tiles of 1024
 // (cp.async into two buffers: the next tile is in flight while this one is ranked); each lane
@@ -489,6 +489,71 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) block_topk_kernel(con
   cp_async_wait_all();
 }
 
+// Few long rows (a decode step at long context: h_kv rows of thousands of blocks) leave most of
+// the GPU idle with one warp per row. Here a CTA of kSplitWarps warps owns one row: warp w ranks
+// its own run of whole tiles into its list exactly as above, then warp 0 ranks the concatenated
+// lists (in column order, since the runs are) once more. Exact: a column of the row's best k_sel
+// is among the best k_sel of its run under the same (key, lower column) order.
+constexpr int kSplitWarps = 8;
+constexpr int kSplitMerge = kSplitWarps * 32;  // merged candidates: k_sel <= 32 per warp
+constexpr int kSplitSmem = kSplitWarps * kWarpSmem + kSplitMerge * 8 + kSplitWarps * 4;
+// A row this long (in blocks) with this few rows takes the split kernel (speed only; the results
+// are identical).
+constexpr int kSplitMinBlocks = 4 * kTile;
+
+__global__ void __launch_bounds__(kSplitWarps * 32) block_topk_split_kernel(const Args a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* tiles = reinterpret_cast<float*>(smem + warp * kWarpSmem);
+  uint2* list = reinterpret_cast<uint2*>(smem + warp * kWarpSmem + 2 * kTileBytes);
+  uint2* merged = reinterpret_cast<uint2*>(smem + kSplitWarps * kWarpSmem);
+  int* counts = reinterpret_cast<int*>(smem + kSplitWarps * kWarpSmem + kSplitMerge * 8);
+  const uint32_t tiles_s = smem_addr(tiles);
+  const int k_sel = a.topk - (a.force_last ? 1 : 0);
+
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const RowInfo cur = row_info(a, row, k_sel);
+    if (cur.n_tiles == 0) {
+      if (warp == 0) write_short_row(a, row, cur.n_vis, lane);
+      continue;  // uniform over the CTA: no barrier skipped by some warps only
+    }
+    // Warp w ranks tiles [t_begin, t_end): the row's tiles dealt out in contiguous runs.
+    const int per_warp = (cur.n_tiles + kSplitWarps - 1) / kSplitWarps;
+    const int t_begin = min(warp * per_warp, cur.n_tiles), t_end = min(t_begin + per_warp, cur.n_tiles);
+    int s = 0, buf = 0;
+    uint32_t key_w = 0;
+    if (t_begin < t_end) issue_tile(a, row, cur.n_cand, t_begin * kTile, tiles, tiles_s, lane);
+    cp_async_commit();
+    for (int t = t_begin; t < t_end; ++t) {
+      if (t + 1 < t_end)
+        issue_tile(a, row, cur.n_cand, (t + 1) * kTile, tiles + (buf ^ 1) * kTileWords, tiles_s + (buf ^ 1) * kTileBytes,
+                   lane);
+      cp_async_commit();
+      cp_async_wait_prev();
+      __syncwarp();  // the whole tile has landed, whichever lane copied it
+      rank_tile(tiles + buf * kTileWords, t * kTile, cur.n_cand, k_sel, list, s, key_w, lane);
+      __syncwarp();  // done with this buffer before it is refilled
+      buf ^= 1;
+    }
+    cp_async_wait_all();
+    if (lane == 0) counts[warp] = s;
+    __syncthreads();  // every warp's list and count are final
+    int base = 0;
+    for (int w = 0; w < warp; ++w) base += counts[w];
+    if (lane < s) merged[base + lane] = list[lane];
+    __syncthreads();  // the merged list is complete
+    if (warp == 0) {
+      int n = 0;
+      for (int w = 0; w < kSplitWarps; ++w) n += counts[w];
+      if (n > k_sel) select_list<kSplitMerge / 32>(merged, n, k_sel, lane);
+      int32_t* out = a.topk_idx + row * a.topk;
+      if (lane < k_sel) out[lane] = int32_t(merged[lane].y);
+      if (a.force_last && lane == k_sel) out[lane] = cur.n_vis - 1;
+    }
+    __syncthreads();  // lists, counts and the merged list are free for the next row
+  }
+}
+
 // The public operation, for error messages.
 constexpr const char* kOp = "block_topk";
 
@@ -509,6 +574,13 @@ inline void launch(const BlockTopkParams& p, cudaStream_t stream) {
   int dev = 0, sms = 0, per_sm = 0;
   check_cuda(kOp, cudaGetDevice(&dev), "cudaGetDevice");
   check_cuda(kOp, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  // Fewer rows than the SMs could hold split rows, each long enough to split: a CTA per row.
+  if (p.n_blocks >= kSplitMinBlocks && p.rows <= int64_t(sms) * 2) {
+    ensure_smem(kOp, reinterpret_cast<const void*>(&block_topk_split_kernel), kSplitSmem);
+    block_topk_split_kernel<<<int(p.rows), kSplitWarps * 32, kSplitSmem, stream>>>(a);
+    check_cuda(kOp, cudaGetLastError(), "kernel launch");
+    return;
+  }
   check_cuda(kOp, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, block_topk_kernel, kWarps * 32, kBlockSmem),
              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   const int64_t want = (p.rows + kWarps - 1) / kWarps;

@@ -1,5 +1,6 @@
 // block_topk.h — the CUDA sm_90 launcher of msa::block_topk (internal): exact top-k over rows of
-// float32 block scores, one warp per row. For src/index_api.cpp and the benchmark.
+// float32 block scores, one warp per row (a CTA per row for few long rows). For
+// src/index_api.cpp and the benchmark.
 #pragma once
 
 #include <cuda_runtime.h>
