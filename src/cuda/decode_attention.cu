@@ -353,9 +353,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attn_kernel(const Args a) 
 }
 
 // One warp per (token, head): combine the splits' partial (o, lse). Splits whose lse is -inf
-// saw nothing and wrote no o. Each lane reads the lse of one split of a chunk of 32 and turns it
-// into the split's weight, which the whole warp then takes by shuffle: the o rows of a chunk are
-// read with no load depending on another (at batch 1 the merge is latency, not bandwidth).
+// saw nothing and wrote no o.
 template <int D>
 __global__ void __launch_bounds__(128)
     decode_merge_kernel(const float* ws_o, const float* ws_lse, int64_t ws_n_q, int n_splits, int64_t n_q, int64_t h_q,
@@ -374,27 +372,18 @@ __global__ void __launch_bounds__(128)
   float acc[kPer];
 #pragma unroll
   for (int u = 0; u < kPer; ++u) acc[u] = 0.f;
-  float L = 0.f;  // this lane's splits' weights; summed over the warp at the end
+  float L = 0.f;
   if (M != -INFINITY) {
-    for (int s0 = 0; s0 < n_splits; s0 += 32) {
-      const int s = s0 + lane;
-      const float ls = s < n_splits ? ws_lse[s * split_stride + row] : -INFINITY;
-      const float wl = ls == -INFINITY ? 0.f : __expf(ls - M);
-      L += wl;
-      const int cnt = min(32, n_splits - s0);
-#pragma unroll 8
-      for (int j = 0; j < cnt; ++j) {
-        const float w = __shfl_sync(0xffffffffu, wl, j);
-        const float* src = ws_o + ((s0 + j) * split_stride + row) * D;
-        if (w > 0.f) {
+    for (int s = 0; s < n_splits; ++s) {
+      const float ls = ws_lse[s * split_stride + row];
+      if (ls == -INFINITY) continue;
+      const float w = __expf(ls - M);
+      L += w;
+      const float* src = ws_o + (s * split_stride + row) * D;
 #pragma unroll
-          for (int u = 0; u < kPer; ++u) acc[u] += w * src[lane + 32 * u];
-        }
-      }
+      for (int u = 0; u < kPer; ++u) acc[u] += w * src[lane + 32 * u];
     }
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
   const bool empty = !(L > 0.f);
 #pragma unroll
   for (int u = 0; u < kPer; ++u)
