@@ -55,25 +55,7 @@ struct Shape {
 };
 
 std::pair<float, float> time_call(const msa::DecodeIndexParams& p, const msa::DecodePlan& plan, void* ws, int iters) {
-  msa::Exec ex;
-  ex.backend = msa::Backend::cuda;
-  const float eager = msa::bench::upper_median(
-      msa::bench::time_queued_ms([&](int) { msa::decode_index_topk(p, plan, ws, ex); }, 3, iters));
-  cudaStream_t st;
-  ok(cudaStreamCreate(&st), "stream");
-  ex.stream = st;
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  ok(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), "begin capture");
-  msa::decode_index_topk(p, plan, ws, ex);
-  ok(cudaStreamEndCapture(st, &g), "end capture");
-  ok(cudaGraphInstantiate(&ge, g, 0), "instantiate");
-  const float graph = msa::bench::upper_median(
-      msa::bench::time_queued_ms([&](int) { ok(cudaGraphLaunch(ge, st), "graph launch"); }, 3, iters));
-  cudaGraphExecDestroy(ge);
-  cudaGraphDestroy(g);
-  cudaStreamDestroy(st);
-  return {eager, graph};
+  return msa::bench::eager_and_graph_ms([&](const msa::Exec& ex) { msa::decode_index_topk(p, plan, ws, ex); }, iters);
 }
 
 float copy_ms(size_t bytes, int iters) {

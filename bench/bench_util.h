@@ -11,7 +11,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <utility>
 #include <vector>
+
+#include "msa/common.h"
 
 namespace msa::bench {
 
@@ -104,6 +107,31 @@ std::vector<float> time_queued_ms(F&& fn, int warmup, int iters) {
 inline float upper_median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
+}
+
+// Median ms of call(ex) issued eagerly on the legacy stream, and of the same call captured once
+// into a CUDA graph and replayed (no host launch cost between calls: the GPU time of a captured
+// decode step). ex is a CUDA Exec; the replay stream is a blocking one, ordered with the legacy
+// stream the events use.
+template <class F>
+std::pair<float, float> eager_and_graph_ms(F&& call, int iters) {
+  msa::Exec ex;
+  ex.backend = msa::Backend::cuda;
+  const float eager = upper_median(time_queued_ms([&](int) { call(ex); }, 3, iters));
+  cudaStream_t st;
+  ok(cudaStreamCreate(&st), "stream");
+  ex.stream = st;
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  ok(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), "begin capture");
+  call(ex);
+  ok(cudaStreamEndCapture(st, &g), "end capture");
+  ok(cudaGraphInstantiate(&ge, g, 0), "instantiate");
+  const float graph = upper_median(time_queued_ms([&](int) { ok(cudaGraphLaunch(ge, st), "graph launch"); }, 3, iters));
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  cudaStreamDestroy(st);
+  return {eager, graph};
 }
 
 // The median proper: the mean of the two middle values for even n.

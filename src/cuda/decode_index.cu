@@ -140,6 +140,31 @@ __device__ __forceinline__ void stat_update(RowStat& s, float x0, bool v0, float
   stat_fold(s, fmaxf(s.m, gm), x0, v0, x1, v1, x2, v2, x3, v3, lse);
 }
 
+// The request of a score kernel's CTA (grid = request b x chunk c): its first packed query token
+// lo, its query count nq_b and its cached length len (clamped); chunk 0 also writes the visible
+// block count of each of the request's rows for the top-k. False: the request has no queries.
+__device__ __forceinline__ bool request_rows(const Args& a, int64_t b, int c, int64_t& lo, int64_t& nq_b,
+                                             int64_t& len) {
+  int64_t hi = a.n_q;
+  lo = 0;
+  if (a.cu_q) {
+    lo = clamp64(a.cu_q[b], 0, a.n_q);
+    hi = clamp64(a.cu_q[b + 1], lo, a.n_q);
+  }
+  nq_b = hi - lo;
+  if (nq_b == 0) return false;
+  const int64_t bk = a.bk;
+  len = clamp64(a.seq_lens[b], 0, a.max_blocks * bk);
+  if (c == 0) {
+    const int64_t rows = nq_b * a.h_kv, row0 = lo * a.h_kv;
+    for (int64_t rr = threadIdx.x; rr < rows; rr += kThreads) {
+      const int64_t pos = len - nq_b + rr / a.h_kv;
+      a.ws_nvis[row0 + rr] = pos >= 0 ? int32_t(pos / bk + 1) : 0;
+    }
+  }
+  return true;
+}
+
 // Shared memory of the score kernel: per warp a ring of kStages slices of 16 keys (16 rows of D
 // bf16, the 16-byte chunks of odd rows swapped by 64 bytes so that the two rows one 8-lane phase
 // of ldmatrix-like 16-byte reads touches fall in different banks), then the Q rows of a pass (row
@@ -173,25 +198,9 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) decode_index_score_
   const int gid = lane >> 2, tig = lane & 3;
   const uint32_t ring = smem_addr(smem) + uint32_t(warp * S::kStages * S::kSliceBytes);
 
-  int64_t lo = 0, hi = a.n_q;
-  if (a.cu_q) {
-    lo = clamp64(a.cu_q[b], 0, a.n_q);
-    hi = clamp64(a.cu_q[b + 1], lo, a.n_q);
-  }
-  const int64_t nq_b = hi - lo;
-  if (nq_b == 0) return;
-  const int64_t bk = a.bk;
-  const int64_t len = clamp64(a.seq_lens[b], 0, a.max_blocks * bk);
-  const int64_t rows = nq_b * a.h_kv;
-  const int64_t row0 = lo * a.h_kv;  // packed row of the request's first (token, group)
-
-  // The visible block count of every row, for the top-k (one CTA per request writes it).
-  if (c == 0) {
-    for (int64_t rr = threadIdx.x; rr < rows; rr += kThreads) {
-      const int64_t pos = len - nq_b + rr / a.h_kv;
-      a.ws_nvis[row0 + rr] = pos >= 0 ? int32_t(pos / bk + 1) : 0;
-    }
-  }
+  int64_t lo = 0, nq_b = 0, len = 0;
+  if (!request_rows(a, b, c, lo, nq_b, len)) return;
+  const int64_t bk = a.bk, rows = nq_b * a.h_kv, row0 = lo * a.h_kv;
   const int64_t n_blk = (len + bk - 1) / bk;
   const int64_t blk0 = int64_t(c) * a.split;
   if (blk0 >= n_blk) return;  // a plan for longer contexts: this chunk has nothing yet
@@ -432,27 +441,12 @@ __global__ void __launch_bounds__(kThreads, NT <= 2 ? 2 : 1) decode_index_score_
   const uint32_t ring = smem_addr(smem) + uint32_t(warp * S::kStages * S::kSliceBytes);
   const uint32_t q_addr = smem_addr(q_s);
 
-  int64_t lo = 0, hi = a.n_q;
-  if (a.cu_q) {
-    lo = clamp64(a.cu_q[b], 0, a.n_q);
-    hi = clamp64(a.cu_q[b + 1], lo, a.n_q);
-  }
-  const int64_t nq_b = hi - lo;
-  if (nq_b == 0) return;
-  const int64_t bk = a.bk;
-  const int64_t len = clamp64(a.seq_lens[b], 0, a.max_blocks * bk);
-  const int64_t rows = nq_b * a.h_kv;
-  const int64_t row0 = lo * a.h_kv;
-
-  if (c == 0) {
-    for (int64_t rr = threadIdx.x; rr < rows; rr += kThreads) {
-      const int64_t pos = len - nq_b + rr / a.h_kv;
-      a.ws_nvis[row0 + rr] = pos >= 0 ? int32_t(pos / bk + 1) : 0;
-    }
-  }
+  int64_t lo = 0, nq_b = 0, len = 0;
+  if (!request_rows(a, b, c, lo, nq_b, len)) return;
+  const int64_t bk = a.bk, rows = nq_b * a.h_kv, row0 = lo * a.h_kv;
   const int64_t n_blk = (len + bk - 1) / bk;
   const int64_t blk0 = int64_t(c) * a.split;
-  if (blk0 >= n_blk) return;
+  if (blk0 >= n_blk) return;  // a plan for longer contexts: this chunk has nothing yet
   const int64_t blk1 = min64(blk0 + a.split, n_blk);
   const int32_t* table = a.block_table + b * a.max_blocks;
   // Slice g of this warp is slot (g & gmask) * 32 of its block g >> gsh: shifts, not 64-bit
