@@ -154,6 +154,19 @@ Out cpu_ref(const Case& c) {
   return o;
 }
 
+// The outputs of a case (Case or Fp8Case) from its device buffers.
+template <class C>
+Out read_out(const C& c, DevBuf<int32_t>& idx, DevBuf<float>& lse) {
+  Out o;
+  o.idx = idx.get();
+  o.idx.resize(size_t(c.n_q * c.s.h_kv * c.s.topk));
+  if (c.s.lse) {
+    o.lse = lse.get();
+    o.lse.resize(size_t(c.n_q * c.s.h_kv));
+  }
+  return o;
+}
+
 // Device copies of a case.
 struct Dev {
   DevBuf<uint16_t> kc, q;
@@ -165,19 +178,12 @@ struct Dev {
   DecodeIndexParams params(const Case& c) {
     return test::params(c, kc.ptr, table.ptr, lens.ptr, cu.ptr, q.ptr, idx.ptr, c.s.lse ? lse.ptr : nullptr);
   }
-  Out get(const Case& c) {
-    Out o;
-    o.idx = idx.get();
-    o.idx.resize(size_t(c.n_q * c.s.h_kv * c.s.topk));
-    if (c.s.lse) {
-      o.lse = lse.get();
-      o.lse.resize(size_t(c.n_q * c.s.h_kv));
-    }
-    return o;
-  }
+  Out get(const Case& c) { return read_out(c, idx, lse); }
 };
 
-DecodeShape shape_of(const Case& c, int64_t max_q) {
+// The plan shape of a case (Case or Fp8Case: the same fields).
+template <class C>
+DecodeShape shape_of(const C& c, int64_t max_q) {
   DecodeShape s;
   s.batch = c.batch;
   s.n_q = std::max<int64_t>(1, c.n_q);
@@ -196,8 +202,11 @@ Exec cuda_exec() {
   return ex;
 }
 
-// Runs the planned form with a workspace of its own.
-Out run_planned(const Case& c, Dev& dv, const DecodeShape& shape) {
+// Runs the planned form with a workspace of its own (C, D: Case and Dev, or Fp8Case and DevFp8);
+// ws_out and plan_out (optional) receive the workspace after the run and the plan.
+template <class C, class D>
+Out run_planned(const C& c, D& dv, const DecodeShape& shape, std::vector<uint8_t>* ws_out = nullptr,
+                DecodePlan* plan_out = nullptr) {
   const Exec ex = cuda_exec();
   DecodePlan plan = plan_decode(shape, ex);
   DevBuf<uint8_t> ws(plan.workspace_bytes);
@@ -206,6 +215,8 @@ Out run_planned(const Case& c, Dev& dv, const DecodeShape& shape) {
   dv.lse.poison(0x5a);
   decode_index_topk(dv.params(c), plan, ws.ptr, ex);
   cuda_check(cudaDeviceSynchronize(), "decode_index_topk (planned)");
+  if (ws_out) *ws_out = ws.get();
+  if (plan_out) *plan_out = plan;
   return dv.get(c);
 }
 
@@ -217,8 +228,9 @@ Out run_convenience(const Case& c, Dev& dv) {
   return dv.get(c);
 }
 
-// Position of packed token i and its request.
-void token_pos(const Case& c, int64_t i, int64_t& b, int64_t& pos) {
+// Position of packed token i and its request (Case or Fp8Case).
+template <class C>
+void token_pos(const C& c, int64_t i, int64_t& b, int64_t& pos) {
   b = 0;
   while (c.cu[b + 1] <= i) ++b;
   pos = c.lens[b] - (c.cu[b + 1] - c.cu[b]) + (i - c.cu[b]);
@@ -710,47 +722,15 @@ struct DevFp8 {
   DecodeIndexParams params(const Fp8Case& c) {
     return params_fp8(c, kc.ptr, ksc.ptr, table.ptr, lens.ptr, cu.ptr, q.ptr, idx.ptr, c.s.lse ? lse.ptr : nullptr);
   }
-  Out get(const Fp8Case& c) {
-    Out o;
-    o.idx = idx.get();
-    o.idx.resize(size_t(c.n_q * c.s.h_kv * c.s.topk));
-    if (c.s.lse) {
-      o.lse = lse.get();
-      o.lse.resize(size_t(c.n_q * c.s.h_kv));
-    }
-    return o;
-  }
+  Out get(const Fp8Case& c) { return read_out(c, idx, lse); }
 };
 
 DecodeShape shape_fp8(const Fp8Case& c, int64_t max_q) {
-  DecodeShape s;
-  s.batch = c.batch;
-  s.n_q = std::max<int64_t>(1, c.n_q);
-  s.max_q = max_q;
-  s.max_blocks = c.max_blocks;
-  s.bk = c.s.bk;
-  s.h_kv = c.s.h_kv;
-  s.d_idx = c.s.d;
-  s.topk = c.s.topk;
+  DecodeShape s = shape_of(c, max_q);
   s.k_idx_format = IndexKeyFormat::fp8_e4m3;
   return s;
 }
 
-// Runs the planned form; ws_out (optional) receives the workspace after the run.
-Out run_planned_fp8(const Fp8Case& c, DevFp8& dv, const DecodeShape& shape, std::vector<uint8_t>* ws_out = nullptr,
-                    DecodePlan* plan_out = nullptr) {
-  const Exec ex = cuda_exec();
-  DecodePlan plan = plan_decode(shape, ex);
-  DevBuf<uint8_t> ws(plan.workspace_bytes);
-  ws.poison(0xff);
-  dv.idx.poison(0x5a);
-  dv.lse.poison(0x5a);
-  decode_index_topk(dv.params(c), plan, ws.ptr, ex);
-  cuda_check(cudaDeviceSynchronize(), "decode_index_topk (planned, fp8)");
-  if (ws_out) *ws_out = ws.get();
-  if (plan_out) *plan_out = plan;
-  return dv.get(c);
-}
 
 // Exact (float64) score of row (i, r) against key j of request b, and its accumulation bound.
 struct Fp8Score {
@@ -767,12 +747,6 @@ Fp8Score fp8_score(const Fp8Case& c, int64_t i, int64_t r, int64_t b, int64_t j)
   return {acc * f, std::abs(f) * abs_acc * fp8_acc_bound(d) + 1e-30};
 }
 
-void token_pos_fp8(const Fp8Case& c, int64_t i, int64_t& b, int64_t& pos) {
-  b = 0;
-  while (c.cu[b + 1] <= i) ++b;
-  pos = c.lens[b] - (c.cu[b + 1] - c.cu[b]) + (i - c.cu[b]);
-}
-
 // Selections as sets (a difference passes only where the exact block maxima are within twice the
 // row's bound, and on at most 2% of the rows), the layout, the own block, and index_lse within the
 // bound plus float32 rounding (against float64 over the GPU's own selection where it differs).
@@ -782,7 +756,7 @@ void token_pos_fp8(const Fp8Case& c, int64_t i, int64_t& b, int64_t& pos) {
   double worst_lse = 0;
   for (int64_t i = 0; i < c.n_q; ++i) {
     int64_t b, pos;
-    token_pos_fp8(c, i, b, pos);
+    token_pos(c, i, b, pos);
     for (int64_t r = 0; r < h; ++r) {
       const int64_t row = i * h + r;
       std::ostringstream where;
@@ -881,18 +855,18 @@ TEST_P(CudaDecodeIndexFp8Mixed, MatchesCpuReference) {
   DevFp8 dv(c);
   // Hints 1 (one n8 tile per pass: the usual step, here looping over up to 20 tokens), 4 and 16
   // (2..8 tiles), and the convenience form.
-  const Out a = run_planned_fp8(c, dv, shape_fp8(c, 1));
+  const Out a = run_planned(c, dv, shape_fp8(c, 1));
   EXPECT_TRUE(compare_fp8(c, a, ref)) << "hint 1";
-  const Out a2 = run_planned_fp8(c, dv, shape_fp8(c, 1));
+  const Out a2 = run_planned(c, dv, shape_fp8(c, 1));
   EXPECT_TRUE(bitwise_equal(a.idx, a2.idx));
   EXPECT_TRUE(bitwise_equal(a.lse, a2.lse));
-  const Out a4 = run_planned_fp8(c, dv, shape_fp8(c, 4));
+  const Out a4 = run_planned(c, dv, shape_fp8(c, 4));
   EXPECT_TRUE(compare_fp8(c, a4, ref)) << "hint 4";
   DecodeShape big = shape_fp8(c, 16);
   big.batch *= 3;
   big.n_q *= 4;
   big.max_blocks *= 2;
-  EXPECT_TRUE(compare_fp8(c, run_planned_fp8(c, dv, big), ref)) << "hint 16, larger plan";
+  EXPECT_TRUE(compare_fp8(c, run_planned(c, dv, big), ref)) << "hint 16, larger plan";
   dv.idx.poison(0x33);
   dv.lse.poison(0x33);
   decode_index_topk(dv.params(c), cuda_exec());
@@ -927,13 +901,13 @@ TEST(CudaDecodeIndexFp8, BlockScoresWithinAccumulationBound) {
       DevFp8 dv(c);
       std::vector<uint8_t> ws;
       DecodePlan plan;
-      run_planned_fp8(c, dv, shape_fp8(c, 1), &ws, &plan);
+      run_planned(c, dv, shape_fp8(c, 1), &ws, &plan);
       const float* m = reinterpret_cast<const float*>(ws.data() + plan.index_workspace_offset);
       double worst = 0, worst_rel = 0;
       int64_t checked = 0;
       for (int64_t i = 0; i < c.n_q; ++i) {
         int64_t b, pos;
-        token_pos_fp8(c, i, b, pos);
+        token_pos(c, i, b, pos);
         for (int64_t r = 0; r < s.h_kv; ++r)
           for (int64_t blk = 0; blk <= pos / bk; ++blk) {
             double want = std::nan(""), tol = 0, mag = 0;
@@ -989,7 +963,7 @@ TEST(CudaDecodeIndexFp8, ExactTiesBreakTowardLowerBlock) {
     }
     const Out ref = cpu_ref_fp8(c);
     DevFp8 dv(c);
-    const Out a = run_planned_fp8(c, dv, shape_fp8(c, 3));
+    const Out a = run_planned(c, dv, shape_fp8(c, 3));
     EXPECT_TRUE(bitwise_equal(a.idx, ref.idx)) << "bk " << bk;
     EXPECT_TRUE(compare_fp8(c, a, ref)) << "bk " << bk;
   }
@@ -1009,7 +983,7 @@ TEST(CudaDecodeIndexFp8, LongSingleRequestWithoutOffsets) {
   const Fp8Case c = build_fp8(s);
   const Out ref = cpu_ref_fp8(c);
   DevFp8 dv(c);
-  EXPECT_TRUE(compare_fp8(c, run_planned_fp8(c, dv, shape_fp8(c, 2)), ref));
+  EXPECT_TRUE(compare_fp8(c, run_planned(c, dv, shape_fp8(c, 2)), ref));
 }
 
 TEST(CudaDecodeIndexFp8, GarbageDeviceArraysStayInBounds) {
@@ -1022,9 +996,9 @@ TEST(CudaDecodeIndexFp8, GarbageDeviceArraysStayInBounds) {
   for (auto& l : c.lens) l = int32_t(rng() % (3 * c.max_blocks * s.bk)) - 50;
   std::swap(c.cu[2], c.cu[5]);
   DevFp8 dv(c);
-  Out a = run_planned_fp8(c, dv, shape_fp8(c, 1));
+  Out a = run_planned(c, dv, shape_fp8(c, 1));
   for (int32_t v : a.idx) EXPECT_TRUE(v >= -1 && v < c.max_blocks) << v;
-  a = run_planned_fp8(c, dv, shape_fp8(c, 16));
+  a = run_planned(c, dv, shape_fp8(c, 16));
   for (int32_t v : a.idx) EXPECT_TRUE(v >= -1 && v < c.max_blocks) << v;
 }
 
