@@ -7,9 +7,10 @@
 // Cost model: FLOPs = 4 * g * d * sum over (query, group) of |T| (attended tokens); bytes = Q rows
 // gathered once per selected block, the bf16 partial o + lse written and read back, o written.
 //
-//   bench_sparse [--iters N] [--quick] [--n N] [--pass P1,P2,...] [--malloc-ws]
+//   bench_sparse [--iters N] [--quick] [--n N] [--pass P1,P2,...] [--band B1,B2,...] [--malloc-ws]
 //   (--quick: n = 32K only; --pass: the default variant with each query-pass size instead of the
-//   partial/chunk variants; --malloc-ws: run each variant a second time on a workspace from
+//   partial/chunk variants; --band: each of these query-band sizes (-1: one band) with each pass
+//   size (default passes if --pass is not given); --malloc-ws: run each variant a second time on a workspace from
 //   cudaMalloc passed in, instead of the call's stream-ordered allocation)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -171,7 +172,7 @@ int main(int argc, char** argv) {
   int iters = 10;
   bool quick = false;
   int64_t only_n = 0;
-  std::vector<int64_t> passes;
+  std::vector<int64_t> passes, bands;
   bool malloc_ws = false;
   for (int a = 1; a < argc; ++a) {
     if (!std::strcmp(argv[a], "--iters") && a + 1 < argc)
@@ -184,6 +185,8 @@ int main(int argc, char** argv) {
       only_n = std::atoll(argv[++a]);
     else if (!std::strcmp(argv[a], "--pass") && a + 1 < argc)
       for (char* t = std::strtok(argv[++a], ","); t; t = std::strtok(nullptr, ",")) passes.push_back(std::atoll(t));
+    else if (!std::strcmp(argv[a], "--band") && a + 1 < argc)
+      for (char* t = std::strtok(argv[++a], ","); t; t = std::strtok(nullptr, ",")) bands.push_back(std::atoll(t));
   }
   if (msa::cuda_device_count() == 0) {
     std::printf("no CUDA device\n");
@@ -271,11 +274,19 @@ int main(int argc, char** argv) {
         int64_t chunk;
         int64_t pass = 0;
         bool ext = false;
+        int64_t band = 0;
       };
       std::vector<Variant> variants = {{0, 0}, {1, 0}, {0, 1024}, {0, 16384}};
       if (!passes.empty()) {
         variants.clear();
         for (int64_t p : passes) variants.push_back({0, 0, p});
+      }
+      if (!bands.empty()) {
+        std::vector<Variant> with_bands;
+        if (variants.size() == 4 && passes.empty()) variants = {{0, 0, 0}};
+        for (const Variant& v0 : variants)
+          for (int64_t b : bands) with_bands.push_back(v0), with_bands.back().band = b;
+        variants = with_bands;
       }
       if (malloc_ws) {
         const size_t nv = variants.size();
@@ -289,6 +300,7 @@ int main(int argc, char** argv) {
         opt.partial_f32 = f32 != 0;
         opt.chunk_queries = var.chunk;
         opt.pass_queries = var.pass;
+        opt.band_queries = var.band;
         void* ext_ws = nullptr;
         if (var.ext) {
           opt.workspace_bytes = msa::cuda::sparse_fwd_workspace_bytes(a, opt);
@@ -298,7 +310,7 @@ int main(int argc, char** argv) {
         opt.after_schedule = ev[1];
         opt.after_phase1 = ev[2];
         auto call = [&] {
-          if (f32 || var.chunk || var.pass || var.ext)
+          if (f32 || var.chunk || var.pass || var.ext || var.band)
             msa::cuda::run_sparse_attention_forward(a, stream, opt);
           else
             msa::sparse_attention_forward(a, ex);  // the public path (its validation included)
@@ -331,7 +343,9 @@ int main(int argc, char** argv) {
         const double bytes = entries * double(g) * (2.0 * d + 2 * (pbytes * d + 4)) + double(n) * h_q * d * 2;
         char label[48];
         if (ext_ws) cudaFree(ext_ws);
-        if (var.pass)
+        if (var.band)
+          std::snprintf(label, sizeof label, "p%lld/b%lld", (long long)var.pass, (long long)var.band);
+        else if (var.pass)
           std::snprintf(label, sizeof label, "pass%lld%s", (long long)var.pass, var.ext ? "/m" : "");
         else
           std::snprintf(label, sizeof label, "%s/%lld", f32 ? "f32" : "bf16", (long long)(var.chunk ? var.chunk : 4096));

@@ -16,6 +16,23 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// Division of a non-negative 32-bit value below 2^31 by a divisor fixed at launch, as a multiply-high
+// and a shift: mul = ceil(2^(31 + l) / d) with l = ceil(log2 d) fits 32 bits, and for n < 2^31 the
+// rounding error of mul stays below one quotient step. d = 1 passes n through.
+struct FastDiv {
+  uint32_t d = 1, mul = 0, shr = 0;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t divisor) : d(divisor) {
+    if (d > 1) {
+      uint32_t l = 0;
+      while ((uint64_t(1) << l) < d) ++l;
+      mul = uint32_t(((uint64_t(1) << (31 + l)) + d - 1) / d);
+      shr = l - 1;
+    }
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return d == 1 ? n : __umulhi(n, mul) >> shr; }
+};
+
 __device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 // Largest b in [0, batch) with start[b] <= x: the sequence of a packed token (start = cu_seqlens)

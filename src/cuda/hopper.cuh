@@ -90,6 +90,13 @@ __device__ __forceinline__ uint32_t sw128_chunk_offset(int r, int ch) {
   return (ch / 8) * (ROWS * 128) + r * 128 + (((ch % 8) ^ (r % 8)) * 16);
 }
 
+// A descriptor moved by off_bytes (a multiple of 16): added to the low word only, which is exact
+// while the address stays inside the 14-bit field (the first 256 KB of shared memory), and costs
+// one 32-bit add where rebuilding the descriptor from an address costs five operations.
+__device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t off_bytes) {
+  return (desc & 0xffffffff00000000ull) | uint64_t(uint32_t(desc) + (off_bytes >> 4));
+}
+
 // wgmma shared-memory descriptor of a K-major operand in the 128-byte swizzle: rows of 128 bytes,
 // 8-row core groups 1024 bytes apart (stride byte offset), leading offset unused for this mode.
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
@@ -260,6 +267,12 @@ __device__ __forceinline__ float ex2_approx(float x) {
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
+// 16-byte global -> shared copy (cp.async, L2 only) of a chunk that is always in bounds.
+__device__ __forceinline__ void cp_async_16_full(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+// Asks L2 to fetch the line holding p (no register result, no wait).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -285,6 +298,23 @@ __device__ __forceinline__ uint4 load8(const uint16_t* src, bool vec) {
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// 1 / x to about one ulp (rcp.approx.ftz): one MUFU operation instead of the IEEE division's
+// reciprocal, Newton step and slow-path branch.
+__device__ __forceinline__ float rcp_approx(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Four 8 x 8 bf16 matrices to shared memory (stmatrix .x4): register m of every thread is its row
+// lane / 4, column pair lane % 4 of matrix m (the mma fragment layout), and lanes 8 m .. 8 m + 7
+// give the addresses of matrix m's rows (16 bytes each).
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
 }
 
 __device__ __forceinline__ float lg2_approx(float x) {

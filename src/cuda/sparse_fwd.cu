@@ -55,7 +55,9 @@ struct Plan {
   bool q_vec = false;
   SparseScheduleParams sp;  // the fields every pass shares
   size_t sched_bytes = 0, po_bytes = 0, pl_bytes = 0, q_bytes = 0;
-  size_t total() const { return sched_bytes + po_bytes + pl_bytes + q_bytes; }
+  int sched_copies = 1;  // two when there are several passes: pass p + 1's schedule is built during pass p
+  size_t sched_total() const { return sched_bytes * size_t(sched_copies); }
+  size_t total() const { return sched_total() + po_bytes + pl_bytes + q_bytes; }
 };
 
 Plan make_plan_for(const AttentionParams& p, const SparseFwdOptions& opt, int64_t pass) {
@@ -88,15 +90,25 @@ Plan make_plan_for(const AttentionParams& p, const SparseFwdOptions& opt, int64_
   sp.bk = int(p.bk);
   sp.bk_shift = log2_exact(p.bk);
   sp.chunk = int(plan.chunk);
+  // Query bands: the q rows one kv head's items gather in a band, band * g * d * 2 bytes, stay
+  // within kSpBandBytes (a power of two of queries, at least one tile's worth).
+  int64_t band = opt.band_queries;
+  if (band == 0) band = std::max<int64_t>(queries_per_tile, int64_t(kSpBandBytes) / (g * d * 2));
+  sp.band_shift = 62;
+  if (band > 0) {
+    int shift = 0;
+    while (shift < 61 && (int64_t(2) << shift) <= band) ++shift;
+    sp.band_shift = shift;
+  }
 
   // CUB's temporary storage need not grow monotonically with the length: size for both pass lengths.
   SparseScheduleParams full = sp, tail = sp;
   full.n_q = plan.pass;
   tail.n_q = n_q % plan.pass == 0 ? plan.pass : n_q % plan.pass;
   plan.sched_bytes = align256(std::max(sparse_schedule_bytes(full), sparse_schedule_bytes(tail)));
-  // The gather computes head offsets in 32 bits; a larger head stride takes the repacked copy.
-  plan.q_vec = is_aligned(p.q, 16) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0 &&
-               p.stride_q_head * p.h_q < (int64_t(1) << 31);
+  plan.sched_copies = n_q > plan.pass ? 2 : 1;
+  // The gather copies 16-byte chunks: q rows must be 16-byte aligned, else a packed copy is gathered.
+  plan.q_vec = is_aligned(p.q, 16) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0;
   const size_t n_partial = size_t(plan.pass) * p.h_q * topk;
   plan.po_bytes = align256(n_partial * d * (opt.partial_f32 ? 4 : 2));
   plan.pl_bytes = align256(n_partial * 4);
@@ -118,6 +130,43 @@ Plan make_plan(const AttentionParams& p, const SparseFwdOptions& opt) {
 }
 
 }  // namespace
+
+// A second stream forked from the caller's (an event recorded there, waited on here, so that it
+// also joins a graph capture) and joined back on destruction, also after a throw: the caller's
+// stream then waits for everything enqueued on the side, before the workspace is freed.
+struct SideStream {
+  enum { kScheduled = 0, kCombined = 1 };
+  cudaStream_t stream = nullptr, main = nullptr;
+  cudaEvent_t ev[2][2] = {};  // [kind][buffer]
+  cudaEvent_t fork = nullptr;
+  SideStream() = default;
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  void open(cudaStream_t s) {
+    main = s;
+    check_cuda(kOp, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    check_cuda(kOp, cudaEventCreateWithFlags(&fork, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    for (auto& kind : ev)
+      for (auto& e : kind) check_cuda(kOp, cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    check_cuda(kOp, cudaEventRecord(fork, main), "cudaEventRecord");
+    check_cuda(kOp, cudaStreamWaitEvent(stream, fork, 0), "cudaStreamWaitEvent");
+  }
+  void record(int kind, int b) { check_cuda(kOp, cudaEventRecord(ev[kind][b], stream), "cudaEventRecord"); }
+  void record_main(int kind, int b) { check_cuda(kOp, cudaEventRecord(ev[kind][b], main), "cudaEventRecord"); }
+  void wait_on_main(int kind, int b) { check_cuda(kOp, cudaStreamWaitEvent(main, ev[kind][b], 0), "cudaStreamWaitEvent"); }
+  void wait_on_side(int kind, int b) { check_cuda(kOp, cudaStreamWaitEvent(stream, ev[kind][b], 0), "cudaStreamWaitEvent"); }
+  ~SideStream() {
+    if (!stream) return;
+    // Join: record the side's tail and make the caller's stream wait for it (errors ignored here:
+    // a destructor cannot throw, and the call has already failed if these fail).
+    if (cudaEventRecord(fork, stream) == cudaSuccess) cudaStreamWaitEvent(main, fork, 0);
+    for (auto& kind : ev)
+      for (auto& e : kind)
+        if (e) cudaEventDestroy(e);
+    cudaEventDestroy(fork);
+    cudaStreamDestroy(stream);
+  }
+};
 
 size_t sparse_fwd_workspace_bytes(const AttentionParams& p0, const SparseFwdOptions& opt) {
   if (p0.seq.n_q == 0) return 0;
@@ -145,7 +194,7 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
     check_cuda(kOp, cudaMallocAsync(&ws.ptr, plan.total(), stream), "cudaMallocAsync");
     base = static_cast<uint8_t*>(ws.ptr);
   }
-  uint16_t* packed_q = plan.q_vec ? nullptr : reinterpret_cast<uint16_t*>(base + plan.sched_bytes + plan.po_bytes + plan.pl_bytes);
+  uint16_t* packed_q = plan.q_vec ? nullptr : reinterpret_cast<uint16_t*>(base + plan.sched_total() + plan.po_bytes + plan.pl_bytes);
 
   int device = 0, num_sms = 0, smem_optin = 0;
   check_cuda(kOp, cudaGetDevice(&device), "cudaGetDevice");
@@ -171,24 +220,48 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
   kp.topk = topk;
   kp.bk_shift = log2_exact(bk);
   kp.scale_log2 = p.scale * 1.4426950408889634f;
-  kp.partial_o = base + plan.sched_bytes;
-  kp.partial_lse = reinterpret_cast<float*>(base + plan.sched_bytes + plan.po_bytes);
+  kp.div_per_query = FastDiv(uint32_t(p.h_kv * topk));
+  kp.div_topk = FastDiv(uint32_t(topk));
+  kp.partial_o = base + plan.sched_total();
+  kp.partial_lse = reinterpret_cast<float*>(base + plan.sched_total() + plan.po_bytes);
   kp.partial_f32 = opt.partial_f32 ? 1 : 0;
   kp.stride_o_tok = p.stride_o_tok;
   kp.stride_o_head = p.stride_o_head;
   kp.o_vec = is_aligned(p.o, 16) && p.stride_o_tok % 8 == 0 && p.stride_o_head % 8 == 0;
 
-  // Passes run one after the other on the stream and share the workspace. A pass is a plain
+  // Passes run one after the other on the stream and share the partial buffers. A pass is a plain
   // sub-problem: its rows of q, o, lse and topk_idx, with positions from the whole call's varlen
-  // arrays (the schedule reads them at packed row q0 + i); K and V are untouched.
-  for (int64_t q0 = 0; q0 < n_q; q0 += plan.pass) {
-    const int64_t len = std::min(plan.pass, n_q - q0);
-    const int32_t* topk_idx = p.topk_idx + q0 * p.h_kv * topk;
+  // arrays (the schedule reads them at packed row q0 + i); K and V are untouched. With several
+  // passes, the schedule of pass p + 1 is built on a second stream into the other schedule buffer
+  // while pass p's phase 1 and combine run (it reads only topk_idx and the varlen arrays); pass p + 1
+  // waits for it, and it waits for pass p - 1's combine, the last reader of that buffer.
+  auto schedule_of = [&](int64_t q0, int copy, cudaStream_t s) {
     SparseScheduleParams sp = plan.sp;
     sp.q0 = q0;
-    sp.n_q = len;
-    sp.topk_idx = topk_idx;
-    const SparseSchedule sched = build_sparse_schedule(sp, base, plan.sched_bytes, stream);
+    sp.n_q = std::min(plan.pass, n_q - q0);
+    sp.topk_idx = p.topk_idx + q0 * p.h_kv * topk;
+    return build_sparse_schedule(sp, base + size_t(copy) * plan.sched_bytes, plan.sched_bytes, s);
+  };
+  SideStream side;
+  const bool overlap = plan.sched_copies == 2;
+  SparseSchedule next_sched;
+  if (overlap) {
+    side.open(stream);
+    next_sched = schedule_of(0, 0, side.stream);
+    side.record(SideStream::kScheduled, 0);
+  }
+  int64_t pass_index = 0;
+  for (int64_t q0 = 0; q0 < n_q; q0 += plan.pass, ++pass_index) {
+    const int64_t len = std::min(plan.pass, n_q - q0);
+    const int32_t* topk_idx = p.topk_idx + q0 * p.h_kv * topk;
+    const int copy = int(pass_index & 1);
+    SparseSchedule sched;
+    if (overlap) {
+      sched = next_sched;
+      side.wait_on_main(SideStream::kScheduled, copy);  // this pass's schedule is built
+    } else {
+      sched = schedule_of(q0, 0, stream);
+    }
     if (opt.after_schedule) check_cuda(kOp, cudaEventRecord(opt.after_schedule, stream), "cudaEventRecord");
 
     const uint16_t* q = static_cast<const uint16_t*>(p.q) + q0 * p.stride_q_tok;
@@ -246,6 +319,13 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     check_cuda(kOp, cudaLaunchKernelEx(&cfg, combine, kp), "combine launch");
+    if (overlap && q0 + plan.pass < n_q) {
+      // The next pass's schedule goes to the other buffer once pass p - 1's combine is done with it.
+      side.record_main(SideStream::kCombined, copy);
+      if (pass_index >= 1) side.wait_on_side(SideStream::kCombined, copy ^ 1);
+      next_sched = schedule_of(q0 + plan.pass, copy ^ 1, side.stream);
+      side.record(SideStream::kScheduled, copy ^ 1);
+    }
   }
 }
 

@@ -32,6 +32,7 @@ struct SparseFwdKernelParams {
   int64_t n_q = 0, n_k = 0;
   int h_q = 1, h_kv = 1, g = 1, log2g = 0, topk = 1, bk_shift = 7;  // bk = 1 << bk_shift
   float scale_log2 = 1.f;                                           // scale * log2(e): softmax in base 2
+  FastDiv div_per_query, div_topk;  // entry id / (h_kv * topk) = query, entry id / topk
   const int2* qinfo = nullptr;                                      // [n_q] {k0, p} (schedule)
   const uint64_t* keys = nullptr;                                   // [n_e] sorted group keys (schedule)
   const uint32_t* entries = nullptr;                                // [n_e] sorted entry ids (schedule)
@@ -50,10 +51,10 @@ struct SparseFwdKernelParams {
   float* lse = nullptr;  // [n_q, h_q]
 };
 
-// Shared-memory map of phase 1, identical on host (sizing) and device. K, V^T and every Q buffer
+// Shared-memory map of phase 1, identical on host (sizing) and device. K, V and every Q buffer
 // start at multiples of 1024 bytes from a 1024-aligned base, as the 128-byte swizzle needs.
 struct SpSmemLayout {
-  uint32_t k, vt, q, q_bytes, meta_base, meta_lim, meta_src, misc, total;
+  uint32_t k, v, q, q_bytes, meta_base, meta_lim, meta_src, misc, total;
 };
 
 __host__ __device__ inline SpSmemLayout sp_smem_layout(int d, int bk) {
@@ -61,26 +62,30 @@ __host__ __device__ inline SpSmemLayout sp_smem_layout(int d, int bk) {
   uint32_t off = 0;
   l.k = off;
   off += uint32_t(bk) * d * 2;
-  l.vt = off;
+  l.v = off;  // right after K: issue_kv writes both from l.k
   off += uint32_t(d) * bk * 2;
   l.q = off;
   l.q_bytes = uint32_t(kSpRows) * d * 2;
   off += uint32_t(kSpWarpgroups * kSpQStages) * l.q_bytes;
-  l.meta_base = off;  // int64 [warpgroup][stage][kSpRows]: partial row of the (query, slot), head 0 of the group
-  off += uint32_t(kSpWarpgroups * kSpQStages * kSpRows) * 8;
-  l.meta_lim = off;  // int [warpgroup][stage][kSpRows]: last visible key row (-1: padding)
-  off += uint32_t(kSpWarpgroups * kSpQStages * kSpRows) * 4;
-  l.meta_src = off;  // int64 [warpgroup][stage][kSpRows]: q offset of the entry's token row (-1: padding)
-  off += uint32_t(kSpWarpgroups * kSpQStages * kSpRows) * 8;
-  l.misc = off;
-  off += 16;
+  constexpr uint32_t kMeta = uint32_t(kSpWarpgroups * kSpMetaSlots * kSpRows);  // [warpgroup][slot][entry]
+  l.meta_src = off;  // u64: address of the entry's first q row (head r g)
+  off += kMeta * 8;
+  l.meta_base = off;  // int64: byte offset of the entry's head-0 bf16 partial row (-1: padding)
+  off += kMeta * 8;
+  l.meta_lim = off;  // int: last visible key row of the entry's query (-1: padding)
+  off += kMeta * 4;
+  l.misc = off;  // the claimed work items: int4 {item, e0, e1, -} [2], then their group keys u64 [2]
+  off += 48;
   l.total = off;
   return l;
 }
 
 namespace sp_detail {
 
-using hopper::cp_async_16;
+using hopper::cp_async_16_full;
+using hopper::desc_add;
+using hopper::rcp_approx;
+using hopper::stmatrix_x4;
 using hopper::cp_async_commit;
 using hopper::cp_async_wait;
 using hopper::ex2_approx;
@@ -106,52 +111,6 @@ __device__ __forceinline__ void wg_barrier(int wg) {
     asm volatile("bar.sync 3, 128;" ::: "memory");
 }
 
-// The register-A forms stay here: hopper.cuh's read B MN-major (imm-trans-b = 1), these read the
-// K-major V^T tile (imm-trans-b = 0).
-//
-// D[64 x 64] (+)= A[64 x 16] * B[64 x 16]^T, A from registers (the m16n8k16 A-fragment layout per
-// warp), B K-major in shared memory (SW128).
-__device__ __forceinline__ void wgmma_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
-      "%24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
-}
-
-// D[64 x 128] (+)= A[64 x 16] * B[128 x 16]^T, A from registers (the m16n8k16 A-fragment layout per
-// warp), B K-major in shared memory (SW128).
-__device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
-      "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "
-      "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
-        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
-        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
-        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
-}
-
 template <int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
   if constexpr (N == 64)
@@ -159,122 +118,147 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_
   else
     hopper::wgmma_m64n128k16(d, da, db, scale_d);
 }
+// O (+)= P V with P from registers and V MN-major in shared memory (key rows of 128 bytes, as
+// loaded: the same layout as K).
 template <int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d) {
   if constexpr (N == 64)
-    wgmma_rs_n64(d, a, db, scale_d);
+    hopper::wgmma_m64n64k16_rs(d, a, db, scale_d);
   else
-    wgmma_rs_n128(d, a, db, scale_d);
+    hopper::wgmma_m64n128k16_rs(d, a, db, scale_d);
 }
 
-// K block rows [kstart, kstart + BK) of kv head r as a K-major SW128 tile [BK][D], and V^T as a
-// K-major SW128 tile [D][BK] (the B operand of O = P V wants keys contiguous). Rows past n_k are
-// zeros (no query can see them). Each thread stores with st.shared; the caller fences and syncs.
+// K and V block rows [kstart, kstart + BK) of kv head r, each as a SW128 tile [D / 64][BK][64]
+// (key rows of 128 bytes): K-major for S = Q K^T, MN-major for O = P V, so neither is transposed.
+// Rows past n_k are zeros (no query can see them). With 16-byte aligned rows every thread issues
+// its chunks as cp.async (one commit group, all in flight at once, so the load costs one memory
+// round trip, not one per chunk); otherwise plain loads and st.shared. The caller waits, fences
+// and syncs.
 template <int D, int BK>
-__device__ __forceinline__ void load_kv(const SparseFwdKernelParams& p, uint8_t* sk, uint8_t* svt, int r,
-                                        int64_t kstart, int tid) {
+__device__ __forceinline__ void issue_kv(const SparseFwdKernelParams& p, uint8_t* skv, uint32_t skv_addr, int r,
+                                         int64_t kstart, int tid) {
   constexpr int CH = D / 8;
-  const bool vec = p.kv_vec != 0;
-  for (int c = tid; c < BK * CH; c += kSpThreads) {
-    const int row = c / CH, ch = c % CH;
-    const int64_t kr = kstart + row;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (kr < p.n_k) val = load8(p.k + kr * p.stride_k_tok + int64_t(r) * p.stride_k_head + ch * 8, vec);
-    *reinterpret_cast<uint4*>(sk + sw128_offset(BK, row, ch * 8)) = val;
-  }
-  // Key pairs vary fastest across the warp: the 32 lanes then store 32 different words of one V^T
-  // row (no bank conflicts); the strided global reads happen once per work item.
-  for (int c = tid; c < (BK / 2) * CH; c += kSpThreads) {
-    const int kp = c % (BK / 2), ch = c / (BK / 2);
-    const int64_t kr = kstart + 2 * kp;
-    uint4 v0 = make_uint4(0, 0, 0, 0), v1 = v0;
-    const uint16_t* src = p.v + kr * p.stride_v_tok + int64_t(r) * p.stride_v_head + ch * 8;
-    if (kr < p.n_k) v0 = load8(src, vec);
-    if (kr + 1 < p.n_k) v1 = load8(src + p.stride_v_tok, vec);
-    const uint16_t* a = reinterpret_cast<const uint16_t*>(&v0);
-    const uint16_t* b = reinterpret_cast<const uint16_t*>(&v1);
+  constexpr int kChunks = 2 * BK * CH;  // K then V
+  constexpr int kIters = (kChunks + kSpThreads - 1) / kSpThreads;
+  const int64_t k_head = int64_t(r) * p.stride_k_head, v_head = int64_t(r) * p.stride_v_head;
 #pragma unroll
-    for (int dd = 0; dd < 8; ++dd)
-      *reinterpret_cast<uint32_t*>(svt + sw128_offset(D, ch * 8 + dd, 2 * kp)) =
-          uint32_t(a[dd]) | (uint32_t(b[dd]) << 16);
+  for (int it = 0; it < kIters; ++it) {
+    const int c = tid + it * kSpThreads;
+    if (kChunks % kSpThreads != 0 && c >= kChunks) break;
+    const int tensor = c / (BK * CH), rem = c % (BK * CH);
+    const int row = rem / CH, ch = rem % CH;
+    const int64_t kr = kstart + row;
+    const uint16_t* src = tensor == 0 ? p.k + kr * p.stride_k_tok + k_head + ch * 8
+                                      : p.v + kr * p.stride_v_tok + v_head + ch * 8;
+    const uint32_t dst = uint32_t(tensor * BK * D * 2) + sw128_offset(BK, row, ch * 8);
+    if (p.kv_vec) {
+      hopper::cp_async_16(skv_addr + dst, kr < p.n_k ? static_cast<const void*>(src) : p.k, kr < p.n_k ? 16 : 0);
+    } else {
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (kr < p.n_k) val = load8(src, false);
+      *reinterpret_cast<uint4*>(skv + dst) = val;
+    }
   }
+  cp_async_commit();
 }
 
-// The gather source of one Q tile row for this thread: thread wtid copies half of row wtid / 2, whose
-// entry is (wtid / 2) / g of the tile. Loaded one tile ahead of its cp.async so that the gather never
-// waits on these loads (cp.async is an asm with a memory clobber: a load after it cannot be hoisted).
+// Which chunks of a 64-row tile a thread moves, in the Q gather and in the partial copy-out alike:
+// thread wtid takes 16-byte chunk c = wtid % 8 of each 64-column atom, in rows row_lo + 16 k
+// (row_lo = wtid / 8, k = 0..3). Rows 16 apart belong to the same head of a query for every
+// g <= 16, so a thread's head (row_lo % g), its swizzle term (row_lo % 8) and its byte offsets are
+// fixed for the whole kernel; only the entry, (row_lo / g) + k * (16 / g), changes with k. A warp
+// instruction covers 4 rows x 128 contiguous bytes (whole sectors).
+constexpr int kSpRowGroups = kSpRows / 16;  // k = 0..3
+
+// This thread's fixed part of the gather and the copy-out. Recomputed where used (a few integer
+// operations) rather than kept live across the tile loop, where the registers are all taken: the
+// thread index is read through a volatile asm so that the compiler cannot hoist it out of the loop.
+struct ThreadChunks {
+  int ent0, ent_step;  // entry of row group k: ent0 + k * ent_step
+  int src_off;         // byte offset of the thread's first chunk in a Q stage (also the copy-out's)
+  int64_t q_off;       // byte offset inside an entry's q rows (head row_lo % g, chunk c)
+  uint32_t out_off;    // byte offset inside an entry's partial o rows (head row_lo % g, chunk c)
+};
+
+template <int D>
+__device__ __forceinline__ ThreadChunks thread_chunks(const SparseFwdKernelParams& p) {
+  uint32_t tid;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+  const int wtid = int(tid & 127u), row_lo = wtid >> 3, c16 = wtid & 7, head = row_lo & (p.g - 1);
+  ThreadChunks t;
+  t.ent0 = row_lo >> p.log2g;
+  t.ent_step = 16 >> p.log2g;
+  t.src_off = row_lo * 128 + ((c16 ^ (row_lo & 7)) << 4);
+  t.q_off = int64_t(head) * p.stride_q_head * 2 + c16 * 16;
+  t.out_off = uint32_t((head * D + c16 * 8) * 2);
+  return t;
+}
+
+// The sorted entries of one tile: thread wtid < 64 / g owns entry e_begin + wtid (its id and the
+// last visible key row of its query), loaded a tile ahead of use.
 struct RowSrc {
-  uint32_t id;  // entry id; 0xffffffff: the row is past the item's entries
+  uint32_t id;  // entry id; 0xffffffff: no entry (past the item's end, or a non-owner thread)
   int lim;      // last visible key row of the entry's query
 };
 
 __device__ __forceinline__ RowSrc load_row_src(const SparseFwdKernelParams& p, int e_begin, int e_end, int wtid) {
-  const int e = e_begin + ((wtid >> 1) >> p.log2g);
+  const int e = e_begin + wtid;
   RowSrc rs{0xffffffffu, -1};
-  if (e < e_end) {
+  if (wtid < (kSpRows >> p.log2g) && e < e_end) {
     rs.id = p.entries[e];
     rs.lim = p.lims[e];
   }
   return rs;
 }
 
-// Publishes where the entries of a tile start in q (element offset of the query's token row, -1
-// past the item's entries) into the tile's slot of meta_src, for the gather of issue_q. One thread
-// per entry writes (the entry's head-0, first-half thread); the gather reads after a barrier.
-__device__ __forceinline__ void publish_src(const SparseFwdKernelParams& p, int64_t* meta_src, RowSrc rs, int wtid) {
-  const int row = wtid >> 1;
-  if ((wtid & 1) == 0 && (row & (p.g - 1)) == 0) {
-    const uint32_t per_query = uint32_t(p.h_kv) * uint32_t(p.topk);
-    meta_src[row >> p.log2g] = rs.id != 0xffffffffu ? int64_t(rs.id / per_query) * p.stride_q_tok : -1;
+// Publishes an owned entry's metadata into its tile's slot: the address of its query's head-(r g)
+// q row (for the gather), the byte offset of its head-0 bf16 partial row and the last visible key
+// row (for the softmax and the epilogue). Entries past the item's end gather a valid but unused
+// row (query 0; their rows are masked out and never stored) and get base = lim = -1.
+template <int D>
+__device__ __forceinline__ void publish_meta(const SparseFwdKernelParams& p, uint64_t* meta_src, int64_t* meta_base,
+                                             int* meta_lim, RowSrc rs, int r, int wtid) {
+  if (wtid >= (kSpRows >> p.log2g)) return;
+  const uint16_t* qr = p.q + int64_t(r * p.g) * p.stride_q_head;
+  if (rs.id != 0xffffffffu) {
+    const uint32_t i = p.div_per_query.div(rs.id);
+    const uint32_t slot = rs.id - p.div_topk.div(rs.id) * uint32_t(p.topk);
+    meta_src[wtid] = reinterpret_cast<uint64_t>(qr + int64_t(i) * p.stride_q_tok);
+    meta_base[wtid] = ((int64_t(i) * p.topk + slot) * p.h_q + int64_t(r) * p.g) * (2 * D);
+    meta_lim[wtid] = rs.lim;
+  } else {
+    meta_src[wtid] = reinterpret_cast<uint64_t>(qr);
+    meta_base[wtid] = -1;
+    meta_lim[wtid] = -1;
   }
 }
 
-// Issues the cp.async gather of one Q tile into a K-major SW128 tile [kSpRows][D] (rows past the
-// entries zero-filled), and stores the per-entry metadata the softmax and the epilogue need.
-// Consecutive threads copy consecutive 16-byte chunks, so one warp instruction reads 512
-// contiguous bytes of q (whole rows, and the g heads of a query are adjacent rows): every 32-byte
-// sector is fetched from L2 once. (Thread-per-half-row had each instruction touch 32 sectors for
-// 16 bytes each, and fetch every sector twice.) The entries' sources come from meta_src, published
-// a tile earlier; rs is this thread's own entry, for the metadata.
+// Issues the cp.async gather of one Q tile into a K-major SW128 tile [kSpRows][D]: this thread's
+// chunks (see kSpRowGroups), each from its entry's row published in meta_src.
 template <int D>
-__device__ __forceinline__ void issue_q(const SparseFwdKernelParams& p, uint32_t sq, int64_t* meta_base, int* meta_lim,
-                                        const int64_t* meta_src, RowSrc rs, int r, int wtid) {
-  constexpr int CH = D / 8;            // 16-byte chunks per row
-  constexpr int kRowStep = 128 / CH;   // rows between a thread's chunks; a multiple of 8, so the
-                                       // swizzle term (row & 7) is the same for all of them
-  const int ch = wtid % CH, row0 = wtid / CH;
-  const uint32_t dst0 = sq + uint32_t((ch >> 3) * kSpRows * 128 + row0 * 128 + (((ch & 7) ^ (row0 & 7)) << 4));
-  const uint16_t* qh = p.q + int64_t(r * p.g) * p.stride_q_head + ch * 8;
+__device__ __forceinline__ void issue_q(const SparseFwdKernelParams& p, const uint64_t* meta_src, uint32_t stage) {
+  const ThreadChunks tc = thread_chunks<D>(p);
+  const uint32_t dst0 = stage + uint32_t(tc.src_off);
 #pragma unroll
-  for (int k = 0; k < kSpRows / kRowStep; ++k) {
-    const int row = row0 + k * kRowStep;
-    const int64_t src = meta_src[row >> p.log2g];
-    const uint16_t* ptr = qh + src + int(row & (p.g - 1)) * int(p.stride_q_head);  // < 2^31 (launcher)
-    cp_async_16(dst0 + uint32_t(k * kRowStep * 128), src >= 0 ? static_cast<const void*>(ptr) : p.q, src >= 0 ? 16 : 0);
-  }
-  const int row = wtid >> 1;
-  if ((wtid & 1) == 0 && (row & (p.g - 1)) == 0) {
-    const int ent = row >> p.log2g;
-    const bool valid = rs.id != 0xffffffffu;
-    const uint32_t per_query = uint32_t(p.h_kv) * uint32_t(p.topk);
-    const int64_t i = valid ? int64_t(rs.id / per_query) : 0;
-    // Byte offset of the bf16 partial row of head 0 (the lse index and the float32 row follow by shifts).
-    meta_base[ent] = valid ? ((i * p.topk + int64_t(rs.id % uint32_t(p.topk))) * p.h_q + int64_t(r) * p.g) * (2 * D) : -1;
-    meta_lim[ent] = valid ? rs.lim : -1;
+  for (int k = 0; k < kSpRowGroups; ++k) {
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(meta_src[tc.ent0 + k * tc.ent_step]) + tc.q_off;
+#pragma unroll
+    for (int h = 0; h < D / kSpAtomK; ++h)
+      cp_async_16_full(dst0 + uint32_t(h * kSpRows * 128 + k * 16 * 128), src + h * 128);
   }
 }
 
 // S = Q K^T of one 64-row tile on wgmma (both operands in shared memory); committed, not waited.
+// dq, dk: descriptors of the tiles' first byte; the k-steps add constant offsets (no carry out of
+// the 14-bit address field: every tile lies inside the first 256 KB of shared memory).
 template <int D, int BK>
-__device__ __forceinline__ void issue_scores(float (&s)[BK / 2], uint32_t sq, uint32_t sk) {
+__device__ __forceinline__ void issue_scores(float (&s)[BK / 2], uint64_t dq, uint64_t dk) {
   hopper::fence_acc(s);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const uint32_t a = sq + (kk / 4) * (kSpRows * 128) + (kk % 4) * 32;
-    const uint32_t b = sk + (kk / 4) * (BK * 128) + (kk % 4) * 32;
-    wgmma_ss<BK>(s, sw128_desc(a), sw128_desc(b), kk > 0 ? 1 : 0);
-  }
+  for (int kk = 0; kk < D / 16; ++kk)
+    wgmma_ss<BK>(s, desc_add(dq, (kk / 4) * (kSpRows * 128) + (kk % 4) * 32),
+                 desc_add(dk, (kk / 4) * (BK * 128) + (kk % 4) * 32), kk > 0 ? 1 : 0);
   wgmma_commit();
 }
 
@@ -282,7 +266,7 @@ __device__ __forceinline__ void issue_scores(float (&s)[BK / 2], uint32_t sq, ui
 // registers, O = P V (wgmma, P from registers), then the per-slot partial o (normalised) and lse of
 // every row that holds an entry.
 template <int D, int BK>
-__device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, float (&s)[BK / 2], uint32_t svt,
+__device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, float (&s)[BK / 2], uint64_t dv,
                                             uint8_t* stage, const int64_t* meta_base, const int* meta_lim,
                                             int64_t kstart, int wg, int warp_in_wg, int lane) {
   hopper::wgmma_wait<0>();
@@ -292,15 +276,12 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
   // columns 8 j + 2 (lane % 4) + {0, 1} of each in s[4 j + 2 i + {0, 1}].
   const unsigned full = 0xffffffffu;
   const int q4 = lane & 3;
-  int lim[2], head[2];
-  int64_t base[2];
+  int lim[2];
   float m[2], l[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row = warp_in_wg * 16 + (lane >> 2) + 8 * i;
     const int ent = row >> p.log2g;
-    head[i] = row & (p.g - 1);
-    base[i] = meta_base[ent] >= 0 ? meta_base[ent] / (2 * D) : -1;  // partial row of head 0 (D: a power of 2)
     const int64_t lm = int64_t(meta_lim[ent]) - kstart;  // key column c is visible iff c <= lm
     lim[i] = meta_lim[ent] < 0 ? -1 : int(lm < BK ? lm : BK);
   }
@@ -356,67 +337,73 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
   hopper::fence_acc(o);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < BK / 16; ++kk) {
-    const uint32_t b = svt + (kk / 4) * (D * 128) + (kk % 4) * 32;
-    wgmma_rs<D>(o, pa[kk], sw128_desc(b), kk > 0 ? 1 : 0);
-  }
+  for (int kk = 0; kk < BK / 16; ++kk)
+    wgmma_rs<D>(o, pa[kk], desc_add(dv, kk * 16 * 128), kk > 0 ? 1 : 0);
   wgmma_commit();
   hopper::wgmma_wait<0>();
   hopper::fence_acc(o);
 
   // lse = scale * max + ln(sum exp(scale * (s - max))), from base-2 terms.
+  if (q4 == 0) {
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
-    if (base[i] >= 0 && q4 == 0)
-      __stcs(p.partial_lse + base[i] + head[i],
-             (m[i] * p.scale_log2 + lg2_approx(l[i])) * 0.6931471805599453f);
+    for (int i = 0; i < 2; ++i) {
+      const int row = warp_in_wg * 16 + (lane >> 2) + 8 * i;
+      const int64_t b = meta_base[row >> p.log2g];
+      if (b >= 0)
+        __stcs(p.partial_lse + b / (2 * D) + (row & (p.g - 1)),
+               (m[i] * p.scale_log2 + lg2_approx(l[i])) * 0.6931471805599453f);
+    }
+  }
+  const float inv0 = l[0] > 0.f ? rcp_approx(l[0]) : 0.f, inv1 = l[1] > 0.f ? rcp_approx(l[1]) : 0.f;
 
   if (p.partial_f32) {
     // Measurement path: float2 stores straight from the fragments (a quad writes one 32-byte sector).
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      if (base[i] < 0) continue;
-      const float inv = 1.f / l[i];
-      float* dst = static_cast<float*>(p.partial_o) + (base[i] + head[i]) * D + 2 * q4;
+      const int row = warp_in_wg * 16 + (lane >> 2) + 8 * i;
+      const int64_t b = meta_base[row >> p.log2g];
+      if (b < 0) continue;
+      const float inv = i == 0 ? inv0 : inv1;
+      float* dst = static_cast<float*>(p.partial_o) + (b / (2 * D) + (row & (p.g - 1))) * D + 2 * q4;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
         *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
     }
     return;
   }
-  // bf16 partials leave through shared memory: fragment stores hit 8 half-sectors per warp
-  // instruction, the staged copy writes whole rows with 16-byte stores (an eighth of the L1 store
-  // transactions). The tile's Q stage is free once every warp's S product is done (the barrier),
-  // and nothing refills it before the next tile's barrier. Same swizzle as Q: conflict-free.
+  // bf16 partials leave through shared memory: stmatrix writes the fragments (four 8 x 8 matrices
+  // per instruction: rows 16 w .. + 7 and + 8 .. + 15, chunks j and j + 1), then every thread copies
+  // whole 16-byte chunks to global memory. The tile's Q stage is free once every warp's S product
+  // is done (the barrier), and nothing refills it before the next tile's barrier. Same swizzle as Q.
+  // Lane L addresses row (L % 8) + 8 ((L / 8) % 2) of chunk j + L / 16; the swizzled chunk is
+  // (j % 8) ^ x with x = (L / 16) ^ (L % 8) (j is even), so one XOR per j gives the address.
   wg_barrier(wg);
-  // Row 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4): the swizzled chunk is j ^ (row & 7), and
-  // row & 7 = (lane / 4) & 7 for both rows, so one XOR per j gives the address of all four stores
-  // of that j (the other row and the other 64-column atom are immediate offsets). The stage is
-  // 1024-byte aligned, so the XOR only touches the chunk bits.
-  const uint32_t row_off = uint32_t((warp_in_wg * 16 + (lane >> 2)) * 128 + (((lane >> 2) & 7) << 4) + q4 * 4);
-  const float inv0 = l[0] > 0.f ? 1.f / l[0] : 0.f, inv1 = l[1] > 0.f ? 1.f / l[1] : 0.f;
+  const uint32_t st_lane = smem_addr(stage) +
+                           uint32_t((warp_in_wg * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * 128 +
+                                    ((((lane >> 4) ^ (lane & 7)) & 7) << 4));
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    uint8_t* a = stage + ((row_off ^ uint32_t((j & 7) << 4)) + uint32_t((j >> 3) * kSpRows * 128));
-    *reinterpret_cast<uint32_t*>(a) = pack_bf16(o[4 * j] * inv0, o[4 * j + 1] * inv0);
-    *reinterpret_cast<uint32_t*>(a + 8 * 128) = pack_bf16(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+  for (int j = 0; j < D / 8; j += 2) {
+    const uint32_t a = (st_lane ^ uint32_t((j & 7) << 4)) + uint32_t((j >> 3) * kSpRows * 128);
+    stmatrix_x4(a, pack_bf16(o[4 * j] * inv0, o[4 * j + 1] * inv0), pack_bf16(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1),
+                pack_bf16(o[4 * j + 4] * inv0, o[4 * j + 5] * inv0),
+                pack_bf16(o[4 * j + 6] * inv1, o[4 * j + 7] * inv1));
   }
   wg_barrier(wg);
-  constexpr int CH = D / 8;
-  constexpr int kRowStep = 128 / CH;
-  const int wtid = warp_in_wg * 32 + lane;
-  const int ch = wtid % CH, row0 = wtid / CH;
-  const uint8_t* src0 = stage + ((ch >> 3) * kSpRows * 128 + row0 * 128 + (((ch & 7) ^ (row0 & 7)) << 4));
+  const ThreadChunks tc = thread_chunks<D>(p);
+  uint8_t* po = static_cast<uint8_t*>(p.partial_o) + tc.out_off;
 #pragma unroll
-  for (int k = 0; k < kSpRows / kRowStep; ++k) {
-    const int row = row0 + k * kRowStep;
-    const int64_t b = meta_base[row >> p.log2g];  // byte offset of the entry's head-0 row, -1: padding
-    if (b < 0) continue;
-    const uint4 val = *reinterpret_cast<const uint4*>(src0 + k * kRowStep * 128);
-    // Streaming store: the partials are read once, by the combine, long after; L2 is better spent
-    // on the Q rows that neighbouring work items gather again.
-    __stcs(reinterpret_cast<uint4*>(static_cast<uint8_t*>(p.partial_o) + b + uint32_t(((row & (p.g - 1)) * D + ch * 8) * 2)),
-           val);
+  for (int k = 0; k < kSpRowGroups; ++k) {
+    const int64_t b = meta_base[tc.ent0 + k * tc.ent_step];  // byte offset of the entry's head-0 row, -1: padding
+    uint4 val[D / kSpAtomK];
+#pragma unroll
+    for (int h = 0; h < D / kSpAtomK; ++h)
+      val[h] = *reinterpret_cast<const uint4*>(stage + tc.src_off + h * kSpRows * 128 + k * 16 * 128);
+    // Streaming stores: the partials are read once, by the combine, long after; L2 is better
+    // spent on the Q rows that neighbouring work items gather again.
+    if (b >= 0) {
+#pragma unroll
+      for (int h = 0; h < D / kSpAtomK; ++h) __stcs(reinterpret_cast<uint4*>(po + b + h * 128), val[h]);
+    }
   }
 }
 
@@ -424,9 +411,9 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
 
 // Phase 1: a persistent grid; each CTA takes work items (one (kv head, kv block) group's chunk of
 // entries) from an atomic counter, loads the block's K and V^T once, and its warpgroups walk the
-// item's 64-row tiles (t = wg, wg + 3, ...) with the next tile's Q gather in flight. Every (query,
-// head, slot) row is written by exactly one tile, so no atomics touch the outputs and the result
-// does not depend on which CTA ran which item.
+// item's 64-row tiles (t = wg, wg + 3, ...) with the gathers of the next two tiles in flight. Every
+// (query, head, slot) row is written by exactly one tile, so no atomics touch the outputs and the
+// result does not depend on which CTA ran which item.
 template <int D, int BK>
 __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const SparseFwdKernelParams p) {
   using namespace sp_detail;
@@ -437,72 +424,117 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   const SpSmemLayout lay = sp_smem_layout(D, BK);
   const unsigned full = 0xffffffffu;
-  const int tid = threadIdx.x, lane = tid & 31;
+  const int tid = threadIdx.x;
   // Broadcast from lane 0 so that ptxas sees warp-uniform values: a wgmma under a branch it cannot
   // prove uniform is serialized (C7518).
   const int wg = __shfl_sync(full, tid >> 7, 0);
   const int warp_in_wg = __shfl_sync(full, (tid >> 5) & 3, 0);
-  const int wtid = tid & 127;
+  const int wtid = tid & 127, lane = tid & 31;
   const uint32_t s_base = smem_addr(smem);
-  const uint32_t sk = s_base + lay.k, svt = s_base + lay.vt;
-  int* misc = reinterpret_cast<int*>(smem + lay.misc);
-  int64_t* meta_base = reinterpret_cast<int64_t*>(smem + lay.meta_base) + wg * kSpQStages * kSpRows;
-  int* meta_lim = reinterpret_cast<int*>(smem + lay.meta_lim) + wg * kSpQStages * kSpRows;
-  int64_t* meta_src = reinterpret_cast<int64_t*>(smem + lay.meta_src) + wg * kSpQStages * kSpRows;
-  const uint32_t sq = s_base + lay.q + uint32_t(wg * kSpQStages) * lay.q_bytes;
+  const uint64_t dk = sw128_desc(s_base + lay.k), dv = hopper::sw128_desc_mn(s_base + lay.v, BK * 128);
+  int4* claimed = reinterpret_cast<int4*>(smem + lay.misc);
+  uint64_t* claimed_key = reinterpret_cast<uint64_t*>(smem + lay.misc + 32);
+  uint64_t* meta_src = reinterpret_cast<uint64_t*>(smem + lay.meta_src) + wg * kSpMetaSlots * kSpRows;
+  int64_t* meta_base = reinterpret_cast<int64_t*>(smem + lay.meta_base) + wg * kSpMetaSlots * kSpRows;
+  int* meta_lim = reinterpret_cast<int*>(smem + lay.meta_lim) + wg * kSpMetaSlots * kSpRows;
+  uint8_t* sq_ptr = smem + lay.q + uint32_t(wg * kSpQStages) * lay.q_bytes;
+  const uint32_t sq = smem_addr(sq_ptr);
   const int n_valid = p.counters[0];
   const int n_items = p.counters[1];
   const int queries_per_tile = kSpRows >> p.log2g;
 
-  // compute-sanitizer racecheck reports a RAW hazard on misc[0] between the write below and the read
-  // after the __syncthreads (when a warpgroup without tiles waits there while another runs its named
-  // barriers). It is a false positive: a race-free probe with the same pattern is flagged the same
-  // way, and is clean without the named barriers (docs/sparse_attention.md, 2026-11-26).
-  for (;;) {
-    if (tid == 0) misc[0] = atomicAdd(p.counters + 2, 1);
-    __syncthreads();  // every warpgroup is done with the previous item's K/V; misc[0] is visible
-    const int item = __shfl_sync(full, misc[0], 0);
+
+  // Work items are claimed one ahead, into slot (local item n + 1) % 2 while item n runs, by the
+  // first thread of the warpgroup that finishes item n first (the one whose last tile has the
+  // lowest index, n_tiles % 3): the atomic and the two dependent loads (item start, group key) then
+  // run under the other warpgroups' last tiles instead of between two items, and a claimed item
+  // waits at most about one tile for this CTA (claiming at the start of item n would hold it for
+  // the whole of item n, which lengthens the tail). Slot n % 2 is read by everyone after the
+  // barrier that opens item n, and rewritten only during item n + 1, after the next such barrier.
+  // One warp claims: lane 0 takes the item and reads where it starts, then the warp asks L2 for the
+  // item's K and V rows (2 x bk rows of d bf16), so that the cp.async of issue_kv finds them there.
+  auto claim = [&](int slot) {
+    int it = 0, e0 = 0, e1 = 0;
+    uint64_t key = 0;
+    if (lane == 0) {
+      it = atomicAdd(p.counters + 2, 1);
+      if (it < n_items) {
+        e0 = p.item_start[it];
+        e1 = it + 1 < n_items ? p.item_start[it + 1] : n_valid;
+        key = p.keys[e0];
+      }
+      claimed[slot] = make_int4(it, e0, e1, 0);
+      claimed_key[slot] = key;
+    }
+    it = __shfl_sync(full, it, 0);
+    key = __shfl_sync(full, key, 0);
+    if (it >= n_items) return;
+    const int r = int(key / uint64_t(p.n_k));
+    const int64_t kstart = int64_t(key - uint64_t(r) * uint64_t(p.n_k));
+    static_assert(D * 2 <= 2 * 128, "a key row is at most two 128-byte lines");
+    const uint16_t* kb = p.k + int64_t(r) * p.stride_k_head + (lane & 1) * 64;
+    const uint16_t* vb = p.v + int64_t(r) * p.stride_v_head + (lane & 1) * 64;
+    if (D * 2 <= 128 && (lane & 1)) return;
+#pragma unroll 1
+    for (int row = lane >> 1; row < BK; row += 16) {
+      const int64_t kr = kstart + row;
+      if (kr >= p.n_k) break;
+      hopper::prefetch_l2(kb + kr * p.stride_k_tok);
+      hopper::prefetch_l2(vb + kr * p.stride_v_tok);
+    }
+  };
+  if (tid < 32) claim(0);
+
+  // compute-sanitizer racecheck reports a RAW hazard on the claimed slots between thread 0's write
+  // and the reads after the __syncthreads (when a warpgroup without tiles waits there while another
+  // runs its named barriers). It is a false positive: a race-free probe with the same pattern is
+  // flagged the same way, and is clean without the named barriers (docs/sparse_attention.md,
+  // 2026-11-26).
+  for (int n = 0;; ++n) {
+    __syncthreads();  // every warpgroup is done with the previous item's K/V; slot n % 2 is visible
+    const int4 c = claimed[n & 1];
+    const int item = __shfl_sync(full, c.x, 0);
     if (item >= n_items) {
       hopper::launch_dependents();  // the combine's CTAs may take this SM while others finish
       break;
     }
-    const int e0 = __shfl_sync(full, p.item_start[item], 0);
-    const int e1 = __shfl_sync(full, item + 1 < n_items ? p.item_start[item + 1] : n_valid, 0);
-    const uint64_t key = p.keys[e0];
+    const int e0 = __shfl_sync(full, c.y, 0);
+    const int e1 = __shfl_sync(full, c.z, 0);
+    const uint64_t key = claimed_key[n & 1];
     const int r = int(key / uint64_t(p.n_k));
     const int64_t kstart = int64_t(key - uint64_t(r) * uint64_t(p.n_k));
-    load_kv<D, BK>(p, smem + lay.k, smem + lay.vt, r, kstart, tid);
-    fence_proxy_async();
-    __syncthreads();
+    // The K/V load (one cp.async group) is in flight under the claim of the next item and the
+    // first gathers; it is older than their groups, so waiting for all but those leaves only them.
+    issue_kv<D, BK>(p, smem + lay.k, s_base + lay.k, r, kstart, tid);
 
     const int n_tiles = (e1 - e0 + queries_per_tile - 1) / queries_per_tile;
-    // Tile tt of the item holds entries [e0 + tt * qpt, min(e1, e0 + (tt + 1) * qpt)); this warpgroup
-    // runs tiles wg, wg + 3, ...; its local tile j sits in Q stage j % kSpQStages.
+    // Tile tt of the item holds entries [e0 + tt * qpt, min(e1, e0 + (tt + 1) * qpt)). This
+    // warpgroup runs tiles wg, wg + 3, ...; its local tile j sits in Q stage j % kSpQStages and
+    // metadata slot j % kSpMetaSlots (one more slot than stages: the metadata of tile j + 3 is
+    // published while the other threads may still read tile j - 1's, before the next barrier).
     auto first = [&](int tt) { return e0 + tt * queries_per_tile; };
     auto last = [&](int tt) { return min(e1, e0 + (tt + 1) * queries_per_tile); };
-    // Prologue: the sources of the first kSpQStages tiles (local tile j uses stage j % kSpQStages,
-    // for its Q, metadata and meta_src slot), then the gathers of all but the last.
-    RowSrc pro[kSpQStages - 1];
+    auto meta = [&](int slot, RowSrc rs) {
+      publish_meta<D>(p, meta_src + slot * kSpRows, meta_base + slot * kSpRows, meta_lim + slot * kSpRows, rs, r, wtid);
+    };
+    auto gather = [&](int stage, int slot) {
+      issue_q<D>(p, meta_src + slot * kSpRows, sq + uint32_t(stage) * lay.q_bytes);
+    };
+    // Prologue: the metadata of local tiles 0 .. kSpQStages - 1, then the gathers of all but the last.
 #pragma unroll
-    for (int u = 0; u < kSpQStages - 1; ++u) {
-      const int tt = wg + u * kSpWarpgroups;
-      pro[u] = load_row_src(p, first(tt), last(tt), wtid);
-    }
-    int t_next = wg + (kSpQStages - 1) * kSpWarpgroups;
-    RowSrc next = load_row_src(p, first(t_next), last(t_next), wtid);
-#pragma unroll
-    for (int u = 0; u < kSpQStages - 1; ++u) publish_src(p, meta_src + u * kSpRows, pro[u], wtid);
-    publish_src(p, meta_src + (kSpQStages - 1) * kSpRows, next, wtid);
+    for (int u = 0; u < kSpQStages; ++u) meta(u, load_row_src(p, first(wg + u * kSpWarpgroups), last(wg + u * kSpWarpgroups), wtid));
     wg_barrier(wg);
 #pragma unroll
     for (int u = 0; u < kSpQStages - 1; ++u) {
-      const int tt = wg + u * kSpWarpgroups;
-      if (tt < n_tiles)
-        issue_q<D>(p, sq + u * lay.q_bytes, meta_base + u * kSpRows, meta_lim + u * kSpRows, meta_src + u * kSpRows,
-                   pro[u], r, wtid);
+      if (wg + u * kSpWarpgroups < n_tiles) gather(u, u);
       cp_async_commit();
     }
-    int st = 0;
+    cp_async_wait<kSpQStages - 1>();  // the K/V group (the first gathers may still fly)
+    fence_proxy_async();
+    __syncthreads();  // K and V are visible to every warpgroup
+    int t_next = wg + kSpQStages * kSpWarpgroups;  // the tile whose metadata is published next
+    RowSrc next = load_row_src(p, first(t_next), last(t_next), wtid);
+    int st = 0, slot = 0;
     for (int t = wg; t < n_tiles; t += kSpWarpgroups) {
       cp_async_wait<kSpQStages - 2>();
       fence_proxy_async();
@@ -510,23 +542,23 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
       // tile, whose stage the gather below overwrites.
       wg_barrier(wg);
       float s[BK / 2];
-      issue_scores<D, BK>(s, sq + st * lay.q_bytes, sk);
-      // Under the S product: the gather of a later tile (ids loaded a tile ago), and the next ids.
-      const int st_next = st == 0 ? kSpQStages - 1 : st - 1;
-      if (t_next < n_tiles)
-        issue_q<D>(p, sq + st_next * lay.q_bytes, meta_base + st_next * kSpRows, meta_lim + st_next * kSpRows,
-                   meta_src + st_next * kSpRows, next, r, wtid);
+      issue_scores<D, BK>(s, sw128_desc(sq + uint32_t(st) * lay.q_bytes), dk);
+      // Under the S product: the gather of tile t + 2 warpgroup strides (its metadata is in slot + 2).
+      const int st_g = st == 0 ? kSpQStages - 1 : st - 1;
+      const int slot_g = slot + 2 >= kSpMetaSlots ? slot + 2 - kSpMetaSlots : slot + 2;
+      if (t + (kSpQStages - 1) * kSpWarpgroups < n_tiles) gather(st_g, slot_g);
       cp_async_commit();
+      finish_tile<D, BK>(p, s, dv, sq_ptr + st * lay.q_bytes, meta_base + slot * kSpRows, meta_lim + slot * kSpRows,
+                         kstart, wg, warp_in_wg, lane);
+      // Tile t_next's metadata goes to slot + 3, the slot tile t - 1 used: every thread is past that
+      // tile (finish_tile's barriers), and the gather reads it after a later barrier.
+      meta(slot == 0 ? kSpMetaSlots - 1 : slot - 1, next);
       t_next += kSpWarpgroups;
       next = load_row_src(p, first(t_next), last(t_next), wtid);
-      finish_tile<D, BK>(p, s, svt, smem + lay.q + (wg * kSpQStages + st) * lay.q_bytes, meta_base + st * kSpRows,
-                         meta_lim + st * kSpRows, kstart, wg, warp_in_wg, lane);
-      // The new t_next takes this tile's stage. Its meta_src slot was last read by this tile's gather,
-      // long done; the next iteration's barrier publishes it before its gather reads it. Written
-      // after finish_tile, when the load of next has long landed.
-      publish_src(p, meta_src + st * kSpRows, next, wtid);
       st = st + 1 == kSpQStages ? 0 : st + 1;
+      slot = slot + 1 == kSpMetaSlots ? 0 : slot + 1;
     }
+    if (wg == n_tiles % kSpWarpgroups && warp_in_wg == 0) claim((n + 1) & 1);
   }
 }
 

@@ -17,6 +17,7 @@ struct SparseFwdOptions {
   bool partial_f32 = false;              // per-slot partial o in float32 instead of bfloat16 (2x partial bytes)
   int64_t chunk_queries = 0;             // most queries per work item; 0: kSpChunkFactor * topk * bk
   int64_t pass_queries = 0;              // most query rows per pass; 0: from max_workspace_bytes
+  int64_t band_queries = 0;              // query rows per band of the work order (a power of two); 0: from kSpBandBytes, -1: one band
   size_t max_workspace_bytes = 0;        // pass size when pass_queries is 0: the largest that fits; 0: kSpPassRows / (h_q * topk) query rows
   // Caller-provided device workspace of at least sparse_fwd_workspace_bytes(p, opt) bytes, used
   // instead of a stream-ordered allocation inside the call (nullptr: allocate).

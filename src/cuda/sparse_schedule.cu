@@ -56,17 +56,24 @@ __global__ void group_counts_kernel(SparseScheduleParams p, const int2* qinfo, i
   }
 }
 
-// One sort key per entry: above the group, the complement of its number of full work items
-// (capped at heavy_max), so groups with more full items sort first and the rest keep the group
-// order; invalid entries get the largest key so they sort behind every valid one.
+// One sort key per entry: on top the query band (the pass's queries in runs of 2^band_shift), then
+// the complement of the group's number of full work items (capped at heavy_max), then the group.
+// Bands keep the q rows that the running items gather inside L2 (each row is gathered once per
+// selected block); inside a band, groups with more full items sort first and the rest keep the
+// group order. Invalid entries get the largest key so they sort behind every valid one.
 __global__ void entry_keys_kernel(SparseScheduleParams p, const int2* qinfo, const int32_t* counts, int64_t n_e,
-                                  int group_bits, uint64_t heavy_max, uint64_t* keys, uint32_t* vals) {
+                                  int group_bits, int rank_bits, int band_shift, uint64_t heavy_max, uint64_t band_max,
+                                  uint64_t* keys, uint32_t* vals) {
   const uint64_t invalid = uint64_t(p.h_kv) * uint64_t(p.n_k);
+  const int64_t per_query = int64_t(p.h_kv) * p.topk;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n_e; e += int64_t(gridDim.x) * blockDim.x) {
     const uint64_t grp = entry_group(p, qinfo, e, invalid);
-    uint64_t rank = heavy_max;
-    if (grp < invalid) rank -= min(uint64_t(counts[grp] / p.chunk), heavy_max);
-    keys[e] = (rank << group_bits) | grp;
+    uint64_t rank = heavy_max, band = band_max;
+    if (grp < invalid) {
+      rank -= min(uint64_t(counts[grp] / p.chunk), heavy_max);
+      band = uint64_t(e / per_query) >> band_shift;
+    }
+    keys[e] = (band << (group_bits + rank_bits)) | (rank << group_bits) | grp;
     vals[e] = uint32_t(e);
   }
 }
@@ -95,7 +102,7 @@ __global__ void item_flags_kernel(const uint64_t* keys, const int32_t* group_sta
     flags[e] = keys[e] < invalid && (int32_t(e) - group_start[e]) % chunk == 0 ? 1 : 0;
 }
 
-// Also drops the order rank from the sorted keys (nothing after this reads it): phase 1 decodes
+// Also drops the band and the order rank from the sorted keys (nothing after this reads it): phase 1 decodes
 // the kv head and block from a plain group key.
 __global__ void item_scatter_kernel(const int32_t* flags, const int32_t* slot, int64_t n_e, uint64_t group_mask,
                                     int32_t* item_start, int32_t* counters, uint64_t* keys) {
@@ -116,18 +123,27 @@ int key_bits(uint64_t invalid) {
   return bits;
 }
 
-// Bits of the sort key: the group (room for `invalid` = h_kv * n_k) and, above it, the order rank
-// (0 .. heavy_max, heavy_max = 2^rank_bits - 1 >= the most full items a group can have).
+// Bits of the sort key: the group (room for `invalid` = h_kv * n_k), above it the order rank
+// (0 .. heavy_max, heavy_max = 2^rank_bits - 1 >= the most full items a group can have), and on
+// top the query band (0 .. band_max, band_max = 2^band_bits - 1 >= the last band).
 struct KeyBits {
-  int group = 1, rank = 1;
+  int group = 1, rank = 1, band = 1;
+  int band_shift = 62;  // the bands in effect (62: one band)
   uint64_t heavy_max() const { return (uint64_t(1) << rank) - 1; }
-  int end() const { return group + rank; }
+  uint64_t band_max() const { return (uint64_t(1) << band) - 1; }
+  int end() const { return group + rank + band; }
 };
 
 KeyBits sort_key_bits(const SparseScheduleParams& p) {
   KeyBits kb;
   kb.group = key_bits(uint64_t(p.h_kv) * uint64_t(p.n_k));
   kb.rank = key_bits(uint64_t(p.n_q / std::max(p.chunk, 1)));
+  kb.band_shift = p.band_shift;
+  kb.band = key_bits(p.band_shift >= 62 ? 0 : uint64_t(std::max<int64_t>(p.n_q - 1, 0)) >> p.band_shift);
+  if (kb.end() > 64) {  // no room above the group and the rank: one band (order only, never values)
+    kb.band_shift = 62;
+    kb.band = 1;
+  }
   return kb;
 }
 
@@ -188,7 +204,8 @@ SparseSchedule build_sparse_schedule(const SparseScheduleParams& p, void* ws, si
   const int n = int(n_e);
   const KeyBits kb = sort_key_bits(p);
   // The largest sort key (an invalid entry); every valid one is smaller.
-  const uint64_t invalid = (kb.heavy_max() << kb.group) | (uint64_t(p.h_kv) * uint64_t(p.n_k));
+  const uint64_t invalid = (kb.band_max() << (kb.group + kb.rank)) | (kb.heavy_max() << kb.group) |
+                           (uint64_t(p.h_kv) * uint64_t(p.n_k));
 
   SparseSchedule s;
   s.qinfo = reinterpret_cast<int2*>(base + l.qinfo);
@@ -214,8 +231,8 @@ SparseSchedule build_sparse_schedule(const SparseScheduleParams& p, void* ws, si
   check_cuda(kOp, cudaGetLastError(), "query_info_kernel launch");
   group_counts_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(p, s.qinfo, n_e, counts);
   check_cuda(kOp, cudaGetLastError(), "group_counts_kernel launch");
-  entry_keys_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(p, s.qinfo, counts, n_e, kb.group, kb.heavy_max(), keys_a,
-                                                            vals_a);
+  entry_keys_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(p, s.qinfo, counts, n_e, kb.group, kb.rank,
+                                                            kb.band_shift, kb.heavy_max(), kb.band_max(), keys_a, vals_a);
   check_cuda(kOp, cudaGetLastError(), "entry_keys_kernel launch");
   check_cuda(
       kOp, cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_a, s.keys, vals_a, s.entries, n, 0, kb.end(), stream),

@@ -24,6 +24,7 @@ struct SparseScheduleParams {
   int h_kv = 1, topk = 1, bk = 128;
   int bk_shift = 7;  // log2(bk): bk is a power of two
   int chunk = 1;     // most entries (queries) per work item
+  int band_shift = 62;  // items are ordered by query band (2^band_shift pass rows) first; 62: one band
 };
 
 // Views into the workspace, valid once build_sparse_schedule's work has run on the stream.

@@ -23,6 +23,11 @@ constexpr int kSpThreads = kSpWarpgroups * 128;
 // enough bytes in flight to cover HBM latency; three fit the shared memory at d = bk = 128 (215 KB).
 constexpr int kSpQStages = 3;
 
+// Metadata slots per warpgroup (per-entry q address, partial offset, causal limit of a tile): one
+// more than the Q stages, so the metadata of tile j + kSpQStages is written while other threads of
+// the warpgroup may still read tile j - 1's.
+constexpr int kSpMetaSlots = kSpQStages + 1;
+
 // A (kv block, kv head) bucket chosen by more queries than kSpChunkFactor * topk * bk is split
 // into chunks of at most that many queries (rounded up to whole tiles), so hot blocks (the sink)
 // spread over several CTAs. 2 follows the paper; speed only.
@@ -37,6 +42,14 @@ constexpr int kSpChunkFactor = 2;
 // Results do not depend on it (every (query, head) row is computed the same way in any pass);
 // smaller passes cost a little speed (launches, the work tail of each pass).
 constexpr int64_t kSpPassRows = int64_t(1) << 24;
+
+// Phase 1 takes its work items band by band: the pass's queries in runs whose q rows for one kv
+// head (band * g * d * 2 bytes) fill at most this much of the 50 MB L2. Every q row is gathered
+// once per block its query selected; with the items of one kv head running together, a band keeps
+// those gathers in L2 instead of DRAM, at the price of one K/V block load per (band, kv head,
+// block). Speed only (the order of items never changes a value); measured in
+// docs/sparse_attention.md.
+constexpr int64_t kSpBandBytes = int64_t(32) << 20;
 
 // Threads of the combine (phase 2) kernel per block; each (query, head) row uses d / 8 threads
 // (one 16-byte column chunk each). Speed only.
