@@ -485,11 +485,11 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
   };
   if (tid < 32) claim(0);
 
-  // compute-sanitizer racecheck reports a RAW hazard on the claimed slots between thread 0's write
-  // and the reads after the __syncthreads (when a warpgroup without tiles waits there while another
-  // runs its named barriers). It is a false positive: a race-free probe with the same pattern is
-  // flagged the same way, and is clean without the named barriers (docs/sparse_attention.md,
-  // 2026-11-26).
+  // compute-sanitizer racecheck reports hazards on the claimed slots between the claiming lane's
+  // writes and the reads after a __syncthreads (warpgroups wait there while others still run their
+  // named barriers). They are false positives: every write and read of a slot is separated by a
+  // __syncthreads, and a race-free probe with the same pattern is flagged the same way and is clean
+  // without the named barriers (docs/sparse_attention.md, 2026-11-26 and 2026-11-27).
   for (int n = 0;; ++n) {
     __syncthreads();  // every warpgroup is done with the previous item's K/V; slot n % 2 is visible
     const int4 c = claimed[n & 1];
