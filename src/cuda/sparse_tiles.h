@@ -20,7 +20,9 @@ constexpr int kSpThreads = kSpWarpgroups * 128;
 
 // Q tile stages per warpgroup: the gathers of the next two tiles (cp.async) are in flight under a
 // tile's math. With two stages the gather of one 16 KB tile per warpgroup (48 KB per SM) was not
-// enough bytes in flight to cover HBM latency; three fit the shared memory at d = bk = 128 (215 KB).
+// enough bytes in flight to cover HBM latency (measured twice: in the first kernel, and on
+// 2026-11-27 with two K/V buffers, docs/sparse_attention.md); three fit the shared memory at
+// d = bk = 128 with one K/V buffer (224 KB).
 constexpr int kSpQStages = 3;
 
 // Metadata slots per warpgroup (per-entry q address, partial offset, causal limit of a tile): one
