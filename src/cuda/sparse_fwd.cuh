@@ -162,6 +162,12 @@ __device__ __forceinline__ void issue_kv(const SparseFwdKernelParams& p, uint8_t
   cp_async_commit();
 }
 
+// A schedule group key r * n_k + (first key row of the block) as the kv head and that row.
+__device__ __forceinline__ void split_group_key(const SparseFwdKernelParams& p, uint64_t key, int& r, int64_t& kstart) {
+  r = int(key / uint64_t(p.n_k));
+  kstart = int64_t(key - uint64_t(r) * uint64_t(p.n_k));
+}
+
 // Which chunks of a 64-row tile a thread moves, in the Q gather and in the partial copy-out alike:
 // thread wtid takes 16-byte chunk c = wtid % 8 of each 64-column atom, in rows row_lo + 16 k
 // (row_lo = wtid / 8, k = 0..3). Rows 16 apart belong to the same head of a query for every
@@ -469,8 +475,9 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
     it = __shfl_sync(full, it, 0);
     key = __shfl_sync(full, key, 0);
     if (it >= n_items) return;
-    const int r = int(key / uint64_t(p.n_k));
-    const int64_t kstart = int64_t(key - uint64_t(r) * uint64_t(p.n_k));
+    int r;
+    int64_t kstart;
+    split_group_key(p, key, r, kstart);
     static_assert(D * 2 <= 2 * 128, "a key row is at most two 128-byte lines");
     const uint16_t* kb = p.k + int64_t(r) * p.stride_k_head + (lane & 1) * 64;
     const uint16_t* vb = p.v + int64_t(r) * p.stride_v_head + (lane & 1) * 64;
@@ -500,9 +507,9 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
     }
     const int e0 = __shfl_sync(full, c.y, 0);
     const int e1 = __shfl_sync(full, c.z, 0);
-    const uint64_t key = claimed_key[n & 1];
-    const int r = int(key / uint64_t(p.n_k));
-    const int64_t kstart = int64_t(key - uint64_t(r) * uint64_t(p.n_k));
+    int r;
+    int64_t kstart;
+    split_group_key(p, claimed_key[n & 1], r, kstart);
     // The K/V load (one cp.async group) is in flight under the claim of the next item and the
     // first gathers; it is older than their groups, so waiting for all but those leaves only them.
     issue_kv<D, BK>(p, smem + lay.k, s_base + lay.k, r, kstart, tid);
