@@ -7,7 +7,7 @@
 // Cost model: FLOPs = 4 * g * d * sum over (query, group) of |T| (attended tokens); bytes = Q rows
 // gathered once per selected block, the bf16 partial o + lse written and read back, o written.
 //
-//   bench_sparse [--iters N] [--quick] [--n N] [--pass P1,P2,...] [--band B1,B2,...] [--malloc-ws]
+//   bench_sparse [--iters N] [--quick] [--n N] [--pass P1,P2,...] [--band B1,B2,...] [--malloc-ws] [--no-local]
 //   (--quick: n = 32K only; --pass: the default variant with each query-pass size instead of the
 //   partial/chunk variants; --band: each of these query-band sizes (-1: one band) with each pass
 //   size (default passes if --pass is not given); --malloc-ws: run each variant a second time on a workspace from
@@ -174,11 +174,14 @@ int main(int argc, char** argv) {
   int64_t only_n = 0;
   std::vector<int64_t> passes, bands;
   bool malloc_ws = false;
+  bool no_local = false;  // --no-local: every block in phase 1, then the combine kernel (the design before the local pass)
   for (int a = 1; a < argc; ++a) {
     if (!std::strcmp(argv[a], "--iters") && a + 1 < argc)
       iters = std::atoi(argv[++a]);
     else if (!std::strcmp(argv[a], "--quick"))
       quick = true;
+    else if (!std::strcmp(argv[a], "--no-local"))
+      no_local = true;
     else if (!std::strcmp(argv[a], "--malloc-ws"))
       malloc_ws = true;
     else if (!std::strcmp(argv[a], "--n") && a + 1 < argc)
@@ -298,6 +301,7 @@ int main(int argc, char** argv) {
         if (var.chunk && window) continue;
         msa::cuda::SparseFwdOptions opt;
         opt.partial_f32 = f32 != 0;
+        opt.local_pass = !no_local;
         opt.chunk_queries = var.chunk;
         opt.pass_queries = var.pass;
         opt.band_queries = var.band;
@@ -310,7 +314,7 @@ int main(int argc, char** argv) {
         opt.after_schedule = ev[1];
         opt.after_phase1 = ev[2];
         auto call = [&] {
-          if (f32 || var.chunk || var.pass || var.ext || var.band)
+          if (f32 || var.chunk || var.pass || var.ext || var.band || no_local)
             msa::cuda::run_sparse_attention_forward(a, stream, opt);
           else
             msa::sparse_attention_forward(a, ex);  // the public path (its validation included)

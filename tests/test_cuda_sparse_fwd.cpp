@@ -3,7 +3,8 @@
 // sequences, chunked queries (bottom-right and explicit positions), rows with fewer than topk or
 // no valid entries, a sink block chosen by every query (its group splits into several work
 // items) next to a block chosen by none, strided and misaligned operands, garbage selections and
-// varlen contents (memory safety), 20 bitwise-identical runs, and shape errors.
+// varlen contents (memory safety), 20 bitwise-identical runs, the combine-kernel path that the
+// local pass replaced (an internal option), and shape errors.
 // GPU tests skip with a message when no device is visible.
 #include <algorithm>
 #include <cmath>
@@ -18,6 +19,10 @@
 
 #include "cuda_test_util.h"
 #include "test_util.h"
+
+#ifdef MSA_WITH_CUDA
+#include "cuda/sparse_fwd.h"
+#endif
 
 namespace msa::test {
 namespace {
@@ -219,7 +224,9 @@ std::vector<uint16_t> to_strided(const std::vector<double>& x, int64_t n, int64_
   return out;
 }
 
-Out run_gpu(const Problem& P, const Layout& L = {}, cudaStream_t stream = nullptr) {
+// opt: the internal entry with these options instead of the public call.
+Out run_gpu(const Problem& P, const Layout& L = {}, cudaStream_t stream = nullptr,
+            const cuda::SparseFwdOptions* opt = nullptr) {
   const int64_t n_q = P.n_q(), n_k = P.n_k(), d = P.d;
   const int64_t qh = d + L.q_pad_head, qt = P.h_q * qh + L.q_pad_tok;
   const int64_t kh = d + L.kv_pad_head, kt = P.h_kv * kh + L.kv_pad_tok;
@@ -255,7 +262,10 @@ Out run_gpu(const Problem& P, const Layout& L = {}, cudaStream_t stream = nullpt
   Exec ex;
   ex.backend = Backend::cuda;
   ex.stream = stream;
-  sparse_attention_forward(a, ex);
+  if (opt)
+    cuda::run_sparse_attention_forward(a, stream, *opt);
+  else
+    sparse_attention_forward(a, ex);
   cuda_check(cudaStreamSynchronize(stream), "sparse_attention_forward");
   cuda_check(cudaGetLastError(), "sparse_attention_forward");
   Out out;
@@ -280,9 +290,10 @@ Out run_gpu(const Problem& P, const Layout& L = {}, cudaStream_t stream = nullpt
 }
 
 // Derived bounds. o: the final bf16 rounding (u |o|), P rounded to bf16 before the P V product
-// (u sum_j p_j |v_j| = u o_abs), the bf16 per-slot partials (u o_abs: each partial is bounded by its
-// own o_abs and the merge weights sum to 1), and 1e-4 o_abs for the rest: second-order terms
-// (u * 2u = 3.1e-5), float32 accumulation over <= 128 keys (128 * 2^-24 = 7.6e-6) and the ex2 / lg2
+// (u sum_j p_j |v_j| = u o_abs), the bf16 per-slot partials and the local pass's bf16-staged
+// sink + own result (u o_abs: each is bounded by its own o_abs and the merge weights sum to 1), and
+// 1e-4 o_abs for the rest: second-order terms (u * 2u = 3.1e-5), float32 accumulation over <= 256
+// keys (256 * 2^-24 = 1.5e-5) and the ex2 / lg2
 // approximations (~1e-6). lse: float32 dot products and exp/log approximations, ~1e-6 at
 // these magnitudes: 1e-5 absolute + 1e-5 relative. Empty rows must be exactly o = 0, lse = -inf.
 ::testing::AssertionResult compare(const Problem& P, const Out& got, const Ref& ref, const std::string& what) {
@@ -449,6 +460,26 @@ TEST(CudaSparseFwd, StridedAndMisalignedOperands) {
   odd.o_pad_head = 1;
   odd.o_off = 5;
   EXPECT_TRUE(check(P, "misaligned strides", odd));
+}
+
+TEST(CudaSparseFwd, CombineKernelPathWithoutTheLocalPass) {
+  REQUIRE_GPU();
+  // SparseFwdOptions::local_pass = false: every selected block in phase 1, then the combine kernel
+  // (the benchmarks' baseline for the local pass). Same contract, same bounds.
+  cuda::SparseFwdOptions opt;
+  opt.local_pass = false;
+  uint64_t seed = 1000;
+  for (int64_t d : {64, 128})
+    for (int64_t g : {1, 16}) {
+      const int64_t bk = d == 64 ? 64 : 128;
+      Problem P = make_problem(seed, {300, 77}, {300, 77}, g, 1, d, bk, 5);
+      select_random(P, seed + 1, (seed % 2) == 0, /*every=*/0, -1, 5);
+      EXPECT_TRUE(compare(P, run_gpu(P, {}, nullptr, &opt), cpu_reference(P), describe(P)));
+      ++seed;
+    }
+  Problem P = make_problem(seed, {100, 37, 1}, {1000, 37, 513}, 8, 2, 128, 64, 8);
+  select_random(P, seed + 1, true);
+  EXPECT_TRUE(compare(P, run_gpu(P, {}, nullptr, &opt), cpu_reference(P), describe(P)));
 }
 
 TEST(CudaSparseFwd, TwentyRunsBitwiseIdentical) {

@@ -9,6 +9,7 @@
 
 #include "host.h"
 #include "msa/common.h"
+#include "msa/index.h"
 #include "sparse_fwd.cuh"
 #include "sparse_fwd.h"
 
@@ -19,6 +20,12 @@ extern template void launch_sparse_phase1<64, 64>(const SparseFwdKernelParams&, 
 extern template void launch_sparse_phase1<64, 128>(const SparseFwdKernelParams&, int, int, cudaStream_t);
 extern template void launch_sparse_phase1<128, 64>(const SparseFwdKernelParams&, int, int, cudaStream_t);
 extern template void launch_sparse_phase1<128, 128>(const SparseFwdKernelParams&, int, int, cudaStream_t);
+extern template void launch_sparse_local<64, 64>(const SparseFwdKernelParams&, int, int, cudaStream_t);
+extern template void launch_sparse_local<64, 128>(const SparseFwdKernelParams&, int, int, cudaStream_t);
+extern template void launch_sparse_local<128, 64>(const SparseFwdKernelParams&, int, int, cudaStream_t);
+extern template void launch_sparse_local<128, 128>(const SparseFwdKernelParams&, int, int, cudaStream_t);
+
+static_assert(kSpMaxTopk == kMaxTopk, "the local pass's selection scan covers the API's largest topk");
 
 namespace {
 
@@ -90,6 +97,8 @@ Plan make_plan_for(const AttentionParams& p, const SparseFwdOptions& opt, int64_
   sp.bk = int(p.bk);
   sp.bk_shift = log2_exact(p.bk);
   sp.chunk = int(plan.chunk);
+  // bf16 partials: the local pass attends the sink and own blocks and merges (no combine kernel).
+  sp.local = opt.partial_f32 || !opt.local_pass ? 0 : 1;
   // Query bands: the q rows one kv head's items gather in a band, band * g * d * 2 bytes, stay
   // within kSpBandBytes (a power of two of queries, at least one tile's worth).
   int64_t band = opt.band_queries;
@@ -284,6 +293,7 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
     kp.lims = sched.lims;
     kp.item_start = sched.item_start;
     kp.counters = sched.counters;
+    kp.unit_start = sched.unit_start;
     kp.topk_idx = topk_idx;
     kp.o = static_cast<uint16_t*>(p.o) + q0 * p.stride_o_tok;
     kp.lse = p.lse + q0 * p.h_q;
@@ -301,6 +311,19 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
       launch_sparse_phase1<128, 128>(kp, grid, smem_optin, stream);
     if (opt.after_phase1) check_cuda(kOp, cudaEventRecord(opt.after_phase1, stream), "cudaEventRecord");
 
+    if (plan.sp.local) {
+      // The local pass: one persistent CTA per SM at most (its shared memory allows one), never
+      // more than there can be (unit, kv head) items.
+      const int lgrid = int(std::min<int64_t>(num_sms, len * p.h_kv));
+      if (d == 64 && bk == 64)
+        launch_sparse_local<64, 64>(kp, lgrid, smem_optin, stream);
+      else if (d == 64 && bk == 128)
+        launch_sparse_local<64, 128>(kp, lgrid, smem_optin, stream);
+      else if (d == 128 && bk == 64)
+        launch_sparse_local<128, 64>(kp, lgrid, smem_optin, stream);
+      else
+        launch_sparse_local<128, 128>(kp, lgrid, smem_optin, stream);
+    } else {
     // Phase 2.
     const int64_t threads = len * p.h_q * (d / 8);
     const unsigned blocks =
@@ -319,6 +342,7 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     check_cuda(kOp, cudaLaunchKernelEx(&cfg, combine, kp), "combine launch");
+    }
     if (overlap && q0 + plan.pass < n_q) {
       // The next pass's schedule goes to the other buffer once pass p - 1's combine is done with it.
       side.record_main(SideStream::kCombined, copy);

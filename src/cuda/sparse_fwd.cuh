@@ -49,7 +49,27 @@ struct SparseFwdKernelParams {
   int64_t stride_o_tok = 0, stride_o_head = 0;
   int o_vec = 0;         // o rows are 16-byte aligned: vector stores
   float* lse = nullptr;  // [n_q, h_q]
+  const int32_t* unit_start = nullptr;  // [n_units] local units (schedule, local pass)
 };
+
+// Shared-memory map of the local pass: the sink block's K and V, the own block's K and V (each as
+// issue_kv writes them), then kSpLocalStages Q stages per warpgroup and the claimed units.
+struct SpLocalLayout {
+  uint32_t kv_a, kv_b, q, q_bytes, rows, misc, total;
+};
+
+__host__ __device__ inline SpLocalLayout sp_local_layout(int d, int bk) {
+  SpLocalLayout l{};
+  const uint32_t kv = 2 * uint32_t(bk) * d * 2;
+  l.kv_a = 0;
+  l.kv_b = kv;
+  l.q = 2 * kv;
+  l.q_bytes = uint32_t(kSpRows) * d * 2;
+  l.rows = l.q + uint32_t(kSpLocalWarpgroups * kSpLocalStages) * l.q_bytes;  // float2 [warpgroup][row]
+  l.misc = l.rows + uint32_t(kSpLocalWarpgroups * kSpRows) * 8;  // int4 {item, q_lo, q_hi, own} [2], int k0 [2]
+  l.total = l.misc + 48;
+  return l;
+}
 
 // Shared-memory map of phase 1, identical on host (sizing) and device. K, V and every Q buffer
 // start at multiples of 1024 bytes from a 1024-aligned base, as the 128-byte swizzle needs.
@@ -134,17 +154,17 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 // its chunks as cp.async (one commit group, all in flight at once, so the load costs one memory
 // round trip, not one per chunk); otherwise plain loads and st.shared. The caller waits, fences
 // and syncs.
-template <int D, int BK>
+template <int D, int BK, int NT = kSpThreads>
 __device__ __forceinline__ void issue_kv(const SparseFwdKernelParams& p, uint8_t* skv, uint32_t skv_addr, int r,
                                          int64_t kstart, int tid) {
   constexpr int CH = D / 8;
   constexpr int kChunks = 2 * BK * CH;  // K then V
-  constexpr int kIters = (kChunks + kSpThreads - 1) / kSpThreads;
+  constexpr int kIters = (kChunks + NT - 1) / NT;
   const int64_t k_head = int64_t(r) * p.stride_k_head, v_head = int64_t(r) * p.stride_v_head;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
-    const int c = tid + it * kSpThreads;
-    if (kChunks % kSpThreads != 0 && c >= kChunks) break;
+    const int c = tid + it * NT;
+    if (kChunks % NT != 0 && c >= kChunks) break;
     const int tensor = c / (BK * CH), rem = c % (BK * CH);
     const int row = rem / CH, ch = rem % CH;
     const int64_t kr = kstart + row;
@@ -268,6 +288,26 @@ __device__ __forceinline__ void issue_scores(float (&s)[BK / 2], uint64_t dq, ui
   wgmma_commit();
 }
 
+// Writes this warpgroup's 64 x D accumulator rows, scaled per row (inv0: the thread's row0, inv1:
+// row0 + 8), as bf16 into a Q-stage-shaped tile (same SW128 swizzle as Q): stmatrix, four 8 x 8
+// matrices per instruction (rows 16 w .. + 7 and + 8 .. + 15, chunks j and j + 1). Lane L addresses
+// row (L % 8) + 8 ((L / 8) % 2) of chunk j + L / 16; the swizzled chunk is (j % 8) ^ x with
+// x = (L / 16) ^ (L % 8) (j is even), so one XOR per j gives the address.
+template <int D>
+__device__ __forceinline__ void stage_rows_bf16(const float (&o)[D / 2], float inv0, float inv1, uint8_t* stage,
+                                                int warp_in_wg, int lane) {
+  const uint32_t st_lane = smem_addr(stage) +
+                           uint32_t((warp_in_wg * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * 128 +
+                                    ((((lane >> 4) ^ (lane & 7)) & 7) << 4));
+#pragma unroll
+  for (int j = 0; j < D / 8; j += 2) {
+    const uint32_t a = (st_lane ^ uint32_t((j & 7) << 4)) + uint32_t((j >> 3) * kSpRows * 128);
+    stmatrix_x4(a, pack_bf16(o[4 * j] * inv0, o[4 * j + 1] * inv0), pack_bf16(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1),
+                pack_bf16(o[4 * j + 4] * inv0, o[4 * j + 5] * inv0),
+                pack_bf16(o[4 * j + 6] * inv1, o[4 * j + 7] * inv1));
+  }
+}
+
 // The rest of one tile once S is issued: the causal mask of the block and its softmax in
 // registers, O = P V (wgmma, P from registers), then the per-slot partial o (normalised) and lse of
 // every row that holds an entry.
@@ -377,23 +417,11 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
     }
     return;
   }
-  // bf16 partials leave through shared memory: stmatrix writes the fragments (four 8 x 8 matrices
-  // per instruction: rows 16 w .. + 7 and + 8 .. + 15, chunks j and j + 1), then every thread copies
-  // whole 16-byte chunks to global memory. The tile's Q stage is free once every warp's S product
-  // is done (the barrier), and nothing refills it before the next tile's barrier. Same swizzle as Q.
-  // Lane L addresses row (L % 8) + 8 ((L / 8) % 2) of chunk j + L / 16; the swizzled chunk is
-  // (j % 8) ^ x with x = (L / 16) ^ (L % 8) (j is even), so one XOR per j gives the address.
+  // bf16 partials leave through shared memory (stage_rows_bf16), then every thread copies whole
+  // 16-byte chunks to global memory. The tile's Q stage is free once every warp's S product is done
+  // (the barrier), and nothing refills it before the next tile's barrier.
   wg_barrier(wg);
-  const uint32_t st_lane = smem_addr(stage) +
-                           uint32_t((warp_in_wg * 16 + (lane & 7) + 8 * ((lane >> 3) & 1)) * 128 +
-                                    ((((lane >> 4) ^ (lane & 7)) & 7) << 4));
-#pragma unroll
-  for (int j = 0; j < D / 8; j += 2) {
-    const uint32_t a = (st_lane ^ uint32_t((j & 7) << 4)) + uint32_t((j >> 3) * kSpRows * 128);
-    stmatrix_x4(a, pack_bf16(o[4 * j] * inv0, o[4 * j + 1] * inv0), pack_bf16(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1),
-                pack_bf16(o[4 * j + 4] * inv0, o[4 * j + 5] * inv0),
-                pack_bf16(o[4 * j + 6] * inv1, o[4 * j + 7] * inv1));
-  }
+  stage_rows_bf16<D>(o, inv0, inv1, stage, warp_in_wg, lane);
   wg_barrier(wg);
   const ThreadChunks tc = thread_chunks<D>(p);
   uint8_t* po = static_cast<uint8_t*>(p.partial_o) + tc.out_off;
@@ -654,6 +682,408 @@ __global__ void __launch_bounds__(kSpCombineThreads, 2) sparse_fwd_combine_kerne
     }
     if (c8 == 0) p.lse[row] = sum > 0.f ? mx + logf(sum) : -INFINITY;
   }
+}
+
+namespace sp_detail {
+
+// Masks columns past lim[i] of this thread's rows i in an S tile (lim = -1: the row attends nothing
+// in this block). Warp-uniform skip when no row of the warp needs it.
+template <int BK>
+__device__ __forceinline__ void local_mask(float (&s)[BK / 2], const int (&lim)[2], int lane) {
+  const int q4 = lane & 3;
+  if (__any_sync(0xffffffffu, lim[0] < BK - 1 || lim[1] < BK - 1)) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float& x = s[4 * j + 2 * i + c];
+          x = 8 * j + 2 * q4 + c <= lim[i] ? x : -INFINITY;
+        }
+  }
+}
+
+// The local pass's softmax (base 2) over the columns of two masked S tiles: the row max m, the thread-partial sums l, P packed as the bf16 A
+// fragments pa, pb. A row with nothing visible keeps m = -inf, its reference point 0 and P = 0.
+template <int BK>
+__device__ __forceinline__ void local_softmax2(float (&sa)[BK / 2], float (&sb)[BK / 2], float (&m)[2], float (&l)[2],
+                                               uint32_t (&pa)[BK / 16][4], uint32_t (&pb)[BK / 16][4],
+                                               float scale_log2) {
+  const unsigned full = 0xffffffffu;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) mx = fmaxf(mx, fmaxf(sa[4 * j + 2 * i + c], sb[4 * j + 2 * i + c]));
+    mx = fmaxf(mx, __shfl_xor_sync(full, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(full, mx, 2));
+    const float off = mx == -INFINITY ? 0.f : mx * scale_log2;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float& x = sa[4 * j + 2 * i + c];
+        x = ex2_approx(fmaf(x, scale_log2, -off));
+        float& y = sb[4 * j + 2 * i + c];
+        y = ex2_approx(fmaf(y, scale_log2, -off));
+        sum += x + y;
+      }
+    l[i] = sum;
+    m[i] = mx;
+  }
+#pragma unroll
+  for (int kk = 0; kk < BK / 16; ++kk) {
+    pa[kk][0] = pack_bf16(sa[8 * kk + 0], sa[8 * kk + 1]);
+    pa[kk][1] = pack_bf16(sa[8 * kk + 2], sa[8 * kk + 3]);
+    pa[kk][2] = pack_bf16(sa[8 * kk + 4], sa[8 * kk + 5]);
+    pa[kk][3] = pack_bf16(sa[8 * kk + 6], sa[8 * kk + 7]);
+    pb[kk][0] = pack_bf16(sb[8 * kk + 0], sb[8 * kk + 1]);
+    pb[kk][1] = pack_bf16(sb[8 * kk + 2], sb[8 * kk + 3]);
+    pb[kk][2] = pack_bf16(sb[8 * kk + 4], sb[8 * kk + 5]);
+    pb[kk][3] = pack_bf16(sb[8 * kk + 6], sb[8 * kk + 7]);
+  }
+}
+
+}  // namespace sp_detail
+
+// The local pass (replaces the combine when the partials are bf16): a persistent grid over work
+// items (local unit, kv head); a unit is a run of consecutive queries of one sequence with the same
+// own block (schedule). Per item the CTA loads the sink block's and the own block's K and V once;
+// its two warpgroups walk the unit's 64-row tiles ((query, head) rows, query-major, t = wg, wg + 2,
+// ...): S and P V against the sink block (for rows whose selection holds block 0) and the own block
+// (those that hold it; causal), with the softmax in registers, then the merge of that result with
+// the row's other valid slots, which phase 1 wrote as partials: lse = logsumexp, o = sum of
+// exp(lse_s - lse) o_s, in slot order (deterministic). The sink and own entries get no work item in
+// phase 1, so their partials are neither written nor read back. No valid entry: o = 0, lse = -inf.
+template <int D, int BK>
+__global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(const SparseFwdKernelParams p) {
+  using namespace sp_detail;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  const SpLocalLayout lay = sp_local_layout(D, BK);
+  const unsigned full = 0xffffffffu;
+  const int tid = threadIdx.x;
+  const int wg = __shfl_sync(full, tid >> 7, 0);
+  const int warp_in_wg = __shfl_sync(full, (tid >> 5) & 3, 0);
+  const int wtid = tid & 127, lane = tid & 31, q4 = lane & 3;
+  const uint32_t s_base = smem_addr(smem);
+  const uint64_t dk_a = sw128_desc(s_base + lay.kv_a);
+  const uint64_t dv_a = hopper::sw128_desc_mn(s_base + lay.kv_a + BK * D * 2, BK * 128);
+  const uint64_t dk_b = sw128_desc(s_base + lay.kv_b);
+  const uint64_t dv_b = hopper::sw128_desc_mn(s_base + lay.kv_b + BK * D * 2, BK * 128);
+  int4* claimed = reinterpret_cast<int4*>(smem + lay.misc);
+  int* claimed_k0 = reinterpret_cast<int*>(smem + lay.misc + 32);
+  const uint32_t sq = s_base + lay.q + uint32_t(wg * kSpLocalStages) * lay.q_bytes;
+  float2* rinfo = reinterpret_cast<float2*>(smem + lay.rows) + wg * kSpRows;  // per row {local lse, remote mask}
+  const int qpt = kSpRows >> p.log2g;  // queries per tile
+  constexpr float kLn2 = 0.6931471805599453f;
+
+  // Launched as a programmatic dependent of phase 1: everything up to the first read of a partial
+  // (the schedule's arrays, K, V, Q) may run while phase 1's last CTAs finish.
+  bool partials_ready = false;
+  const int n_units = p.counters[3];
+  const int n_work = n_units * p.h_kv;
+
+  // Thread 0 claims the next item one ahead (slot (n + 1) % 2 during item n: read by everyone after
+  // the barrier that opens item n + 1; its previous readers passed the barrier that opens item n).
+  auto claim = [&](int slot) {
+    const int w = atomicAdd(p.counters + 4, 1);
+    int4 c = make_int4(w, 0, 0, -1);
+    int k0 = 0;
+    if (w < n_work) {
+      const int u = w / p.h_kv;
+      c.y = p.unit_start[u];
+      c.z = u + 1 < n_units ? p.unit_start[u + 1] : int(p.n_q);
+      const int2 qi = p.qinfo[c.y];
+      k0 = qi.x;
+      c.w = qi.y >> p.bk_shift;  // the unit's own block; -1: its queries see nothing
+    }
+    claimed[slot] = c;
+    claimed_k0[slot] = k0;
+  };
+  if (tid == 0) claim(0);
+
+  for (int n = 0;; ++n) {
+    __syncthreads();  // slot n % 2 is visible; every warpgroup is done with the previous item's K/V
+    const int4 c = claimed[n & 1];
+    if (c.x >= n_work) break;
+    const int k0 = claimed_k0[n & 1];
+    const int q_lo = c.y, q_hi = c.z, own = __shfl_sync(full, c.w, 0);
+    const int r = c.x - (c.x / p.h_kv) * p.h_kv;
+    // Blocks: A = the sink (block 0), B = the own block; own = 0: both are block 0 and A is masked
+    // out entirely (the first block of a sequence: loaded twice, kept branch-free); own < 0: none.
+    const bool blocks = own >= 0;
+    if (blocks) {
+      issue_kv<D, BK, kSpLocalThreads>(p, smem + lay.kv_a, s_base + lay.kv_a, r, k0, tid);
+      issue_kv<D, BK, kSpLocalThreads>(p, smem + lay.kv_b, s_base + lay.kv_b, r,
+                                       int64_t(k0) + (int64_t(own) << p.bk_shift), tid);
+    }
+    const int n_tiles = (((q_hi - q_lo) << p.log2g) + kSpRows - 1) / kSpRows;
+    const uint8_t* q_head = reinterpret_cast<const uint8_t*>(p.q + int64_t(r * p.g) * p.stride_q_head);
+    // The Q rows of local tile tt into stage st: this thread's chunks (thread_chunks); rows past the
+    // unit gather its first query (never stored).
+    auto gather = [&](int tt, int st) {
+      const ThreadChunks tc = thread_chunks<D>(p);
+      const uint32_t dst0 = sq + uint32_t(st) * lay.q_bytes + uint32_t(tc.src_off);
+#pragma unroll
+      for (int k = 0; k < kSpRowGroups; ++k) {
+        int qq = q_lo + tt * qpt + tc.ent0 + k * tc.ent_step;
+        if (qq >= q_hi) qq = q_lo;
+        const uint8_t* src = q_head + int64_t(qq) * p.stride_q_tok * 2 + tc.q_off;
+#pragma unroll
+        for (int h = 0; h < D / kSpAtomK; ++h)
+          cp_async_16_full(dst0 + uint32_t(h * kSpRows * 128 + k * 16 * 128), src + h * 128);
+      }
+    };
+    if (blocks && wg < n_tiles) gather(wg, 0);
+    cp_async_commit();
+    if (tid == 0) claim((n + 1) & 1);
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // K, V and every warpgroup's first Q tile are visible
+
+    int st = 0;
+    for (int t = wg; t < n_tiles; t += kSpLocalWarpgroups) {
+      // Stage st holds tile t; the other stage was last read by the warpgroup's previous tile, which
+      // every thread of the warpgroup finished (the barrier at the end of the previous tile).
+      if (blocks && t + kSpLocalWarpgroups < n_tiles) gather(t + kSpLocalWarpgroups, st ^ 1);
+      cp_async_commit();
+
+      // This thread's rows (wgmma accumulator layout): row0 = 16 w + lane / 4 and row0 + 8: their
+      // queries and heads, the selection's sink / own flags as per-block column limits, the mask of
+      // remote slots (partials to merge). Runs under the first S product.
+      int qq[2], hh[2], lim_a[2], lim_b[2];
+      uint32_t remote[2];
+      auto scan = [&]() {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int row = warp_in_wg * 16 + (lane >> 2) + 8 * i;
+          qq[i] = q_lo + t * qpt + (row >> p.log2g);
+          hh[i] = r * p.g + (row & (p.g - 1));
+          remote[i] = 0;
+          bool has_a = false, has_b = false;
+          int pos = -1;
+          if (qq[i] < q_hi) {
+            // Every slot's load in flight at once (one round trip; topk <= kSpMaxTopk).
+            const int32_t* sel = p.topk_idx + (int64_t(qq[i]) * p.h_kv + r) * p.topk;
+            int32_t b[kSpMaxTopk];
+#pragma unroll
+            for (int s = 0; s < kSpMaxTopk; ++s) b[s] = s < p.topk ? sel[s] : -1;
+            pos = p.qinfo[qq[i]].y;
+#pragma unroll
+            for (int s = 0; s < kSpMaxTopk; ++s) {
+              has_a |= b[s] == 0;
+              has_b |= b[s] == own;
+              remote[i] |= sp_entry_remote(b[s], pos, p.bk_shift) ? 1u << s : 0u;
+            }
+          }
+          lim_a[i] = has_a && own > 0 ? BK - 1 : -1;  // own = 0: block 0 is B
+          lim_b[i] = has_b ? pos - (own << p.bk_shift) : -1;
+        }
+        if (!partials_ready) {
+          hopper::grid_dependency_wait();
+          partials_ready = true;
+        }
+        // Ask L2 for the partial rows the merge reads first (rows 0 .. 15 of the tile, warp 0's):
+        // lane q4 takes the slots s = q4 mod 4 of both its rows. Later rows are prefetched one merge
+        // round ahead.
+        if (warp_in_wg == 0) {
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+            for (uint32_t bits = remote[i] & (0x11111111u << q4); bits; bits &= bits - 1) {
+              const int s = __ffs(bits) - 1;
+              const uint8_t* line = static_cast<const uint8_t*>(p.partial_o) +
+                                    ((int64_t(qq[i]) * p.topk + s) * p.h_q + hh[i]) * (2 * D);
+#pragma unroll
+              for (int h = 0; h < D / kSpAtomK; ++h) hopper::prefetch_l2(line + h * 128);
+            }
+        }
+      };
+
+      float o[D / 2];
+      float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+      if (!blocks) {
+        scan();
+#pragma unroll
+        for (int x = 0; x < D / 2; ++x) o[x] = 0.f;
+      } else {
+        // Both S products in flight together (O is not live yet; the row scan runs under the
+        // first), one softmax over the 2 x bk columns, then both P V products in one group.
+        const uint64_t dq = sw128_desc(sq + uint32_t(st) * lay.q_bytes);
+        float sa[BK / 2], sb[BK / 2];
+        issue_scores<D, BK>(sa, dq, dk_a);
+        scan();  // under the first product
+        issue_scores<D, BK>(sb, dq, dk_b);
+        hopper::wgmma_wait<0>();
+        hopper::fence_acc(sa);
+        hopper::fence_acc(sb);
+        uint32_t pa[BK / 16][4], pb[BK / 16][4];
+        local_mask<BK>(sa, lim_a, lane);
+        local_mask<BK>(sb, lim_b, lane);
+        local_softmax2<BK>(sa, sb, m, l, pa, pb, p.scale_log2);
+        hopper::fence_acc(o);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs<D>(o, pa[kk], desc_add(dv_a, kk * 16 * 128), kk > 0 ? 1 : 0);
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs<D>(o, pb[kk], desc_add(dv_b, kk * 16 * 128), 1);
+        wgmma_commit();
+        hopper::wgmma_wait<0>();
+        hopper::fence_acc(o);
+      }
+
+      // The merge with the remote slots' partials, in the combine's access pattern: the local result
+      // (normalised, bf16) and each row's lse and remote-slot mask go to shared memory (the tile's Q
+      // stage, free once every warp's S products are done, and the row-info area); then each thread
+      // takes whole 16-byte chunks (thread_chunks: chunk wtid % 8 of each 64-column atom of rows
+      // wtid / 8 + 16 k) and, per row, issues the lse and o loads of a batch of slots before using
+      // any, with a running max in slot order (deterministic). One round trip per row and batch of
+      // kSpLocalMergeSlots slots.
+      float inv[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(full, l[i], 1);
+        l[i] += __shfl_xor_sync(full, l[i], 2);
+        inv[i] = l[i] > 0.f ? rcp_approx(l[i]) : 0.f;
+      }
+      uint8_t* stage = smem + lay.q + uint32_t(wg * kSpLocalStages + st) * lay.q_bytes;
+      wg_barrier(wg);
+      stage_rows_bf16<D>(o, inv[0], inv[1], stage, warp_in_wg, lane);
+      if (q4 == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const float lse_loc = l[i] > 0.f ? (m[i] * p.scale_log2 + lg2_approx(l[i])) * kLn2 : -INFINITY;
+          rinfo[warp_in_wg * 16 + (lane >> 2) + 8 * i] = make_float2(lse_loc, __uint_as_float(remote[i]));
+        }
+      }
+      wg_barrier(wg);
+      const ThreadChunks tc = thread_chunks<D>(p);
+      const int c16 = lane & 7;
+#pragma unroll 1
+      for (int k = 0; k < kSpRowGroups; ++k) {
+        const int row = (wtid >> 3) + 16 * k;
+        const int qk = q_lo + t * qpt + tc.ent0 + k * tc.ent_step;
+        if (qk >= q_hi) continue;
+        const int hk = r * p.g + (row & (p.g - 1));
+        const float2 ri = rinfo[row];
+        const uint32_t rm = __float_as_uint(ri.y);
+        // The next round's rows into L2 (its slots s = c16 mod 8, one line per 64 columns).
+        if (k + 1 < kSpRowGroups) {
+          const int qn = qk + tc.ent_step;
+          if (qn < q_hi) {
+            const uint32_t rn = __float_as_uint(rinfo[row + 16].y);
+            for (uint32_t bits = rn & (0x01010101u << c16); bits; bits &= bits - 1) {
+              const uint8_t* line = static_cast<const uint8_t*>(p.partial_o) +
+                                    ((int64_t(qn) * p.topk + (__ffs(bits) - 1)) * p.h_q + hk) * (2 * D);
+#pragma unroll
+              for (int h = 0; h < D / kSpAtomK; ++h) hopper::prefetch_l2(line + h * 128);
+            }
+          }
+        }
+        constexpr int NA = D / kSpAtomK;  // 16-byte chunks of this thread per row
+        constexpr int kB = kSpLocalMergeSlots;
+        float acc[NA][8];
+#pragma unroll
+        for (int h = 0; h < NA; ++h) {
+          const uint4 x = *reinterpret_cast<const uint4*>(stage + tc.src_off + h * kSpRows * 128 + k * 16 * 128);
+          const uint32_t w4[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+          for (int c = 0; c < 8; ++c)
+            acc[h][c] = __uint_as_float(c % 2 == 0 ? w4[c / 2] << 16 : w4[c / 2] & 0xffff0000u);
+        }
+        float mx = ri.x, sum = ri.x == -INFINITY ? 0.f : 1.f;
+        const int64_t prow0 = int64_t(qk) * p.topk * p.h_q + hk;
+        for (int sb = 0; sb < p.topk; sb += kB) {
+          float ls[kB];
+          uint4 raw[kB][NA];
+#pragma unroll
+          for (int u = 0; u < kB; ++u) {
+            const bool v = sb + u < p.topk && ((rm >> (sb + u)) & 1u);
+            const int64_t prow = prow0 + int64_t(sb + u) * p.h_q;
+            ls[u] = v ? __ldcs(p.partial_lse + prow) : -INFINITY;
+            const uint4* src = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(p.partial_o) + prow * (2 * D) +
+                                                              c16 * 16);
+#pragma unroll
+            for (int h = 0; h < NA; ++h) raw[u][h] = v ? __ldcs(src + h * 8) : make_uint4(0, 0, 0, 0);
+          }
+          float bm = mx;
+#pragma unroll
+          for (int u = 0; u < kB; ++u) bm = fmaxf(bm, ls[u]);
+          if (bm == -INFINITY) continue;
+          const float rescale = expf(mx - bm);  // mx = -inf: 0 (sum and acc are 0 then)
+          sum *= rescale;
+#pragma unroll
+          for (int h = 0; h < NA; ++h)
+#pragma unroll
+            for (int c = 0; c < 8; ++c) acc[h][c] *= rescale;
+          mx = bm;
+#pragma unroll
+          for (int u = 0; u < kB; ++u) {
+            const float w = expf(ls[u] - mx);  // skipped slots: exp(-inf) = 0, and their values are 0
+            sum += w;
+#pragma unroll
+            for (int h = 0; h < NA; ++h) {
+              const uint32_t w4[4] = {raw[u][h].x, raw[u][h].y, raw[u][h].z, raw[u][h].w};
+#pragma unroll
+              for (int c = 0; c < 8; ++c)
+                acc[h][c] = fmaf(w, __uint_as_float(c % 2 == 0 ? w4[c / 2] << 16 : w4[c / 2] & 0xffff0000u), acc[h][c]);
+            }
+          }
+        }
+        const float is = sum > 0.f ? 1.f / sum : 0.f;
+        uint16_t* dst = p.o + int64_t(qk) * p.stride_o_tok + int64_t(hk) * p.stride_o_head + c16 * 8;
+#pragma unroll
+        for (int h = 0; h < NA; ++h) {
+          uint32_t out[4];
+#pragma unroll
+          for (int c = 0; c < 4; ++c) out[c] = pack_bf16(acc[h][2 * c] * is, acc[h][2 * c + 1] * is);
+          if (p.o_vec) {
+            *reinterpret_cast<uint4*>(dst + h * kSpAtomK) = make_uint4(out[0], out[1], out[2], out[3]);
+          } else {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              dst[h * kSpAtomK + 2 * c] = uint16_t(out[c] & 0xffffu);
+              dst[h * kSpAtomK + 2 * c + 1] = uint16_t(out[c] >> 16);
+            }
+          }
+        }
+        if (c16 == 0) p.lse[int64_t(qk) * p.h_q + hk] = sum > 0.f ? mx + logf(sum) : -INFINITY;
+      }
+      cp_async_wait<0>();
+      fence_proxy_async();
+      wg_barrier(wg);  // the next tile is visible; every thread is done with stage st
+      st ^= 1;
+    }
+  }
+}
+
+// Host launcher of the local pass for one configuration (instantiated beside phase 1): persistent
+// CTAs, launched as a programmatic dependent of phase 1.
+template <int D, int BK>
+void launch_sparse_local(const SparseFwdKernelParams& kp, int grid, int smem_optin, cudaStream_t stream) {
+  const size_t bytes = size_t(sp_local_layout(D, BK).total) + 1024;  // + base alignment
+  if (bytes > size_t(smem_optin))
+    throw std::runtime_error("msa::sparse_attention_forward: the local pass needs " + std::to_string(bytes) +
+                             " bytes of shared memory per block, the device has " + std::to_string(smem_optin));
+  auto kernel = sparse_fwd_local_kernel<D, BK>;
+  check_cuda("sparse_attention_forward",
+             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+             "cudaFuncSetAttribute failed");
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(grid));
+  cfg.blockDim = dim3(kSpLocalThreads);
+  cfg.dynamicSmemBytes = bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  check_cuda("sparse_attention_forward", cudaLaunchKernelEx(&cfg, kernel, kp), "local pass launch failed");
 }
 
 // Host launcher of phase 1 for one configuration; defined here, instantiated in

@@ -6,5 +6,7 @@ namespace msa::cuda {
 
 template void launch_sparse_phase1<64, 64>(const SparseFwdKernelParams&, int, int, cudaStream_t);
 template void launch_sparse_phase1<64, 128>(const SparseFwdKernelParams&, int, int, cudaStream_t);
+template void launch_sparse_local<64, 64>(const SparseFwdKernelParams&, int, int, cudaStream_t);
+template void launch_sparse_local<64, 128>(const SparseFwdKernelParams&, int, int, cudaStream_t);
 
 }  // namespace msa::cuda

@@ -43,7 +43,7 @@ __device__ __forceinline__ uint64_t entry_group(const SparseScheduleParams& p, c
   const int64_t i = row / p.h_kv, r = row - i * p.h_kv;
   const int32_t b = p.topk_idx[e];
   const int2 qi = qinfo[i];
-  if (!sp_entry_valid(b, qi.y, p.bk_shift)) return invalid;
+  if (p.local ? !sp_entry_remote(b, qi.y, p.bk_shift) : !sp_entry_valid(b, qi.y, p.bk_shift)) return invalid;
   return uint64_t(r) * uint64_t(p.n_k) + uint64_t(qi.x + int64_t(b) * p.bk);
 }
 
@@ -113,6 +113,29 @@ __global__ void item_scatter_kernel(const int32_t* flags, const int32_t* slot, i
   }
 }
 
+// Local units: a unit starts where the sequence (k0), the own block or the 1024-query window
+// changes (positions are clamped into [-1, len_k), so own = p >> bk_shift is -1 for a query that
+// sees nothing: those form units with no block).
+constexpr int kUnitWindowShift = 10;
+__global__ void unit_flags_kernel(const int2* qinfo, int64_t n_q, int bk_shift, int32_t* flags) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n_q; i += int64_t(gridDim.x) * blockDim.x) {
+    int f = 1;
+    if (i > 0 && ((i - 1) >> kUnitWindowShift) == (i >> kUnitWindowShift)) {
+      const int2 a = qinfo[i - 1], b = qinfo[i];
+      f = a.x != b.x || (a.y >> bk_shift) != (b.y >> bk_shift);
+    }
+    flags[i] = f;
+  }
+}
+
+__global__ void unit_scatter_kernel(const int32_t* flags, const int32_t* slot, int64_t n_q, int32_t* unit_start,
+                                    int32_t* counters) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n_q; i += int64_t(gridDim.x) * blockDim.x) {
+    if (flags[i]) unit_start[slot[i]] = int32_t(i);
+    if (i + 1 == n_q) counters[3] = slot[i] + flags[i];
+  }
+}
+
 struct MaxOp {
   __device__ __forceinline__ int32_t operator()(int32_t a, int32_t b) const { return a > b ? a : b; }
 };
@@ -149,14 +172,15 @@ KeyBits sort_key_bits(const SparseScheduleParams& p) {
 
 // Workspace map: the fixed arrays, then CUB's temporary storage.
 struct Layout {
-  size_t qinfo, keys_a, keys_b, vals_a, vals_b, lims, items, counts, counters, temp, temp_bytes, total;
+  size_t qinfo, keys_a, keys_b, vals_a, vals_b, lims, items, counts, units, unit_flags, unit_slots, counters, temp,
+      temp_bytes, total;
 };
 
 Layout layout(const SparseScheduleParams& p) {
   const int64_t n_e = p.n_q * p.h_kv * p.topk;
   const int n = int(n_e);
   const int end_bit = sort_key_bits(p).end();
-  size_t sort_bytes = 0, max_bytes = 0, sum_bytes = 0;
+  size_t sort_bytes = 0, max_bytes = 0, sum_bytes = 0, unit_bytes = 0;
   check_cuda(kOp,
              cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const uint64_t*>(nullptr),
                                              static_cast<uint64_t*>(nullptr), static_cast<const uint32_t*>(nullptr),
@@ -170,6 +194,11 @@ Layout layout(const SparseScheduleParams& p) {
              cub::DeviceScan::ExclusiveSum(nullptr, sum_bytes, static_cast<const int32_t*>(nullptr),
                                            static_cast<int32_t*>(nullptr), n),
              "cub sum scan (size query)");
+  if (p.local)
+    check_cuda(kOp,
+               cub::DeviceScan::ExclusiveSum(nullptr, unit_bytes, static_cast<const int32_t*>(nullptr),
+                                             static_cast<int32_t*>(nullptr), int(p.n_q)),
+               "cub sum scan (size query)");
   Layout l{};
   size_t off = 0;
   auto take = [&](size_t bytes) {
@@ -185,8 +214,12 @@ Layout layout(const SparseScheduleParams& p) {
   l.lims = take(size_t(n_e) * 4);
   l.items = take(size_t(n_e) * 4);
   l.counts = take(size_t(p.h_kv) * size_t(p.n_k) * 4);  // one counter per possible group key
-  l.counters = take(16);
-  l.temp_bytes = std::max({sort_bytes, max_bytes, sum_bytes, size_t(1)});
+  const size_t unit_arrays = p.local ? size_t(p.n_q) * 4 : 0;
+  l.units = take(unit_arrays);
+  l.unit_flags = take(unit_arrays);
+  l.unit_slots = take(unit_arrays);
+  l.counters = take(32);
+  l.temp_bytes = std::max({sort_bytes, max_bytes, sum_bytes, unit_bytes, size_t(1)});
   l.temp = take(l.temp_bytes);
   l.total = off;
   return l;
@@ -216,6 +249,7 @@ SparseSchedule build_sparse_schedule(const SparseScheduleParams& p, void* ws, si
   s.lims = reinterpret_cast<int32_t*>(base + l.lims);
   s.item_start = reinterpret_cast<int32_t*>(base + l.items);
   s.counters = reinterpret_cast<int32_t*>(base + l.counters);
+  s.unit_start = p.local ? reinterpret_cast<int32_t*>(base + l.units) : nullptr;
   int32_t* counts = reinterpret_cast<int32_t*>(base + l.counts);
   void* temp = base + l.temp;
   size_t temp_bytes = l.temp_bytes;
@@ -225,7 +259,7 @@ SparseSchedule build_sparse_schedule(const SparseScheduleParams& p, void* ws, si
   int32_t* flags = reinterpret_cast<int32_t*>(vals_a);
   int32_t* slot = head;  // the heads are dead once the group starts exist
 
-  check_cuda(kOp, cudaMemsetAsync(s.counters, 0, 16, stream), "cudaMemsetAsync");
+  check_cuda(kOp, cudaMemsetAsync(s.counters, 0, 32, stream), "cudaMemsetAsync");
   check_cuda(kOp, cudaMemsetAsync(counts, 0, size_t(p.h_kv) * size_t(p.n_k) * 4, stream), "cudaMemsetAsync");
   query_info_kernel<<<grid_for(p.n_q), kThreads, 0, stream>>>(p, s.qinfo);
   check_cuda(kOp, cudaGetLastError(), "query_info_kernel launch");
@@ -250,6 +284,17 @@ SparseSchedule build_sparse_schedule(const SparseScheduleParams& p, void* ws, si
   item_scatter_kernel<<<grid_for(n_e), kThreads, 0, stream>>>(flags, slot, n_e, (uint64_t(1) << kb.group) - 1,
                                                               s.item_start, s.counters, s.keys);
   check_cuda(kOp, cudaGetLastError(), "item_scatter_kernel launch");
+  if (p.local) {
+    int32_t* uflags = reinterpret_cast<int32_t*>(base + l.unit_flags);
+    int32_t* uslots = reinterpret_cast<int32_t*>(base + l.unit_slots);
+    unit_flags_kernel<<<grid_for(p.n_q), kThreads, 0, stream>>>(s.qinfo, p.n_q, p.bk_shift, uflags);
+    check_cuda(kOp, cudaGetLastError(), "unit_flags_kernel launch");
+    temp_bytes = l.temp_bytes;
+    check_cuda(kOp, cub::DeviceScan::ExclusiveSum(temp, temp_bytes, uflags, uslots, int(p.n_q), stream),
+               "cub sum scan");
+    unit_scatter_kernel<<<grid_for(p.n_q), kThreads, 0, stream>>>(uflags, uslots, p.n_q, s.unit_start, s.counters);
+    check_cuda(kOp, cudaGetLastError(), "unit_scatter_kernel launch");
+  }
   return s;
 }
 

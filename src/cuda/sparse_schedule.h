@@ -25,6 +25,9 @@ struct SparseScheduleParams {
   int bk_shift = 7;  // log2(bk): bk is a power of two
   int chunk = 1;     // most entries (queries) per work item
   int band_shift = 62;  // items are ordered by query band (2^band_shift pass rows) first; 62: one band
+  // 1: the local pass attends each query's sink block (0) and own block (p / bk) and merges the
+  // partials: those entries get no work item, and the schedule also lists the local units.
+  int local = 0;
 };
 
 // Views into the workspace, valid once build_sparse_schedule's work has run on the stream.
@@ -38,7 +41,10 @@ struct SparseSchedule {
   uint32_t* entries = nullptr;  // [n_e] entry ids in group order, ascending e within a group (valid ones first)
   int32_t* lims = nullptr;      // [n_e] per sorted valid entry: its query's last visible key row k0 + p
   int32_t* item_start = nullptr;  // [n_e] first sorted position of each work item
-  int32_t* counters = nullptr;    // [4] n_valid, n_items, phase-1 work counter (0), spare
+  // Local units (local = 1): runs of consecutive pass queries with the same sequence, own block and
+  // 1024-query window; unit u is queries [unit_start[u], unit_start[u + 1]) (the last ends at n_q).
+  int32_t* unit_start = nullptr;  // [n_q]
+  int32_t* counters = nullptr;    // [8] n_valid, n_items, phase-1 work counter (0), n_units, local work counter (0), spare
 };
 
 // Bytes of workspace build_sparse_schedule needs (queries CUB, so it needs the current device).
@@ -56,6 +62,11 @@ SparseSchedule build_sparse_schedule(const SparseScheduleParams& p, void* ws, si
 // Invalid entries (padding, out of range, garbage) are skipped everywhere.
 __device__ __forceinline__ bool sp_entry_valid(int32_t b, int32_t p, int bk_shift) {
   return p >= 0 && b >= 0 && b <= (p >> bk_shift);
+}
+// With the local pass: a valid entry that phase 1 computes and the local pass merges as a partial
+// (every valid block but the sink block 0 and the query's own block, which the local pass attends).
+__device__ __forceinline__ bool sp_entry_remote(int32_t b, int32_t p, int bk_shift) {
+  return sp_entry_valid(b, p, bk_shift) && b != 0 && b != (p >> bk_shift);
 }
 #endif
 

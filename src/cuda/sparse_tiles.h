@@ -25,6 +25,24 @@ constexpr int kSpThreads = kSpWarpgroups * 128;
 // d = bk = 128 with one K/V buffer (224 KB).
 constexpr int kSpQStages = 3;
 
+// The local pass (each query's sink and own block, then the merge of the partials of its other
+// blocks): two warpgroups of up to 255 registers (a tile holds both blocks' S accumulators at once;
+// 168 registers, i.e. three warpgroups, spilled ~400 bytes), each with kSpLocalStages Q stages.
+// Its Q rows are contiguous, a sixteenth of phase 1's gathers; with the two K/V blocks the shared
+// memory holds 2 x 2 x 16 KB of Q at d = 128 (193 KB in all).
+constexpr int kSpLocalWarpgroups = 2;
+constexpr int kSpLocalThreads = kSpLocalWarpgroups * 128;
+constexpr int kSpLocalStages = 2;
+
+// Slots whose partial loads (lse and a 16-byte chunk per 64 columns) the local pass's merge issues
+// at once per row: one memory round trip per batch; 16 x 32 bytes per thread in flight at d = 128.
+// Speed only (8: more round trips, measured slower).
+constexpr int kSpLocalMergeSlots = 16;
+
+// The most selected blocks per (query, group): the API's limit on topk (kMaxTopk, asserted in
+// sparse_fwd.cu).
+constexpr int kSpMaxTopk = 32;
+
 // Metadata slots per warpgroup (per-entry q address, partial offset, causal limit of a tile): one
 // more than the Q stages, so the metadata of tile j + kSpQStages is written while other threads of
 // the warpgroup may still read tile j - 1's.
