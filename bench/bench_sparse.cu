@@ -2,10 +2,12 @@
 // h_kv = 4, d = 128, bk = 128, topk = 16, bf16, one causal sequence) for n = 32K and 128K, with two
 // selections built on the GPU: "random" (own block + sink block 0 + 14 random visible blocks per
 // (query, group), ascending) and "window" (own block + the 15 before it). Reports the median time
-// of the whole call, its split into schedule / phase 1 / combine, effective TFLOP/s and the bytes
-// the design must move, and spot-checks a few rows against a float64 host computation.
-// Cost model: FLOPs = 4 * g * d * sum over (query, group) of |T| (attended tokens); bytes = Q rows
-// gathered once per selected block, the bf16 partial o + lse written and read back, o written.
+// of the whole call, its split into schedule / phase 1 / local pass (or combine: comb_ms), effective
+// TFLOP/s and a bytes rate, and spot-checks a few rows against a float64 host computation.
+// Cost model: FLOPs = 4 * g * d * sum over (query, group) of |T| (attended tokens); bytes (the
+// combine design's, kept as a fixed yardstick across versions) = Q rows gathered once per selected
+// block, the bf16 partial o + lse written and read back, o written. The local pass moves less: the
+// sink and own blocks' partials are neither written nor read.
 //
 //   bench_sparse [--iters N] [--quick] [--n N] [--pass P1,P2,...] [--band B1,B2,...] [--malloc-ws] [--no-local]
 //   (--quick: n = 32K only; --pass: the default variant with each query-pass size instead of the
@@ -174,7 +176,8 @@ int main(int argc, char** argv) {
   int64_t only_n = 0;
   std::vector<int64_t> passes, bands;
   bool malloc_ws = false;
-  bool no_local = false;  // --no-local: every block in phase 1, then the combine kernel (the design before the local pass)
+  // --no-local: every block in phase 1, then the combine kernel (the design before the local pass)
+  bool no_local = false;
   for (int a = 1; a < argc; ++a) {
     if (!std::strcmp(argv[a], "--iters") && a + 1 < argc)
       iters = std::atoi(argv[++a]);
@@ -370,6 +373,6 @@ int main(int argc, char** argv) {
   }
   std::printf(
       "columns: attended = mean |T| per (query, group); o_err/bnd = worst spot-check o error over its bf16 bound "
-      "(<= 1 passes); GB/s under the bytes model above\n");
+      "(<= 1 passes); GB/s under the combine design's bytes model above\n");
   return 0;
 }

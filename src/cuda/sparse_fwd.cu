@@ -1,7 +1,7 @@
 // sparse_fwd.cu — host side of the CUDA sparse attention forward: layout checks that pick the load
 // paths, the passes over the queries with their stream-ordered workspace (schedule, partials), the
-// schedule, the flat dispatch of phase 1 over the compiled (d, bk) configurations, and the combine
-// (phase 2).
+// schedule, the flat dispatch of phase 1 and the local pass over the compiled (d, bk)
+// configurations, and the combine (without the local pass).
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -242,8 +242,9 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
   // sub-problem: its rows of q, o, lse and topk_idx, with positions from the whole call's varlen
   // arrays (the schedule reads them at packed row q0 + i); K and V are untouched. With several
   // passes, the schedule of pass p + 1 is built on a second stream into the other schedule buffer
-  // while pass p's phase 1 and combine run (it reads only topk_idx and the varlen arrays); pass p + 1
-  // waits for it, and it waits for pass p - 1's combine, the last reader of that buffer.
+  // while pass p's phase 1 and local pass run (it reads only topk_idx and the varlen arrays); pass
+  // p + 1 waits for it, and it waits for pass p - 1's local pass (or combine), the last reader of
+  // that buffer.
   auto schedule_of = [&](int64_t q0, int copy, cudaStream_t s) {
     SparseScheduleParams sp = plan.sp;
     sp.q0 = q0;
@@ -324,27 +325,29 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
       else
         launch_sparse_local<128, 128>(kp, lgrid, smem_optin, stream);
     } else {
-    // Phase 2.
-    const int64_t threads = len * p.h_q * (d / 8);
-    const unsigned blocks =
-        unsigned(std::min<int64_t>((threads + kSpCombineThreads - 1) / kSpCombineThreads, int64_t(num_sms) * 64));
-    // Programmatic dependent launch: the combine's CTAs start as phase 1's persistent CTAs run out
-    // of items and wait there for its completion, instead of after a full launch gap.
-    auto combine = d == 64 ? (opt.partial_f32 ? sparse_fwd_combine_kernel<64, true> : sparse_fwd_combine_kernel<64, false>)
-                           : (opt.partial_f32 ? sparse_fwd_combine_kernel<128, true> : sparse_fwd_combine_kernel<128, false>);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(kSpCombineThreads);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    check_cuda(kOp, cudaLaunchKernelEx(&cfg, combine, kp), "combine launch");
+      // The combine (the internal option without the local pass).
+      const int64_t threads = len * p.h_q * (d / 8);
+      const unsigned blocks =
+          unsigned(std::min<int64_t>((threads + kSpCombineThreads - 1) / kSpCombineThreads, int64_t(num_sms) * 64));
+      // Programmatic dependent launch: the combine's CTAs start as phase 1's persistent CTAs run out
+      // of items and wait there for its completion, instead of after a full launch gap.
+      auto combine = d == 64
+                         ? (opt.partial_f32 ? sparse_fwd_combine_kernel<64, true> : sparse_fwd_combine_kernel<64, false>)
+                         : (opt.partial_f32 ? sparse_fwd_combine_kernel<128, true> : sparse_fwd_combine_kernel<128, false>);
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(blocks);
+      cfg.blockDim = dim3(kSpCombineThreads);
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      check_cuda(kOp, cudaLaunchKernelEx(&cfg, combine, kp), "combine launch");
     }
     if (overlap && q0 + plan.pass < n_q) {
-      // The next pass's schedule goes to the other buffer once pass p - 1's combine is done with it.
+      // The next pass's schedule goes to the other buffer once pass p - 1's local pass (or combine)
+      // is done with it.
       side.record_main(SideStream::kCombined, copy);
       if (pass_index >= 1) side.wait_on_side(SideStream::kCombined, copy ^ 1);
       next_sched = schedule_of(q0 + plan.pass, copy ^ 1, side.stream);

@@ -1,7 +1,9 @@
 // sparse_fwd.cuh — the CUDA sm_90a kernels of the sparse attention forward: phase 1 (per work item:
 // one K/V block in shared memory, gathered query tiles, S = Q K^T and O = P V on wgmma, per-slot
-// partial o and lse) and phase 2 (per (query, head): log-sum-exp merge of the valid slots), with
-// the launcher template of phase 1. Phase 1 is instantiated per (d, bk) in sparse_fwd_d64.cu and
+// partial o and lse), the local pass (per run of queries with one own block: the sink and own
+// blocks on wgmma, then the log-sum-exp merge with the other slots' partials) and the combine (the
+// merge alone, for the internal option without the local pass), with the launcher templates of
+// phase 1 and the local pass. Those two are instantiated per (d, bk) in sparse_fwd_d64.cu and
 // sparse_fwd_d128.cu; the combine in sparse_fwd.cu. Design: docs/sparse_attention.md.
 #pragma once
 
@@ -704,8 +706,9 @@ __device__ __forceinline__ void local_mask(float (&s)[BK / 2], const int (&lim)[
   }
 }
 
-// The local pass's softmax (base 2) over the columns of two masked S tiles: the row max m, the thread-partial sums l, P packed as the bf16 A
-// fragments pa, pb. A row with nothing visible keeps m = -inf, its reference point 0 and P = 0.
+// The local pass's softmax (base 2) over the columns of two masked S tiles: the row max m, the
+// thread-partial sums l, P packed as the bf16 A fragments pa, pb. A row with nothing visible keeps
+// m = -inf, its reference point 0 and P = 0.
 template <int BK>
 __device__ __forceinline__ void local_softmax2(float (&sa)[BK / 2], float (&sb)[BK / 2], float (&m)[2], float (&l)[2],
                                                uint32_t (&pa)[BK / 16][4], uint32_t (&pb)[BK / 16][4],
@@ -1005,8 +1008,8 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
             const bool v = sb + u < p.topk && ((rm >> (sb + u)) & 1u);
             const int64_t prow = prow0 + int64_t(sb + u) * p.h_q;
             ls[u] = v ? __ldcs(p.partial_lse + prow) : -INFINITY;
-            const uint4* src = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(p.partial_o) + prow * (2 * D) +
-                                                              c16 * 16);
+            const uint4* src =
+                reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(p.partial_o) + prow * (2 * D) + c16 * 16);
 #pragma unroll
             for (int h = 0; h < NA; ++h) raw[u][h] = v ? __ldcs(src + h * 8) : make_uint4(0, 0, 0, 0);
           }

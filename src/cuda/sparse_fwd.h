@@ -1,5 +1,6 @@
 // sparse_fwd.h — entry point of the CUDA sm_90a sparse attention forward (MSA_SPEC "Main branch",
-// KV-outer with query gathering and a two-phase combine), called by src/attention_api.cpp on
+// KV-outer with query gathering, then a local pass that attends each query's sink and own block
+// and merges the partials), called by src/attention_api.cpp on
 // Backend::cuda and by bench/bench_sparse.cu. Design and numbers: docs/sparse_attention.md.
 #pragma once
 
@@ -27,7 +28,7 @@ struct SparseFwdOptions {
   size_t workspace_bytes = 0;
   // Recorded in every pass, so with several passes they mark the last pass's stages.
   cudaEvent_t after_schedule = nullptr;  // recorded on the stream after the schedule kernels, when set
-  cudaEvent_t after_phase1 = nullptr;    // recorded after phase 1 (before the combine), when set
+  cudaEvent_t after_phase1 = nullptr;    // recorded after phase 1 (before the local pass or the combine), when set
 };
 
 // p arrives validated by attention_api.cpp for shapes only (strides and scale resolved, d and bk in
@@ -35,7 +36,7 @@ struct SparseFwdOptions {
 // the varlen arrays and topk_idx included, is device memory; their contents are never read on the
 // host, and the kernels skip invalid, out-of-range or invisible block ids and clamp positions so
 // that no access leaves the tensors. The queries run in passes of contiguous packed rows (each
-// with its own schedule, phase 1 and combine; the keys are the same for all), so the workspace
+// with its own schedule, phase 1 and local pass; the keys are the same for all), so the workspace
 // (the pass's schedule and per-slot partials, about pass * h_q * topk * (2 d + 4) bytes with bf16
 // partials) is bounded by kSpPassRows, not by n_q; it is taken once with cudaMallocAsync on the
 // stream and given back with cudaFreeAsync before returning. The outputs are bitwise the same for

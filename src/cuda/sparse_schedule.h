@@ -44,7 +44,8 @@ struct SparseSchedule {
   // Local units (local = 1): runs of consecutive pass queries with the same sequence, own block and
   // 1024-query window; unit u is queries [unit_start[u], unit_start[u + 1]) (the last ends at n_q).
   int32_t* unit_start = nullptr;  // [n_q]
-  int32_t* counters = nullptr;    // [8] n_valid, n_items, phase-1 work counter (0), n_units, local work counter (0), spare
+  // [8] n_valid, n_items, phase-1 work counter (0), n_units, local work counter (0), spare
+  int32_t* counters = nullptr;
 };
 
 // Bytes of workspace build_sparse_schedule needs (queries CUB, so it needs the current device).
