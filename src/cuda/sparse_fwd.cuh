@@ -310,6 +310,69 @@ __device__ __forceinline__ void stage_rows_bf16(const float (&o)[D / 2], float i
   }
 }
 
+// Masks columns past lim[i] of this thread's rows i (row0 = 16 w + lane / 4 and row0 + 8) in an S
+// tile (lim = -1: the row sees nothing of this block). Warp-uniform (a vote): most warps of phase 1
+// skip it, and the accumulator stays in registers either way.
+template <int BK>
+__device__ __forceinline__ void mask_columns(float (&s)[BK / 2], const int (&lim)[2], int lane) {
+  const int q4 = lane & 3;
+  if (__any_sync(0xffffffffu, lim[0] < BK - 1 || lim[1] < BK - 1)) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float& x = s[4 * j + 2 * i + c];
+          x = 8 * j + 2 * q4 + c <= lim[i] ? x : -INFINITY;
+        }
+  }
+}
+
+// P as bf16 A fragments of the P V product: for k-step kk the accumulator columns 16 kk .. 16 kk + 15
+// are exactly the m16n8k16 A layout (rows lane / 4 and + 8, column pairs 2 (lane % 4) and + 8).
+template <int BK>
+__device__ __forceinline__ void pack_p(const float (&s)[BK / 2], uint32_t (&pa)[BK / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < BK / 16; ++kk) {
+    pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+    pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+    pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+    pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
+
+// Element e (0..7) of eight bf16 values packed in a uint4, as float (e is a constant after unrolling).
+__device__ __forceinline__ float bf16_at(const uint4& x, int e) {
+  const uint32_t w = e < 2 ? x.x : e < 4 ? x.y : e < 6 ? x.z : x.w;
+  return __uint_as_float(e % 2 == 0 ? w << 16 : w & 0xffff0000u);
+}
+
+// One batch of the slot-ordered log-sum-exp merge (the combine and the local pass): ls[u] is slot
+// u's lse (-inf: a skipped slot, whose values are 0), value(u, c) its element c. Updates the running
+// max mx, the sum of weights and acc (weighted sum of the values) in place; slots in order, so the
+// result is deterministic.
+template <int KB, int NV, class Value>
+__device__ __forceinline__ void merge_batch(float& mx, float& sum, float (&acc)[NV], const float (&ls)[KB],
+                                            Value value) {
+  float bm = mx;
+#pragma unroll
+  for (int u = 0; u < KB; ++u) bm = fmaxf(bm, ls[u]);
+  if (bm == -INFINITY) return;
+  const float rescale = expf(mx - bm);  // mx = -inf: 0 (sum and acc are 0 then)
+  sum *= rescale;
+#pragma unroll
+  for (int c = 0; c < NV; ++c) acc[c] *= rescale;
+  mx = bm;
+#pragma unroll
+  for (int u = 0; u < KB; ++u) {
+    const float w = expf(ls[u] - mx);  // skipped slots: exp(-inf) = 0
+    sum += w;
+#pragma unroll
+    for (int c = 0; c < NV; ++c) acc[c] = fmaf(w, value(u, c), acc[c]);
+  }
+}
+
 // The rest of one tile once S is issued: the causal mask of the block and its softmax in
 // registers, O = P V (wgmma, P from registers), then the per-slot partial o (normalised) and lse of
 // every row that holds an entry.
@@ -334,19 +397,7 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
     lim[i] = meta_lim[ent] < 0 ? -1 : int(lm < BK ? lm : BK);
   }
   // Only the query's own block (and padding rows) needs the causal mask: most warps skip it.
-  // Warp-uniform (a vote), so the accumulator stays in registers either way.
-  if (__any_sync(full, lim[0] < BK - 1 || lim[1] < BK - 1)) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < BK / 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = 8 * j + 2 * q4 + c;
-          float& x = s[4 * j + 2 * i + c];
-          x = col <= lim[i] ? x : -INFINITY;
-        }
-  }
+  mask_columns<BK>(s, lim, lane);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     m[i] = -INFINITY;
@@ -371,16 +422,8 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
     l[i] += __shfl_xor_sync(full, l[i], 2);
   }
 
-  // P as bf16 A fragments: for k-step kk the accumulator columns 16 kk .. 16 kk + 15 are exactly
-  // the m16n8k16 A layout (rows lane / 4 and + 8, column pairs 2 (lane % 4) and + 8).
   uint32_t pa[BK / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < BK / 16; ++kk) {
-    pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
-    pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
-    pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
-    pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
-  }
+  pack_p<BK>(s, pa);
   float o[D / 2];
   hopper::fence_acc(o);
   wgmma_fence();
@@ -647,26 +690,10 @@ __global__ void __launch_bounds__(kSpCombineThreads, 2) sparse_fwd_combine_kerne
           }
         }
       }
-      float bm = mx;
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) bm = fmaxf(bm, ls[u]);
-      if (bm == -INFINITY) continue;
-      const float rescale = expf(mx - bm);  // mx = -inf: 0, and sum, acc are 0 anyway
-      sum *= rescale;
-#pragma unroll
-      for (int c = 0; c < 8; ++c) acc[c] *= rescale;
-      mx = bm;
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const float w = expf(ls[u] - mx);  // invalid slots: exp(-inf) = 0, and their values are 0
-        sum += w;
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          const float x = F32 ? __uint_as_float(raw[u][c])
-                              : __uint_as_float(c % 2 == 0 ? raw[u][c / 2] << 16 : raw[u][c / 2] & 0xffff0000u);
-          acc[c] = fmaf(w, x, acc[c]);
-        }
-      }
+      merge_batch<kBatch, 8>(mx, sum, acc, ls, [&](int u, int c) {
+        return F32 ? __uint_as_float(raw[u][c])
+                   : __uint_as_float(c % 2 == 0 ? raw[u][c / 2] << 16 : raw[u][c / 2] & 0xffff0000u);
+      });
     }
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     uint32_t out[4];
@@ -687,24 +714,6 @@ __global__ void __launch_bounds__(kSpCombineThreads, 2) sparse_fwd_combine_kerne
 }
 
 namespace sp_detail {
-
-// Masks columns past lim[i] of this thread's rows i in an S tile (lim = -1: the row attends nothing
-// in this block). Warp-uniform skip when no row of the warp needs it.
-template <int BK>
-__device__ __forceinline__ void local_mask(float (&s)[BK / 2], const int (&lim)[2], int lane) {
-  const int q4 = lane & 3;
-  if (__any_sync(0xffffffffu, lim[0] < BK - 1 || lim[1] < BK - 1)) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < BK / 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          float& x = s[4 * j + 2 * i + c];
-          x = 8 * j + 2 * q4 + c <= lim[i] ? x : -INFINITY;
-        }
-  }
-}
 
 // The local pass's softmax (base 2) over the columns of two masked S tiles: the row max m, the
 // thread-partial sums l, P packed as the bf16 A fragments pa, pb. A row with nothing visible keeps
@@ -738,17 +747,8 @@ __device__ __forceinline__ void local_softmax2(float (&sa)[BK / 2], float (&sb)[
     l[i] = sum;
     m[i] = mx;
   }
-#pragma unroll
-  for (int kk = 0; kk < BK / 16; ++kk) {
-    pa[kk][0] = pack_bf16(sa[8 * kk + 0], sa[8 * kk + 1]);
-    pa[kk][1] = pack_bf16(sa[8 * kk + 2], sa[8 * kk + 3]);
-    pa[kk][2] = pack_bf16(sa[8 * kk + 4], sa[8 * kk + 5]);
-    pa[kk][3] = pack_bf16(sa[8 * kk + 6], sa[8 * kk + 7]);
-    pb[kk][0] = pack_bf16(sb[8 * kk + 0], sb[8 * kk + 1]);
-    pb[kk][1] = pack_bf16(sb[8 * kk + 2], sb[8 * kk + 3]);
-    pb[kk][2] = pack_bf16(sb[8 * kk + 4], sb[8 * kk + 5]);
-    pb[kk][3] = pack_bf16(sb[8 * kk + 6], sb[8 * kk + 7]);
-  }
+  pack_p<BK>(sa, pa);
+  pack_p<BK>(sb, pb);
 }
 
 }  // namespace sp_detail
@@ -925,8 +925,8 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
         hopper::fence_acc(sa);
         hopper::fence_acc(sb);
         uint32_t pa[BK / 16][4], pb[BK / 16][4];
-        local_mask<BK>(sa, lim_a, lane);
-        local_mask<BK>(sb, lim_b, lane);
+        mask_columns<BK>(sa, lim_a, lane);
+        mask_columns<BK>(sb, lim_b, lane);
         local_softmax2<BK>(sa, sb, m, l, pa, pb, p.scale_log2);
         hopper::fence_acc(o);
         wgmma_fence();
@@ -989,14 +989,12 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
         }
         constexpr int NA = D / kSpAtomK;  // 16-byte chunks of this thread per row
         constexpr int kB = kSpLocalMergeSlots;
-        float acc[NA][8];
+        float acc[NA * 8];  // column c8 * 8 + e of 64-column atom h at [h * 8 + e]
 #pragma unroll
         for (int h = 0; h < NA; ++h) {
           const uint4 x = *reinterpret_cast<const uint4*>(stage + tc.src_off + h * kSpRows * 128 + k * 16 * 128);
-          const uint32_t w4[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
-          for (int c = 0; c < 8; ++c)
-            acc[h][c] = __uint_as_float(c % 2 == 0 ? w4[c / 2] << 16 : w4[c / 2] & 0xffff0000u);
+          for (int e = 0; e < 8; ++e) acc[h * 8 + e] = bf16_at(x, e);
         }
         float mx = ri.x, sum = ri.x == -INFINITY ? 0.f : 1.f;
         const int64_t prow0 = int64_t(qk) * p.topk * p.h_q + hk;
@@ -1013,29 +1011,7 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
 #pragma unroll
             for (int h = 0; h < NA; ++h) raw[u][h] = v ? __ldcs(src + h * 8) : make_uint4(0, 0, 0, 0);
           }
-          float bm = mx;
-#pragma unroll
-          for (int u = 0; u < kB; ++u) bm = fmaxf(bm, ls[u]);
-          if (bm == -INFINITY) continue;
-          const float rescale = expf(mx - bm);  // mx = -inf: 0 (sum and acc are 0 then)
-          sum *= rescale;
-#pragma unroll
-          for (int h = 0; h < NA; ++h)
-#pragma unroll
-            for (int c = 0; c < 8; ++c) acc[h][c] *= rescale;
-          mx = bm;
-#pragma unroll
-          for (int u = 0; u < kB; ++u) {
-            const float w = expf(ls[u] - mx);  // skipped slots: exp(-inf) = 0, and their values are 0
-            sum += w;
-#pragma unroll
-            for (int h = 0; h < NA; ++h) {
-              const uint32_t w4[4] = {raw[u][h].x, raw[u][h].y, raw[u][h].z, raw[u][h].w};
-#pragma unroll
-              for (int c = 0; c < 8; ++c)
-                acc[h][c] = fmaf(w, __uint_as_float(c % 2 == 0 ? w4[c / 2] << 16 : w4[c / 2] & 0xffff0000u), acc[h][c]);
-            }
-          }
+          merge_batch<kB, NA * 8>(mx, sum, acc, ls, [&](int u, int c) { return bf16_at(raw[u][c / 8], c % 8); });
         }
         const float is = sum > 0.f ? 1.f / sum : 0.f;
         uint16_t* dst = p.o + int64_t(qk) * p.stride_o_tok + int64_t(hk) * p.stride_o_head + c16 * 8;
@@ -1043,7 +1019,7 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
         for (int h = 0; h < NA; ++h) {
           uint32_t out[4];
 #pragma unroll
-          for (int c = 0; c < 4; ++c) out[c] = pack_bf16(acc[h][2 * c] * is, acc[h][2 * c + 1] * is);
+          for (int c = 0; c < 4; ++c) out[c] = pack_bf16(acc[h * 8 + 2 * c] * is, acc[h * 8 + 2 * c + 1] * is);
           if (p.o_vec) {
             *reinterpret_cast<uint4*>(dst + h * kSpAtomK) = make_uint4(out[0], out[1], out[2], out[3]);
           } else {
