@@ -1,7 +1,8 @@
 // bench_sparse — times msa::sparse_attention_forward on the CUDA backend at the M3 shape (h_q = 64,
 // h_kv = 4, d = 128, bk = 128, topk = 16, bf16, one causal sequence) for n = 32K and 128K, with two
 // selections built on the GPU: "random" (own block + sink block 0 + 14 random visible blocks per
-// (query, group), ascending) and "window" (own block + the 15 before it). Reports the median time
+// (query, group), ascending; with --sink P only a fraction P of the rows holds the sink, the others
+// take 15 random blocks) and "window" (own block + the 15 before it). Reports the median time
 // of the whole call, its split into schedule / phase 1 / local pass (or combine: comb_ms), effective
 // TFLOP/s and a bytes rate, and spot-checks a few rows against a float64 host computation.
 // Cost model: FLOPs = 4 * g * d * sum over (query, group) of |T| (attended tokens); bytes (the
@@ -10,6 +11,7 @@
 // sink and own blocks' partials are neither written nor read.
 //
 //   bench_sparse [--iters N] [--quick] [--n N] [--pass P1,P2,...] [--band B1,B2,...] [--malloc-ws] [--no-local]
+//                [--sink P]
 //   (--quick: n = 32K only; --pass: the default variant with each query-pass size instead of the
 //   partial/chunk variants; --band: each of these query-band sizes (-1: one band) with each pass
 //   size (default passes if --pass is not given); --malloc-ws: run each variant a second time on a workspace from
@@ -48,11 +50,12 @@ __global__ void fill_normal(__nv_bfloat16* x, int64_t n, uint64_t seed, float si
 }
 
 // One (query, group) row per thread: query i sits at position i of one sequence. random: own block,
-// sink 0 and topk - 2 distinct random blocks of 1 .. own - 1 (Floyd's sampling), ascending; a query
+// sink 0 and topk - 2 distinct random blocks of 1 .. own - 1 (Floyd's sampling), ascending (rows
+// without the sink, a fraction 1 - sink_ppm / 1e6: topk - 1 random blocks); a query
 // that sees <= topk blocks takes them all. window: the own block and the topk - 1 before it.
 // Also adds the row's attended tokens |T| to *attended.
 __global__ void make_selection(int32_t* idx, int64_t n, int h_kv, int topk, int bk, bool window, uint64_t seed,
-                               unsigned long long* attended) {
+                               uint32_t sink_ppm, unsigned long long* attended) {
   const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   unsigned long long tokens = 0;
   if (row < n * h_kv) {
@@ -65,14 +68,15 @@ __global__ void make_selection(int32_t* idx, int64_t n, int h_kv, int topk, int 
     } else if (window) {
       for (int b = own - topk + 1; b <= own; ++b) sel[cnt++] = b;
     } else {
-      const int m = topk - 2, range = own - 1;  // choose m of blocks 1 .. own - 1
+      const bool sink = mix64(seed ^ 0x5a5a5a5aull ^ mix64(uint64_t(row))) % 1000000u < sink_ppm;
+      const int m = sink ? topk - 2 : topk - 1, range = own - 1;  // choose m of blocks 1 .. own - 1
       for (int j = range - m; j < range; ++j) {
         const int t = int(mix64(seed ^ mix64(uint64_t(row) * 64 + j)) % uint64_t(j + 1));
         bool seen = false;
         for (int u = 0; u < cnt; ++u) seen |= sel[u] == t + 1;
         sel[cnt++] = seen ? j + 1 : t + 1;
       }
-      sel[cnt++] = 0;
+      if (sink) sel[cnt++] = 0;
       sel[cnt++] = own;
       for (int a = 1; a < cnt; ++a)  // insertion sort, ascending
         for (int b = a; b > 0 && sel[b - 1] > sel[b]; --b) {
@@ -178,6 +182,7 @@ int main(int argc, char** argv) {
   bool malloc_ws = false;
   // --no-local: every block in phase 1, then the combine kernel (the design before the local pass)
   bool no_local = false;
+  double sink_frac = 1.0;  // --sink P: the random selection holds block 0 in this fraction of rows
   for (int a = 1; a < argc; ++a) {
     if (!std::strcmp(argv[a], "--iters") && a + 1 < argc)
       iters = std::atoi(argv[++a]);
@@ -187,6 +192,8 @@ int main(int argc, char** argv) {
       no_local = true;
     else if (!std::strcmp(argv[a], "--malloc-ws"))
       malloc_ws = true;
+    else if (!std::strcmp(argv[a], "--sink") && a + 1 < argc)
+      sink_frac = std::atof(argv[++a]);
     else if (!std::strcmp(argv[a], "--n") && a + 1 < argc)
       only_n = std::atoll(argv[++a]);
     else if (!std::strcmp(argv[a], "--pass") && a + 1 < argc)
@@ -267,7 +274,7 @@ int main(int argc, char** argv) {
       ok(cudaMemset(attended, 0, 8), "memset");
       const int64_t rows = n * h_kv;
       make_selection<<<unsigned((rows + 255) / 256), 256>>>(idx, n, int(h_kv), int(topk), int(bk), window != 0, 7,
-                                                            attended);
+                                                            uint32_t(sink_frac * 1e6 + 0.5), attended);
       ok(cudaGetLastError(), "selection");
       unsigned long long tokens = 0;
       ok(cudaMemcpy(&tokens, attended, 8, cudaMemcpyDeviceToHost), "attended");

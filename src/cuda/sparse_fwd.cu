@@ -110,11 +110,18 @@ Plan make_plan_for(const AttentionParams& p, const SparseFwdOptions& opt, int64_
     sp.band_shift = shift;
   }
 
-  // CUB's temporary storage need not grow monotonically with the length: size for both pass lengths.
+  // CUB's temporary storage need not grow monotonically with the length: size for both pass lengths,
+  // and for both band sizes a pass may take (pass_band_shift).
   SparseScheduleParams full = sp, tail = sp;
   full.n_q = plan.pass;
   tail.n_q = n_q % plan.pass == 0 ? plan.pass : n_q % plan.pass;
   plan.sched_bytes = align256(std::max(sparse_schedule_bytes(full), sparse_schedule_bytes(tail)));
+  if (sp.band_shift > 0 && sp.band_shift < 62) {
+    --full.band_shift;
+    --tail.band_shift;
+    plan.sched_bytes =
+        std::max(plan.sched_bytes, align256(std::max(sparse_schedule_bytes(full), sparse_schedule_bytes(tail))));
+  }
   plan.sched_copies = n_q > plan.pass ? 2 : 1;
   // The gather copies 16-byte chunks: q rows must be 16-byte aligned, else a packed copy is gathered.
   plan.q_vec = is_aligned(p.q, 16) && p.stride_q_tok % 8 == 0 && p.stride_q_head % 8 == 0;
@@ -123,6 +130,19 @@ Plan make_plan_for(const AttentionParams& p, const SparseFwdOptions& opt, int64_
   plan.pl_bytes = align256(n_partial * 4);
   plan.q_bytes = plan.q_vec ? 0 : align256(size_t(plan.pass) * p.h_q * d * 2);
   return plan;
+}
+
+// The band of the pass with rows [q0, q0 + len): the plan's, or half of it when the pass's queries see
+// so few blocks that the half band's items still hold kSpBandMinEntries entries each on average
+// (its q rows then stay in L2 at little K/V cost: the first pass of a long prompt). Known only for
+// one sequence with implicit positions; the band never changes a value.
+int pass_band_shift(const Plan& plan, const AttentionParams& p, const SparseFwdOptions& opt, int64_t q0, int64_t len) {
+  const int shift = plan.sp.band_shift;
+  if (opt.band_queries != 0 || shift <= 0 || shift >= 62 || p.seq.batch != 1 || p.seq.q_pos) return shift;
+  const int64_t keys = p.seq.n_k - p.seq.n_q + q0 + len;  // the pass's last query sees this many keys
+  const int64_t blocks = std::max<int64_t>(1, (keys + p.bk - 1) / p.bk);
+  const int64_t half = int64_t(1) << (shift - 1);
+  return blocks * kSpBandMinEntries < half * p.topk ? shift - 1 : shift;
 }
 
 // The pass size: given, else the largest whose workspace fits max_workspace_bytes (the workspace
@@ -249,6 +269,7 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
     SparseScheduleParams sp = plan.sp;
     sp.q0 = q0;
     sp.n_q = std::min(plan.pass, n_q - q0);
+    sp.band_shift = pass_band_shift(plan, p, opt, q0, sp.n_q);
     sp.topk_idx = p.topk_idx + q0 * p.h_kv * topk;
     return build_sparse_schedule(sp, base + size_t(copy) * plan.sched_bytes, plan.sched_bytes, s);
   };

@@ -68,8 +68,9 @@ __host__ __device__ inline SpLocalLayout sp_local_layout(int d, int bk) {
   l.q = 2 * kv;
   l.q_bytes = uint32_t(kSpRows) * d * 2;
   l.rows = l.q + uint32_t(kSpLocalWarpgroups * kSpLocalStages) * l.q_bytes;  // float2 [warpgroup][row]
-  l.misc = l.rows + uint32_t(kSpLocalWarpgroups * kSpRows) * 8;  // int4 {item, q_lo, q_hi, own} [2], int k0 [2]
-  l.total = l.misc + 48;
+  // int4 {item, q_lo, q_hi, own} [2], int k0 [2], then at + 48 the tile flags u32 [2][kSpUnitTileWords]
+  l.misc = l.rows + uint32_t(kSpLocalWarpgroups * kSpRows) * 8;
+  l.total = l.misc + 48 + 2 * kSpUnitTileWords * 4;
   return l;
 }
 
@@ -131,6 +132,25 @@ __device__ __forceinline__ void wg_barrier(int wg) {
     asm volatile("bar.sync 2, 128;" ::: "memory");
   else
     asm volatile("bar.sync 3, 128;" ::: "memory");
+}
+// Phase 1's claim barriers (ids 4..6): the 128 threads of warpgroup wg sync there with the arrival
+// of the warp that claimed the next work item (another warpgroup's), which makes the claim visible
+// to them without waiting for the third warpgroup.
+__device__ __forceinline__ void claim_sync(int wg) {
+  if (wg == 0)
+    asm volatile("bar.sync 4, 160;" ::: "memory");
+  else if (wg == 1)
+    asm volatile("bar.sync 5, 160;" ::: "memory");
+  else
+    asm volatile("bar.sync 6, 160;" ::: "memory");
+}
+__device__ __forceinline__ void claim_arrive(int wg) {
+  if (wg == 0)
+    asm volatile("bar.arrive 4, 160;" ::: "memory");
+  else if (wg == 1)
+    asm volatile("bar.arrive 5, 160;" ::: "memory");
+  else
+    asm volatile("bar.arrive 6, 160;" ::: "memory");
 }
 
 template <int N>
@@ -378,8 +398,8 @@ __device__ __forceinline__ void merge_batch(float& mx, float& sum, float (&acc)[
 // every row that holds an entry.
 template <int D, int BK>
 __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, float (&s)[BK / 2], uint64_t dv,
-                                            uint8_t* stage, const int64_t* meta_base, const int* meta_lim,
-                                            int64_t kstart, int wg, int warp_in_wg, int lane) {
+                                            const int64_t* meta_base, const int* meta_lim, int64_t kstart,
+                                            int warp_in_wg, int lane) {
   hopper::wgmma_wait<0>();
   hopper::fence_acc(s);
 
@@ -462,26 +482,41 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
     }
     return;
   }
-  // bf16 partials leave through shared memory (stage_rows_bf16), then every thread copies whole
-  // 16-byte chunks to global memory. The tile's Q stage is free once every warp's S product is done
-  // (the barrier), and nothing refills it before the next tile's barrier.
-  wg_barrier(wg);
-  stage_rows_bf16<D>(o, inv0, inv1, stage, warp_in_wg, lane);
-  wg_barrier(wg);
-  const ThreadChunks tc = thread_chunks<D>(p);
-  uint8_t* po = static_cast<uint8_t*>(p.partial_o) + tc.out_off;
+  // bf16 partials straight from the accumulator fragments: per row and group G of four 8-column
+  // chunks, a 4 x 4 transpose of bf16x2 words inside the quad (two shfl_xor stages) gives lane q4
+  // chunk 4 G + q4 of the row whole, so each warp store writes 8 rows x 64 contiguous bytes (whole
+  // sectors), with no staging in shared memory and no warpgroup barrier.
+  const int q4b0 = q4 & 1, q4b1 = q4 & 2;
+  uint8_t* po = static_cast<uint8_t*>(p.partial_o) + q4 * 16;
 #pragma unroll
-  for (int k = 0; k < kSpRowGroups; ++k) {
-    const int64_t b = meta_base[tc.ent0 + k * tc.ent_step];  // byte offset of the entry's head-0 row, -1: padding
-    uint4 val[D / kSpAtomK];
+  for (int i = 0; i < 2; ++i) {
+    const int row = warp_in_wg * 16 + (lane >> 2) + 8 * i;
+    const int64_t b = meta_base[row >> p.log2g];  // byte offset of the entry's head-0 row, -1: padding
+    const float inv = i == 0 ? inv0 : inv1;
+    const int64_t off = b + int64_t(row & (p.g - 1)) * (2 * D);
 #pragma unroll
-    for (int h = 0; h < D / kSpAtomK; ++h)
-      val[h] = *reinterpret_cast<const uint4*>(stage + tc.src_off + h * kSpRows * 128 + k * 16 * 128);
-    // Streaming stores: the partials are read once, by the combine, long after; L2 is better
-    // spent on the Q rows that neighbouring work items gather again.
-    if (b >= 0) {
+    for (int G = 0; G < D / 32; ++G) {
+      uint32_t w[4];  // w[jj]: this lane's column pair of chunk 4 G + jj
 #pragma unroll
-      for (int h = 0; h < D / kSpAtomK; ++h) __stcs(reinterpret_cast<uint4*>(po + b + h * 128), val[h]);
+      for (int jj = 0; jj < 4; ++jj) {
+        const int j = 4 * G + jj;
+        w[jj] = pack_bf16(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+      }
+      // Stage 1 swaps with lane ^ 1 the words whose chunk parity differs from the lane's, stage 2
+      // with lane ^ 2 likewise on bit 1: then w[k] is lane k's pair of chunk 4 G + q4.
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const uint32_t r = __shfl_xor_sync(full, q4b0 ? w[2 * u] : w[2 * u + 1], 1);
+        if (q4b0) w[2 * u] = r; else w[2 * u + 1] = r;
+      }
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const uint32_t r = __shfl_xor_sync(full, q4b1 ? w[u] : w[u + 2], 2);
+        if (q4b1) w[u] = r; else w[u + 2] = r;
+      }
+      // Streaming stores: the partials are read once, by the local pass (or the combine), long
+      // after; L2 is better spent on the Q rows that neighbouring work items gather again.
+      if (b >= 0) __stcs(reinterpret_cast<uint4*>(po + off + G * 64), make_uint4(w[0], w[1], w[2], w[3]));
     }
   }
 }
@@ -528,8 +563,9 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
   // lowest index, n_tiles % 3): the atomic and the two dependent loads (item start, group key) then
   // run under the other warpgroups' last tiles instead of between two items, and a claimed item
   // waits at most about one tile for this CTA (claiming at the start of item n would hold it for
-  // the whole of item n, which lengthens the tail). Slot n % 2 is read by everyone after the
-  // barrier that opens item n, and rewritten only during item n + 1, after the next such barrier.
+  // the whole of item n, which lengthens the tail). Slot (n + 1) % 2 is read by each warpgroup's
+  // prologue after its claim barrier (or wg_barrier) and by everyone after the barrier that opens
+  // item n + 1; its previous item's readers all passed the barrier that opens item n.
   // One warp claims: lane 0 takes the item and reads where it starts, then the warp asks L2 for the
   // item's K and V rows (2 x bk rows of d bf16), so that the cp.async of issue_kv finds them there.
   auto claim = [&](int slot) {
@@ -548,10 +584,27 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
     it = __shfl_sync(full, it, 0);
     key = __shfl_sync(full, key, 0);
     if (it >= n_items) return;
+    e0 = __shfl_sync(full, e0, 0);
+    e1 = __shfl_sync(full, e1, 0);
     int r;
     int64_t kstart;
     split_group_key(p, key, r, kstart);
     static_assert(D * 2 <= 2 * 128, "a key row is at most two 128-byte lines");
+    // The q rows of the entries the item's prologue gathers (its first kSpQStages tiles per
+    // warpgroup) and the lines of their causal limits into L2 as well: the prologue's dependent
+    // round trips after the barrier (entry -> metadata -> gather) then hit L2.
+    const int e_pre = min(e1, e0 + kSpQStages * kSpWarpgroups * queries_per_tile);
+#pragma unroll 1
+    for (int e = e0 + lane; e < e_pre; e += 32) {
+      const uint32_t i = p.div_per_query.div(p.entries[e]);
+      const uint8_t* qrow =
+          reinterpret_cast<const uint8_t*>(p.q + int64_t(i) * p.stride_q_tok + int64_t(r * p.g) * p.stride_q_head);
+#pragma unroll 1
+      for (int h = 0; h < p.g; ++h)
+#pragma unroll
+        for (int l = 0; l < D * 2 / 128; ++l) hopper::prefetch_l2(qrow + int64_t(h) * p.stride_q_head * 2 + l * 128);
+      hopper::prefetch_l2(p.lims + e);  // one line per 32 entries after coalescing
+    }
     const uint16_t* kb = p.k + int64_t(r) * p.stride_k_head + (lane & 1) * 64;
     const uint16_t* vb = p.v + int64_t(r) * p.stride_v_head + (lane & 1) * 64;
     if (D * 2 <= 128 && (lane & 1)) return;
@@ -563,19 +616,51 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
       hopper::prefetch_l2(vb + kr * p.stride_v_tok);
     }
   };
+  // This warpgroup's prologue of the item in claim slot cs: the metadata of its first kSpQStages
+  // tiles and the gathers of the first kSpQStages - 1 (one cp.async group each). It touches only the
+  // warpgroup's own Q stages and metadata slots, so it runs before the barrier that opens the item,
+  // while other warpgroups still finish the previous one; the claim has put the entries and the
+  // q rows in L2.
+  auto prologue = [&](int cs) {
+    const int4 c = claimed[cs];
+    const int item = __shfl_sync(full, c.x, 0);
+    if (item >= n_items) return;
+    const int e0 = __shfl_sync(full, c.y, 0);
+    const int e1 = __shfl_sync(full, c.z, 0);
+    int r;
+    int64_t kstart;
+    split_group_key(p, claimed_key[cs], r, kstart);
+    const int n_tiles = (e1 - e0 + queries_per_tile - 1) / queries_per_tile;
+#pragma unroll
+    for (int u = 0; u < kSpQStages; ++u) {
+      const int tt = wg + u * kSpWarpgroups;
+      const RowSrc rs = load_row_src(p, e0 + tt * queries_per_tile, min(e1, e0 + (tt + 1) * queries_per_tile), wtid);
+      publish_meta<D>(p, meta_src + u * kSpRows, meta_base + u * kSpRows, meta_lim + u * kSpRows, rs, r, wtid);
+    }
+    wg_barrier(wg);
+#pragma unroll
+    for (int u = 0; u < kSpQStages - 1; ++u) {
+      if (wg + u * kSpWarpgroups < n_tiles) issue_q<D>(p, meta_src + u * kSpRows, sq + uint32_t(u) * lay.q_bytes);
+      cp_async_commit();
+    }
+  };
   if (tid < 32) claim(0);
+  __syncthreads();  // claim slot 0 is visible
+  prologue(0);
 
   // compute-sanitizer racecheck reports hazards on the claimed slots between the claiming lane's
   // writes and the reads after a __syncthreads (warpgroups wait there while others still run their
   // named barriers). They are false positives: every write and read of a slot is separated by a
-  // __syncthreads, and a race-free probe with the same pattern is flagged the same way and is clean
+  // barrier, and a race-free probe with the same pattern is flagged the same way and is clean
   // without the named barriers (docs/sparse_attention.md, 2026-11-26 and 2026-11-27).
   for (int n = 0;; ++n) {
-    __syncthreads();  // every warpgroup is done with the previous item's K/V; slot n % 2 is visible
+    // Every warpgroup is done with the previous item's K/V and has issued its prologue of item n;
+    // claim slot n % 2 is visible.
+    __syncthreads();
     const int4 c = claimed[n & 1];
     const int item = __shfl_sync(full, c.x, 0);
     if (item >= n_items) {
-      hopper::launch_dependents();  // the combine's CTAs may take this SM while others finish
+      hopper::launch_dependents();  // the local pass's CTAs may take this SM while others finish
       break;
     }
     const int e0 = __shfl_sync(full, c.y, 0);
@@ -583,8 +668,6 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
     int r;
     int64_t kstart;
     split_group_key(p, claimed_key[n & 1], r, kstart);
-    // The K/V load (one cp.async group) is in flight under the claim of the next item and the
-    // first gathers; it is older than their groups, so waiting for all but those leaves only them.
     issue_kv<D, BK>(p, smem + lay.k, s_base + lay.k, r, kstart, tid);
 
     const int n_tiles = (e1 - e0 + queries_per_tile - 1) / queries_per_tile;
@@ -600,16 +683,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
     auto gather = [&](int stage, int slot) {
       issue_q<D>(p, meta_src + slot * kSpRows, sq + uint32_t(stage) * lay.q_bytes);
     };
-    // Prologue: the metadata of local tiles 0 .. kSpQStages - 1, then the gathers of all but the last.
-#pragma unroll
-    for (int u = 0; u < kSpQStages; ++u) meta(u, load_row_src(p, first(wg + u * kSpWarpgroups), last(wg + u * kSpWarpgroups), wtid));
-    wg_barrier(wg);
-#pragma unroll
-    for (int u = 0; u < kSpQStages - 1; ++u) {
-      if (wg + u * kSpWarpgroups < n_tiles) gather(u, u);
-      cp_async_commit();
-    }
-    cp_async_wait<kSpQStages - 1>();  // the K/V group (the first gathers may still fly)
+    cp_async_wait<0>();  // the K/V group and the prologue's gathers
     fence_proxy_async();
     __syncthreads();  // K and V are visible to every warpgroup
     int t_next = wg + kSpQStages * kSpWarpgroups;  // the tile whose metadata is published next
@@ -628,17 +702,33 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
       const int slot_g = slot + 2 >= kSpMetaSlots ? slot + 2 - kSpMetaSlots : slot + 2;
       if (t + (kSpQStages - 1) * kSpWarpgroups < n_tiles) gather(st_g, slot_g);
       cp_async_commit();
-      finish_tile<D, BK>(p, s, dv, sq_ptr + st * lay.q_bytes, meta_base + slot * kSpRows, meta_lim + slot * kSpRows,
-                         kstart, wg, warp_in_wg, lane);
+      finish_tile<D, BK>(p, s, dv, meta_base + slot * kSpRows, meta_lim + slot * kSpRows, kstart, warp_in_wg, lane);
       // Tile t_next's metadata goes to slot + 3, the slot tile t - 1 used: every thread is past that
-      // tile (finish_tile's barriers), and the gather reads it after a later barrier.
+      // tile (this tile's opening barrier), and the gather reads it after a later barrier.
       meta(slot == 0 ? kSpMetaSlots - 1 : slot - 1, next);
       t_next += kSpWarpgroups;
       next = load_row_src(p, first(t_next), last(t_next), wtid);
       st = st + 1 == kSpQStages ? 0 : st + 1;
       slot = slot + 1 == kSpMetaSlots ? 0 : slot + 1;
     }
-    if (wg == n_tiles % kSpWarpgroups && warp_in_wg == 0) claim((n + 1) & 1);
+    // The next item: claimed by the first warp of the warpgroup that finishes first (its last tile
+    // has the lowest index), which then lets the other two warpgroups through their claim barriers;
+    // each warpgroup, once all its warps are past this item's tiles, issues its prologue of the next
+    // item and then waits at the barrier that opens it.
+    const int cw = n_tiles % kSpWarpgroups;
+    if (wg == cw) {
+      if (warp_in_wg == 0) {
+        claim((n + 1) & 1);
+        __syncwarp();
+#pragma unroll
+        for (int x = 0; x < kSpWarpgroups; ++x)
+          if (x != cw) claim_arrive(x);
+      }
+      wg_barrier(wg);
+    } else {
+      claim_sync(wg);
+    }
+    prologue((n + 1) & 1);
   }
 }
 
@@ -751,6 +841,37 @@ __device__ __forceinline__ void local_softmax2(float (&sa)[BK / 2], float (&sb)[
   pack_p<BK>(sb, pb);
 }
 
+// local_softmax2 for a tile whose block-A columns are all masked: the same operations on the B
+// columns (fmaxf(-inf, y) = y, 0 + y = y), so every row gets the same bits as from local_softmax2.
+template <int BK>
+__device__ __forceinline__ void local_softmax1(float (&sb)[BK / 2], float (&m)[2], float (&l)[2],
+                                               uint32_t (&pb)[BK / 16][4], float scale_log2) {
+  const unsigned full = 0xffffffffu;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) mx = fmaxf(mx, sb[4 * j + 2 * i + c]);
+    mx = fmaxf(mx, __shfl_xor_sync(full, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(full, mx, 2));
+    const float off = mx == -INFINITY ? 0.f : mx * scale_log2;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float& y = sb[4 * j + 2 * i + c];
+        y = ex2_approx(fmaf(y, scale_log2, -off));
+        sum += y;
+      }
+    l[i] = sum;
+    m[i] = mx;
+  }
+  pack_p<BK>(sb, pb);
+}
+
 }  // namespace sp_detail
 
 // The local pass (replaces the combine when the partials are bf16): a persistent grid over work
@@ -780,6 +901,7 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
   const uint64_t dv_b = hopper::sw128_desc_mn(s_base + lay.kv_b + BK * D * 2, BK * 128);
   int4* claimed = reinterpret_cast<int4*>(smem + lay.misc);
   int* claimed_k0 = reinterpret_cast<int*>(smem + lay.misc + 32);
+  uint32_t* sink_tiles = reinterpret_cast<uint32_t*>(smem + lay.misc + 48);  // [2][kSpUnitTileWords]
   const uint32_t sq = s_base + lay.q + uint32_t(wg * kSpLocalStages) * lay.q_bytes;
   float2* rinfo = reinterpret_cast<float2*>(smem + lay.rows) + wg * kSpRows;  // per row {local lse, remote mask}
   const int qpt = kSpRows >> p.log2g;  // queries per tile
@@ -807,6 +929,8 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
     }
     claimed[slot] = c;
     claimed_k0[slot] = k0;
+#pragma unroll
+    for (int w = 0; w < kSpUnitTileWords; ++w) sink_tiles[slot * kSpUnitTileWords + w] = 0u;
   };
   if (tid == 0) claim(0);
 
@@ -844,6 +968,23 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
     };
     if (blocks && wg < n_tiles) gather(wg, 0);
     cp_async_commit();
+    // Which tiles hold a row whose selection has the sink block (own > 0; with own = 0 block A is
+    // masked anyway): bit t of this item's flags. The other tiles skip block A's products, which
+    // changes no bit of their rows (its columns are all masked: P = 0, and x + 0 = x).
+    uint32_t* sink_bits = sink_tiles + (n & 1) * kSpUnitTileWords;
+    if (own > 0) {
+      for (int qi = tid; qi < q_hi - q_lo; qi += kSpLocalThreads) {
+        const int32_t* sel = p.topk_idx + (int64_t(q_lo + qi) * p.h_kv + r) * p.topk;
+        int32_t b[kSpMaxTopk];
+#pragma unroll
+        for (int s = 0; s < kSpMaxTopk; ++s) b[s] = s < p.topk ? sel[s] : -1;
+        bool has = false;
+#pragma unroll
+        for (int s = 0; s < kSpMaxTopk; ++s) has |= b[s] == 0;
+        const int tile = (qi << p.log2g) / kSpRows;
+        if (has) atomicOr(sink_bits + (tile >> 5), 1u << (tile & 31));
+      }
+    }
     if (tid == 0) claim((n + 1) & 1);
     cp_async_wait<0>();
     fence_proxy_async();
@@ -909,10 +1050,32 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
 
       float o[D / 2];
       float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+      // Warpgroup-uniform, and broadcast so that ptxas sees it (a wgmma under a branch it cannot
+      // prove uniform is serialized).
+      const bool sink = __shfl_sync(full, (sink_bits[t >> 5] >> (t & 31)) & 1u, 0) != 0u;
       if (!blocks) {
         scan();
 #pragma unroll
         for (int x = 0; x < D / 2; ++x) o[x] = 0.f;
+      } else if (!sink) {
+        // No row of the tile attends the sink: the own block alone, with the arithmetic of the
+        // two-block softmax on its columns (bitwise the same rows).
+        const uint64_t dq = sw128_desc(sq + uint32_t(st) * lay.q_bytes);
+        float sb[BK / 2];
+        issue_scores<D, BK>(sb, dq, dk_b);
+        scan();  // under the product
+        hopper::wgmma_wait<0>();
+        hopper::fence_acc(sb);
+        uint32_t pb[BK / 16][4];
+        mask_columns<BK>(sb, lim_b, lane);
+        local_softmax1<BK>(sb, m, l, pb, p.scale_log2);
+        hopper::fence_acc(o);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs<D>(o, pb[kk], desc_add(dv_b, kk * 16 * 128), kk > 0 ? 1 : 0);
+        wgmma_commit();
+        hopper::wgmma_wait<0>();
+        hopper::fence_acc(o);
       } else {
         // Both S products in flight together (O is not live yet; the row scan runs under the
         // first), one softmax over the 2 x bk columns, then both P V products in one group.

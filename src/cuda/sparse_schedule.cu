@@ -9,6 +9,7 @@
 #include "common.cuh"
 #include "host.h"
 #include "sparse_schedule.h"
+#include "sparse_tiles.h"
 
 namespace msa::cuda {
 namespace {
@@ -113,10 +114,11 @@ __global__ void item_scatter_kernel(const int32_t* flags, const int32_t* slot, i
   }
 }
 
-// Local units: a unit starts where the sequence (k0), the own block or the 1024-query window
+// Local units: a unit starts where the sequence (k0), the own block or the kSpUnitQueries window
 // changes (positions are clamped into [-1, len_k), so own = p >> bk_shift is -1 for a query that
 // sees nothing: those form units with no block).
 constexpr int kUnitWindowShift = 10;
+static_assert(kSpUnitQueries == 1 << kUnitWindowShift, "the local pass sizes its tile flags by the unit window");
 __global__ void unit_flags_kernel(const int2* qinfo, int64_t n_q, int bk_shift, int32_t* flags) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n_q; i += int64_t(gridDim.x) * blockDim.x) {
     int f = 1;

@@ -39,6 +39,11 @@ constexpr int kSpLocalStages = 2;
 // Speed only (8: more round trips, measured slower).
 constexpr int kSpLocalMergeSlots = 16;
 
+// Most queries of one local unit (the schedule cuts runs of one own block at this window), and the
+// 32-bit words of a unit's per-tile flags (one bit per 64-row tile; g <= 16).
+constexpr int kSpUnitQueries = 1024;
+constexpr int kSpUnitTileWords = kSpUnitQueries * 16 / 64 / 32;
+
 // The most selected blocks per (query, group): the API's limit on topk (kMaxTopk, asserted in
 // sparse_fwd.cu).
 constexpr int kSpMaxTopk = 32;
@@ -70,6 +75,12 @@ constexpr int64_t kSpPassRows = int64_t(1) << 24;
 // block). Speed only (the order of items never changes a value); measured in
 // docs/sparse_attention.md.
 constexpr int64_t kSpBandBytes = int64_t(32) << 20;
+
+// A pass whose queries see few key blocks takes half that band when the half band's items still
+// average this many entries (selected (query, block) pairs per (band, kv head, block)): measured at
+// 128K, the first pass (128 blocks) ran 2.28 ms with bands of 4096 queries against 2.47 with 8192,
+// the second (256 blocks) the same with either, later ones faster with 8192. Speed only.
+constexpr int64_t kSpBandMinEntries = 256;
 
 // Threads of the combine (phase 2) kernel per block; each (query, head) row uses d / 8 threads
 // (one 16-byte column chunk each). Speed only.
