@@ -97,8 +97,10 @@ __host__ __device__ inline SpSmemLayout sp_smem_layout(int d, int bk) {
   off += kMeta * 8;
   l.meta_lim = off;  // int: last visible key row of the entry's query (-1: padding)
   off += kMeta * 4;
-  l.misc = off;  // the claimed work items: int4 {item, e0, e1, -} [2], then their group keys u64 [2]
-  off += 48;
+  // the claimed work items: int4 {item, e0, e1, -} [2], their group keys u64 [2], then one mbarrier
+  // per claim slot (the claim's arrival)
+  l.misc = off;
+  off += 48 + 16;
   l.total = off;
   return l;
 }
@@ -132,25 +134,6 @@ __device__ __forceinline__ void wg_barrier(int wg) {
     asm volatile("bar.sync 2, 128;" ::: "memory");
   else
     asm volatile("bar.sync 3, 128;" ::: "memory");
-}
-// Phase 1's claim barriers (ids 4..6): the 128 threads of warpgroup wg sync there with the arrival
-// of the warp that claimed the next work item (another warpgroup's), which makes the claim visible
-// to them without waiting for the third warpgroup.
-__device__ __forceinline__ void claim_sync(int wg) {
-  if (wg == 0)
-    asm volatile("bar.sync 4, 160;" ::: "memory");
-  else if (wg == 1)
-    asm volatile("bar.sync 5, 160;" ::: "memory");
-  else
-    asm volatile("bar.sync 6, 160;" ::: "memory");
-}
-__device__ __forceinline__ void claim_arrive(int wg) {
-  if (wg == 0)
-    asm volatile("bar.arrive 4, 160;" ::: "memory");
-  else if (wg == 1)
-    asm volatile("bar.arrive 5, 160;" ::: "memory");
-  else
-    asm volatile("bar.arrive 6, 160;" ::: "memory");
 }
 
 template <int N>
@@ -548,6 +531,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
   const uint64_t dk = sw128_desc(s_base + lay.k), dv = hopper::sw128_desc_mn(s_base + lay.v, BK * 128);
   int4* claimed = reinterpret_cast<int4*>(smem + lay.misc);
   uint64_t* claimed_key = reinterpret_cast<uint64_t*>(smem + lay.misc + 32);
+  const uint32_t claim_bar = smem_addr(smem + lay.misc + 48);  // [2] u64: phase u of slot s = claim of item 2 u + s
   uint64_t* meta_src = reinterpret_cast<uint64_t*>(smem + lay.meta_src) + wg * kSpMetaSlots * kSpRows;
   int64_t* meta_base = reinterpret_cast<int64_t*>(smem + lay.meta_base) + wg * kSpMetaSlots * kSpRows;
   int* meta_lim = reinterpret_cast<int*>(smem + lay.meta_lim) + wg * kSpMetaSlots * kSpRows;
@@ -564,8 +548,8 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
   // run under the other warpgroups' last tiles instead of between two items, and a claimed item
   // waits at most about one tile for this CTA (claiming at the start of item n would hold it for
   // the whole of item n, which lengthens the tail). Slot (n + 1) % 2 is read by each warpgroup's
-  // prologue after its claim barrier (or wg_barrier) and by everyone after the barrier that opens
-  // item n + 1; its previous item's readers all passed the barrier that opens item n.
+  // prologue after the claim's mbarrier arrival and by everyone after the barrier that opens item
+  // n + 1; its previous item's readers all passed the barrier that opens item n.
   // One warp claims: lane 0 takes the item and reads where it starts, then the warp asks L2 for the
   // item's K and V rows (2 x bk rows of d bf16), so that the cp.async of issue_kv finds them there.
   auto claim = [&](int slot) {
@@ -580,6 +564,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
       }
       claimed[slot] = make_int4(it, e0, e1, 0);
       claimed_key[slot] = key;
+      hopper::mbar_arrive(claim_bar + 8 * slot);  // releases the two writes above
     }
     it = __shfl_sync(full, it, 0);
     key = __shfl_sync(full, key, 0);
@@ -644,15 +629,16 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
       cp_async_commit();
     }
   };
+  if (tid == 0) {
+    hopper::mbar_init(claim_bar, 1);
+    hopper::mbar_init(claim_bar + 8, 1);
+    hopper::fence_mbarrier_init();
+  }
+  __syncthreads();
   if (tid < 32) claim(0);
   __syncthreads();  // claim slot 0 is visible
   prologue(0);
 
-  // compute-sanitizer racecheck reports hazards on the claimed slots between the claiming lane's
-  // writes and the reads after a __syncthreads (warpgroups wait there while others still run their
-  // named barriers). They are false positives: every write and read of a slot is separated by a
-  // barrier, and a race-free probe with the same pattern is flagged the same way and is clean
-  // without the named barriers (docs/sparse_attention.md, 2026-11-26 and 2026-11-27).
   for (int n = 0;; ++n) {
     // Every warpgroup is done with the previous item's K/V and has issued its prologue of item n;
     // claim slot n % 2 is visible.
@@ -712,22 +698,12 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
       slot = slot + 1 == kSpMetaSlots ? 0 : slot + 1;
     }
     // The next item: claimed by the first warp of the warpgroup that finishes first (its last tile
-    // has the lowest index), which then lets the other two warpgroups through their claim barriers;
-    // each warpgroup, once all its warps are past this item's tiles, issues its prologue of the next
-    // item and then waits at the barrier that opens it.
-    const int cw = n_tiles % kSpWarpgroups;
-    if (wg == cw) {
-      if (warp_in_wg == 0) {
-        claim((n + 1) & 1);
-        __syncwarp();
-#pragma unroll
-        for (int x = 0; x < kSpWarpgroups; ++x)
-          if (x != cw) claim_arrive(x);
-      }
-      wg_barrier(wg);
-    } else {
-      claim_sync(wg);
-    }
+    // has the lowest index). Each warpgroup, once all its warps are past this item's tiles (its
+    // metadata slots and Q stages are free) and the claim has arrived on the slot's mbarrier,
+    // issues its prologue of the next item and then waits at the barrier that opens it.
+    if (wg == n_tiles % kSpWarpgroups && warp_in_wg == 0) claim((n + 1) & 1);
+    wg_barrier(wg);
+    hopper::mbar_wait(claim_bar + 8 * ((n + 1) & 1), uint32_t(((n + 1) >> 1) & 1));
     prologue((n + 1) & 1);
   }
 }
