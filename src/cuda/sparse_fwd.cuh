@@ -636,7 +636,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) sparse_fwd_phase1_kernel(const 
   }
   __syncthreads();
   if (tid < 32) claim(0);
-  __syncthreads();  // claim slot 0 is visible
+  hopper::mbar_wait(claim_bar, 0);  // claim slot 0 is visible (and every phase of a slot is waited on)
   prologue(0);
 
   for (int n = 0;; ++n) {
