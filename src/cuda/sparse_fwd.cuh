@@ -376,6 +376,40 @@ __device__ __forceinline__ void merge_batch(float& mx, float& sum, float (&acc)[
   }
 }
 
+// The softmax (base 2) of one masked S tile, as phase 1 and the local pass's own-block-only tiles
+// take it: the row max m (a row with nothing visible keeps m = -inf, its reference point 0 and
+// P = 0), the thread-partial sums l (the caller adds the quad's), P packed as the bf16 A fragments
+// pb of the P V product. For a tile whose block-A columns are all masked it does local_softmax2's
+// operations on the B columns (fmaxf(-inf, y) = y, 0 + y = y), so every row gets the same bits.
+template <int BK>
+__device__ __forceinline__ void softmax_rows(float (&sb)[BK / 2], float (&m)[2], float (&l)[2],
+                                               uint32_t (&pb)[BK / 16][4], float scale_log2) {
+  const unsigned full = 0xffffffffu;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) mx = fmaxf(mx, sb[4 * j + 2 * i + c]);
+    mx = fmaxf(mx, __shfl_xor_sync(full, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(full, mx, 2));
+    const float off = mx == -INFINITY ? 0.f : mx * scale_log2;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float& y = sb[4 * j + 2 * i + c];
+        y = ex2_approx(fmaf(y, scale_log2, -off));
+        sum += y;
+      }
+    l[i] = sum;
+    m[i] = mx;
+  }
+  pack_p<BK>(sb, pb);
+}
+
 // The rest of one tile once S is issued: the causal mask of the block and its softmax in
 // registers, O = P V (wgmma, P from registers), then the per-slot partial o (normalised) and lse of
 // every row that holds an entry.
@@ -401,32 +435,13 @@ __device__ __forceinline__ void finish_tile(const SparseFwdKernelParams& p, floa
   }
   // Only the query's own block (and padding rows) needs the causal mask: most warps skip it.
   mask_columns<BK>(s, lim, lane);
+  uint32_t pa[BK / 16][4];
+  softmax_rows<BK>(s, m, l, pa, p.scale_log2);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    m[i] = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < BK / 8; ++j)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) m[i] = fmaxf(m[i], s[4 * j + 2 * i + c]);
-    m[i] = fmaxf(m[i], __shfl_xor_sync(full, m[i], 1));
-    m[i] = fmaxf(m[i], __shfl_xor_sync(full, m[i], 2));
-    // A row with nothing visible (padding) keeps P = 0 instead of exp(-inf + inf) = NaN.
-    const float off = m[i] == -INFINITY ? 0.f : m[i] * p.scale_log2;
-    l[i] = 0.f;
-#pragma unroll
-    for (int j = 0; j < BK / 8; ++j)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        float& x = s[4 * j + 2 * i + c];
-        x = ex2_approx(fmaf(x, p.scale_log2, -off));
-        l[i] += x;
-      }
     l[i] += __shfl_xor_sync(full, l[i], 1);
     l[i] += __shfl_xor_sync(full, l[i], 2);
   }
-
-  uint32_t pa[BK / 16][4];
-  pack_p<BK>(s, pa);
   float o[D / 2];
   hopper::fence_acc(o);
   wgmma_fence();
@@ -817,36 +832,6 @@ __device__ __forceinline__ void local_softmax2(float (&sa)[BK / 2], float (&sb)[
   pack_p<BK>(sb, pb);
 }
 
-// local_softmax2 for a tile whose block-A columns are all masked: the same operations on the B
-// columns (fmaxf(-inf, y) = y, 0 + y = y), so every row gets the same bits as from local_softmax2.
-template <int BK>
-__device__ __forceinline__ void local_softmax1(float (&sb)[BK / 2], float (&m)[2], float (&l)[2],
-                                               uint32_t (&pb)[BK / 16][4], float scale_log2) {
-  const unsigned full = 0xffffffffu;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < BK / 8; ++j)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) mx = fmaxf(mx, sb[4 * j + 2 * i + c]);
-    mx = fmaxf(mx, __shfl_xor_sync(full, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(full, mx, 2));
-    const float off = mx == -INFINITY ? 0.f : mx * scale_log2;
-    float sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < BK / 8; ++j)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        float& y = sb[4 * j + 2 * i + c];
-        y = ex2_approx(fmaf(y, scale_log2, -off));
-        sum += y;
-      }
-    l[i] = sum;
-    m[i] = mx;
-  }
-  pack_p<BK>(sb, pb);
-}
 
 }  // namespace sp_detail
 
@@ -1044,7 +1029,7 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
         hopper::fence_acc(sb);
         uint32_t pb[BK / 16][4];
         mask_columns<BK>(sb, lim_b, lane);
-        local_softmax1<BK>(sb, m, l, pb, p.scale_log2);
+        softmax_rows<BK>(sb, m, l, pb, p.scale_log2);
         hopper::fence_acc(o);
         wgmma_fence();
 #pragma unroll
