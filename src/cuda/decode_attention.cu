@@ -486,19 +486,10 @@ void run_decode_attention(const DecodeAttentionParams& p, const DecodePlan& plan
     check_cuda("decode_attention", cudaGetLastError(), "launch of the decode attention kernel");
     if (!a.direct) {
       const int64_t rows = p.n_q * p.h_q;
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(unsigned((rows + 3) / 4));
-      cfg.blockDim = dim3(128);
-      cfg.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[0].val.programmaticStreamSerializationAllowed = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      check_cuda("decode_attention",
-                 cudaLaunchKernelEx(&cfg, merge, (const float*)a.ws_o, (const float*)a.ws_lse, a.ws_n_q, n_splits,
-                                    p.n_q, p.h_q, a.o, a.stride_o_tok, a.stride_o_head, a.lse),
-                 "launch of the decode merge kernel");
+      launch_programmatic("decode_attention", "launch of the decode merge kernel", merge,
+                          dim3(unsigned((rows + 3) / 4)), dim3(128), 0, stream, (const float*)a.ws_o,
+                          (const float*)a.ws_lse, a.ws_n_q, n_splits, p.n_q, p.h_q, a.o, a.stride_o_tok,
+                          a.stride_o_head, a.lse);
     }
   };
   if (c.d == 64)

@@ -1,7 +1,7 @@
 // host.h — host-side helpers the msa CUDA launchers share: CUDA error checks that throw with the
 // public operation's name, pointer alignment, stream-ordered scratch that is freed on every path,
-// and TMA tensor maps (the driver's encoder found through the runtime, bf16 maps in the 128-byte
-// swizzle). Header-only; internal to src/cuda.
+// programmatic dependent launches, and TMA tensor maps (the driver's encoder found through the
+// runtime, bf16 maps in the 128-byte swizzle). Header-only; internal to src/cuda.
 #pragma once
 
 #include <cuda.h>
@@ -14,6 +14,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "msa/common.h"
 
@@ -48,6 +49,25 @@ inline void ensure_smem(const char* op, const void* kernel, size_t bytes) {
   check_cuda(op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
              "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   have = bytes;
+}
+
+// Launches kernel as a programmatic dependent of the stream's previous kernel (programmatic
+// dependent launch): its CTAs may start while that grid's last CTAs finish, and it calls
+// griddepcontrol.wait before it reads what that grid wrote.
+template <class... Params, class... Args>
+void launch_programmatic(const char* op, const char* what, void (*kernel)(Params...), dim3 grid, dim3 block,
+                         size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  check_cuda(op, cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), what);
 }
 
 // The smallest l with 2^l >= x: log2 of a power of two (group sizes, block sizes).

@@ -355,16 +355,7 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
       auto combine = d == 64
                          ? (opt.partial_f32 ? sparse_fwd_combine_kernel<64, true> : sparse_fwd_combine_kernel<64, false>)
                          : (opt.partial_f32 ? sparse_fwd_combine_kernel<128, true> : sparse_fwd_combine_kernel<128, false>);
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(blocks);
-      cfg.blockDim = dim3(kSpCombineThreads);
-      cfg.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[0].val.programmaticStreamSerializationAllowed = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      check_cuda(kOp, cudaLaunchKernelEx(&cfg, combine, kp), "combine launch");
+      launch_programmatic(kOp, "combine launch", combine, dim3(blocks), dim3(kSpCombineThreads), 0, stream, kp);
     }
     if (overlap && q0 + plan.pass < n_q) {
       // The next pass's schedule goes to the other buffer once pass p - 1's local pass (or combine)

@@ -1173,20 +1173,9 @@ void launch_sparse_local(const SparseFwdKernelParams& kp, int grid, int smem_opt
     throw std::runtime_error("msa::sparse_attention_forward: the local pass needs " + std::to_string(bytes) +
                              " bytes of shared memory per block, the device has " + std::to_string(smem_optin));
   auto kernel = sparse_fwd_local_kernel<D, BK>;
-  check_cuda("sparse_attention_forward",
-             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-             "cudaFuncSetAttribute failed");
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(grid));
-  cfg.blockDim = dim3(kSpLocalThreads);
-  cfg.dynamicSmemBytes = bytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  check_cuda("sparse_attention_forward", cudaLaunchKernelEx(&cfg, kernel, kp), "local pass launch failed");
+  ensure_smem("sparse_attention_forward", reinterpret_cast<const void*>(kernel), bytes);
+  launch_programmatic("sparse_attention_forward", "local pass launch failed", kernel, dim3(unsigned(grid)),
+                      dim3(kSpLocalThreads), bytes, stream, kp);
 }
 
 // Host launcher of phase 1 for one configuration; defined here, instantiated in
@@ -1198,9 +1187,7 @@ void launch_sparse_phase1(const SparseFwdKernelParams& kp, int grid, int smem_op
     throw std::runtime_error("msa::sparse_attention_forward: phase 1 needs " + std::to_string(bytes) +
                              " bytes of shared memory per block, the device has " + std::to_string(smem_optin));
   auto kernel = sparse_fwd_phase1_kernel<D, BK>;
-  check_cuda("sparse_attention_forward",
-             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-             "cudaFuncSetAttribute failed");
+  ensure_smem("sparse_attention_forward", reinterpret_cast<const void*>(kernel), bytes);
   kernel<<<dim3(unsigned(grid)), dim3(kSpThreads), bytes, stream>>>(kp);
   check_cuda("sparse_attention_forward", cudaGetLastError(), "phase 1 launch failed");
 }
