@@ -304,6 +304,20 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// An m64nN fp32 wgmma accumulator (this thread's N / 2 values) as the bf16 A fragments of a
+// register-sourced wgmma over K = N: for k-step kk the accumulator columns 16 kk .. 16 kk + 15 are
+// exactly the m16n8k16 A layout (rows lane / 4 and + 8, column pairs 2 (lane % 4) and + 8).
+template <int N>
+__device__ __forceinline__ void pack_a_frags(const float (&acc)[N / 2], uint32_t (&a)[N / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    a[kk][0] = pack_bf16(acc[8 * kk + 0], acc[8 * kk + 1]);
+    a[kk][1] = pack_bf16(acc[8 * kk + 2], acc[8 * kk + 3]);
+    a[kk][2] = pack_bf16(acc[8 * kk + 4], acc[8 * kk + 5]);
+    a[kk][3] = pack_bf16(acc[8 * kk + 6], acc[8 * kk + 7]);
+  }
+}
+
 // 1 / x to about one ulp (rcp.approx.ftz): one MUFU operation instead of the IEEE division's
 // reciprocal, Newton step and slow-path branch.
 __device__ __forceinline__ float rcp_approx(float x) {

@@ -14,6 +14,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "msa/common.h"
@@ -49,6 +50,27 @@ inline void ensure_smem(const char* op, const void* kernel, size_t bytes) {
   check_cuda(op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
              "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   have = bytes;
+}
+
+// Calls f(std::integral_constant<int, 64>{}) when v is 64, else f(std::integral_constant<int, 128>{}):
+// the compile-time sizes (d, d_idx, bk) the CUDA kernels are instantiated for; callers reject other
+// values first. Nested for several sizes:
+//   with_64_or_128(d, [&](auto D) { with_64_or_128(bk, [&](auto BK) { launch<D(), BK()>(...); }); });
+template <class F>
+void with_64_or_128(int v, F&& f) {
+  if (v == 64)
+    f(std::integral_constant<int, 64>{});
+  else
+    f(std::integral_constant<int, 128>{});
+}
+
+// A kernel's dynamic shared memory, checked against the device's opt-in limit (a clear error that
+// names what needs it) and then granted through ensure_smem. what: "phase 1", "the kernel", ...
+inline void require_smem(const char* op, const char* what, const void* kernel, size_t bytes, int smem_optin) {
+  if (bytes > size_t(smem_optin))
+    throw std::runtime_error(std::string("msa::") + op + ": " + what + " needs " + std::to_string(bytes) +
+                             " bytes of shared memory per block, the device has " + std::to_string(smem_optin));
+  ensure_smem(op, kernel, bytes);
 }
 
 // Launches kernel as a programmatic dependent of the stream's previous kernel (programmatic

@@ -156,33 +156,16 @@ IndexKLParams resolved(const IndexKLParams& p0) {
 
 void launch_main(const KlKernelParams& kp, const char* op, int d, int di, int bk, int grid, int smem_optin,
                  cudaStream_t stream) {
-  if (d == 64 && di == 64 && bk == 64)
-    launch_kl_main<64, 64, 64>(kp, op, grid, smem_optin, stream);
-  else if (d == 64 && di == 64 && bk == 128)
-    launch_kl_main<64, 64, 128>(kp, op, grid, smem_optin, stream);
-  else if (d == 64 && di == 128 && bk == 64)
-    launch_kl_main<64, 128, 64>(kp, op, grid, smem_optin, stream);
-  else if (d == 64 && di == 128 && bk == 128)
-    launch_kl_main<64, 128, 128>(kp, op, grid, smem_optin, stream);
-  else if (d == 128 && di == 64 && bk == 64)
-    launch_kl_main<128, 64, 64>(kp, op, grid, smem_optin, stream);
-  else if (d == 128 && di == 64 && bk == 128)
-    launch_kl_main<128, 64, 128>(kp, op, grid, smem_optin, stream);
-  else if (d == 128 && di == 128 && bk == 64)
-    launch_kl_main<128, 128, 64>(kp, op, grid, smem_optin, stream);
-  else
-    launch_kl_main<128, 128, 128>(kp, op, grid, smem_optin, stream);
+  with_64_or_128(d, [&](auto D) {
+    with_64_or_128(di, [&](auto DI) {
+      with_64_or_128(bk, [&](auto BK) { launch_kl_main<D(), DI(), BK()>(kp, op, grid, smem_optin, stream); });
+    });
+  });
 }
 
 void launch_dk(const KlKernelParams& kp, const char* op, int di, int bk, int grid, cudaStream_t stream) {
-  if (di == 64 && bk == 64)
-    launch_kl_dk<64, 64>(kp, op, grid, stream);
-  else if (di == 64 && bk == 128)
-    launch_kl_dk<64, 128>(kp, op, grid, stream);
-  else if (di == 128 && bk == 64)
-    launch_kl_dk<128, 64>(kp, op, grid, stream);
-  else
-    launch_kl_dk<128, 128>(kp, op, grid, stream);
+  with_64_or_128(
+      di, [&](auto DI) { with_64_or_128(bk, [&](auto BK) { launch_kl_dk<DI(), BK()>(kp, op, grid, stream); }); });
 }
 
 }  // namespace

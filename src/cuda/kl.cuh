@@ -420,15 +420,9 @@ __device__ __forceinline__ void student_finish(const KlKernelParams& p, float (&
     return;
   }
 
-  // dS as bf16 A fragments: accumulator columns 16 kk .. 16 kk + 15 are the m16n8k16 A layout.
+  // dS as bf16 A fragments.
   uint32_t a[BK / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < BK / 16; ++kk) {
-    a[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
-    a[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
-    a[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
-    a[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
-  }
+  hopper::pack_a_frags<BK>(s, a);
   // The dS rows for the dK kernel (the same bf16 values the dq product uses), stored before the
   // wgmma takes the fragments.
 #pragma unroll

@@ -395,14 +395,9 @@ void run_sparse_attention_backward(const AttentionBwdParams& p0, cudaStream_t st
       check_cuda(kOp, cudaMemsetAsync(dq_buf, 0, size_t(len) * p.h_q * d * 4, stream), "cudaMemsetAsync");
 
     const int64_t max_ctas = len * p.h_kv * topk;
-    if (d == 64 && bk == 64)
-      launch_sparse_bwd<64, 64>(kp, num_sms, max_ctas, smem_optin, stream);
-    else if (d == 64 && bk == 128)
-      launch_sparse_bwd<64, 128>(kp, num_sms, max_ctas, smem_optin, stream);
-    else if (d == 128 && bk == 64)
-      launch_sparse_bwd<128, 64>(kp, num_sms, max_ctas, smem_optin, stream);
-    else
-      launch_sparse_bwd<128, 128>(kp, num_sms, max_ctas, smem_optin, stream);
+    with_64_or_128(d, [&](auto D) {
+      with_64_or_128(bk, [&](auto BK) { launch_sparse_bwd<D(), BK()>(kp, num_sms, max_ctas, smem_optin, stream); });
+    });
     if (opt.after_main) check_cuda(kOp, cudaEventRecord(opt.after_main, stream), "cudaEventRecord");
 
     uint16_t* dq = static_cast<uint16_t*>(p.dq) + q0 * p.stride_dq_tok;

@@ -513,13 +513,8 @@ template <int D, int BK>
 void launch_sparse_bwd(const SparseBwdKernelParams& kp, int num_sms, int64_t max_ctas, int smem_optin,
                        cudaStream_t stream) {
   const size_t bytes = size_t(sb_smem_layout(D, BK).total) + 1024;  // + base alignment
-  if (bytes > size_t(smem_optin))
-    throw std::runtime_error("msa::sparse_attention_backward: the kernel needs " + std::to_string(bytes) +
-                             " bytes of shared memory per block, the device has " + std::to_string(smem_optin));
   auto kernel = sparse_bwd_kernel<D, BK>;
-  check_cuda("sparse_attention_backward",
-             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-             "cudaFuncSetAttribute failed");
+  require_smem("sparse_attention_backward", "the kernel", reinterpret_cast<const void*>(kernel), bytes, smem_optin);
   int per_sm = 0;
   check_cuda("sparse_attention_backward", cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, BK * 2, bytes),
              "occupancy query failed");

@@ -323,28 +323,18 @@ void run_sparse_attention_forward(const AttentionParams& p0, cudaStream_t stream
     // Phase 1: persistent CTAs, one per SM (its shared memory allows no second), never more than
     // there can be items.
     const int grid = int(std::min<int64_t>(num_sms, len * p.h_kv * topk));
-    if (d == 64 && bk == 64)
-      launch_sparse_phase1<64, 64>(kp, grid, smem_optin, stream);
-    else if (d == 64 && bk == 128)
-      launch_sparse_phase1<64, 128>(kp, grid, smem_optin, stream);
-    else if (d == 128 && bk == 64)
-      launch_sparse_phase1<128, 64>(kp, grid, smem_optin, stream);
-    else
-      launch_sparse_phase1<128, 128>(kp, grid, smem_optin, stream);
+    with_64_or_128(d, [&](auto D) {
+      with_64_or_128(bk, [&](auto BK) { launch_sparse_phase1<D(), BK()>(kp, grid, smem_optin, stream); });
+    });
     if (opt.after_phase1) check_cuda(kOp, cudaEventRecord(opt.after_phase1, stream), "cudaEventRecord");
 
     if (plan.sp.local) {
       // The local pass: one persistent CTA per SM at most (its shared memory allows one), never
       // more than there can be (unit, kv head) items.
       const int lgrid = int(std::min<int64_t>(num_sms, len * p.h_kv));
-      if (d == 64 && bk == 64)
-        launch_sparse_local<64, 64>(kp, lgrid, smem_optin, stream);
-      else if (d == 64 && bk == 128)
-        launch_sparse_local<64, 128>(kp, lgrid, smem_optin, stream);
-      else if (d == 128 && bk == 64)
-        launch_sparse_local<128, 64>(kp, lgrid, smem_optin, stream);
-      else
-        launch_sparse_local<128, 128>(kp, lgrid, smem_optin, stream);
+      with_64_or_128(d, [&](auto D) {
+        with_64_or_128(bk, [&](auto BK) { launch_sparse_local<D(), BK()>(kp, lgrid, smem_optin, stream); });
+      });
     } else {
       // The combine (the internal option without the local pass).
       const int64_t threads = len * p.h_q * (d / 8);

@@ -332,19 +332,6 @@ __device__ __forceinline__ void mask_columns(float (&s)[BK / 2], const int (&lim
   }
 }
 
-// P as bf16 A fragments of the P V product: for k-step kk the accumulator columns 16 kk .. 16 kk + 15
-// are exactly the m16n8k16 A layout (rows lane / 4 and + 8, column pairs 2 (lane % 4) and + 8).
-template <int BK>
-__device__ __forceinline__ void pack_p(const float (&s)[BK / 2], uint32_t (&pa)[BK / 16][4]) {
-#pragma unroll
-  for (int kk = 0; kk < BK / 16; ++kk) {
-    pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
-    pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
-    pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
-    pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
-  }
-}
-
 // Element e (0..7) of eight bf16 values packed in a uint4, as float (e is a constant after unrolling).
 __device__ __forceinline__ float bf16_at(const uint4& x, int e) {
   const uint32_t w = e < 2 ? x.x : e < 4 ? x.y : e < 6 ? x.z : x.w;
@@ -407,7 +394,7 @@ __device__ __forceinline__ void softmax_rows(float (&sb)[BK / 2], float (&m)[2],
     l[i] = sum;
     m[i] = mx;
   }
-  pack_p<BK>(sb, pb);
+  hopper::pack_a_frags<BK>(sb, pb);
 }
 
 // The rest of one tile once S is issued: the causal mask of the block and its softmax in
@@ -828,8 +815,8 @@ __device__ __forceinline__ void local_softmax2(float (&sa)[BK / 2], float (&sb)[
     l[i] = sum;
     m[i] = mx;
   }
-  pack_p<BK>(sa, pa);
-  pack_p<BK>(sb, pb);
+  hopper::pack_a_frags<BK>(sa, pa);
+  hopper::pack_a_frags<BK>(sb, pb);
 }
 
 
@@ -1171,11 +1158,8 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
 template <int D, int BK>
 void launch_sparse_local(const SparseFwdKernelParams& kp, int grid, int smem_optin, cudaStream_t stream) {
   const size_t bytes = size_t(sp_local_layout(D, BK).total) + 1024;  // + base alignment
-  if (bytes > size_t(smem_optin))
-    throw std::runtime_error("msa::sparse_attention_forward: the local pass needs " + std::to_string(bytes) +
-                             " bytes of shared memory per block, the device has " + std::to_string(smem_optin));
   auto kernel = sparse_fwd_local_kernel<D, BK>;
-  ensure_smem("sparse_attention_forward", reinterpret_cast<const void*>(kernel), bytes);
+  require_smem("sparse_attention_forward", "the local pass", reinterpret_cast<const void*>(kernel), bytes, smem_optin);
   launch_programmatic("sparse_attention_forward", "local pass launch failed", kernel, dim3(unsigned(grid)),
                       dim3(kSpLocalThreads), bytes, stream, kp);
 }
@@ -1185,11 +1169,8 @@ void launch_sparse_local(const SparseFwdKernelParams& kp, int grid, int smem_opt
 template <int D, int BK>
 void launch_sparse_phase1(const SparseFwdKernelParams& kp, int grid, int smem_optin, cudaStream_t stream) {
   const size_t bytes = size_t(sp_smem_layout(D, BK).total) + 1024;  // + base alignment
-  if (bytes > size_t(smem_optin))
-    throw std::runtime_error("msa::sparse_attention_forward: phase 1 needs " + std::to_string(bytes) +
-                             " bytes of shared memory per block, the device has " + std::to_string(smem_optin));
   auto kernel = sparse_fwd_phase1_kernel<D, BK>;
-  ensure_smem("sparse_attention_forward", reinterpret_cast<const void*>(kernel), bytes);
+  require_smem("sparse_attention_forward", "phase 1", reinterpret_cast<const void*>(kernel), bytes, smem_optin);
   kernel<<<dim3(unsigned(grid)), dim3(kSpThreads), bytes, stream>>>(kp);
   check_cuda("sparse_attention_forward", cudaGetLastError(), "phase 1 launch failed");
 }
