@@ -109,8 +109,10 @@ struct Out {
 
 // pass_queries < 0: the public call (whatever the library picks); otherwise the internal entry
 // with that pass size (0: the default), work items of at most chunk queries (0: default) and query
-// bands of band rows (0: default, -1: one band).
-Out run(const Problem& P, int64_t pass_queries, int64_t chunk = 0, size_t max_workspace_bytes = 0, int64_t band = 0) {
+// bands of band rows (0: default, -1: one band); poisoned_workspace: a caller workspace filled with
+// 0xff bytes (NaN partials) before the call.
+Out run(const Problem& P, int64_t pass_queries, int64_t chunk = 0, size_t max_workspace_bytes = 0, int64_t band = 0,
+        bool poisoned_workspace = false) {
   DevBuf<uint16_t> q(P.q), k(P.k), v(P.v), o(size_t(P.n_q() * P.h_q * P.d));
   DevBuf<float> lse(size_t(P.n_q() * P.h_q));
   DevBuf<int32_t> idx(P.idx), cu_q(P.cu_q), cu_k(P.cu_k), q_pos(P.q_pos);
@@ -147,7 +149,16 @@ Out run(const Problem& P, int64_t pass_queries, int64_t chunk = 0, size_t max_wo
     opt.pass_queries = pass_queries;
     opt.chunk_queries = chunk;
     opt.band_queries = band;
-    cuda::run_sparse_attention_forward(a, nullptr, opt);
+    if (poisoned_workspace) {
+      DevBuf<uint8_t> ws(cuda::sparse_fwd_workspace_bytes(a, opt));
+      ws.poison(0xff);
+      opt.workspace = ws.ptr;
+      opt.workspace_bytes = ws.n;
+      cuda::run_sparse_attention_forward(a, nullptr, opt);
+      cuda_check(cudaDeviceSynchronize(), "sparse forward");
+    } else {
+      cuda::run_sparse_attention_forward(a, nullptr, opt);
+    }
   }
   cuda_check(cudaDeviceSynchronize(), "sparse forward");
   return {o.get(), lse.get()};
@@ -243,6 +254,22 @@ TEST(CudaSparsePasses, QueryBandsBitwiseAsOneBand) {
   ASSERT_TRUE(written(ref16));
   for (int64_t band : {int64_t(1), int64_t(8), int64_t(32)})
     EXPECT_TRUE(same_bits(run(P16, 0, 0, 0, band), ref16, "g 16, band " + std::to_string(band)));
+}
+
+// The local pass merges a unit as soon as phase 1 has finished its query bands, while phase 1 still
+// runs other items (with fewer items than SMs, from the start). Partials read before they are
+// written would be the 0xff poison (NaN) of a fresh caller workspace, not the previous call's values.
+TEST(CudaSparsePasses, PoisonedWorkspaceBitwiseAsPublicCall) {
+  REQUIRE_GPU();
+  Problem P = make_problem(51, {100, 0, 37, 1, 300}, {1000, 5, 37, 513, 300}, 8, 2, 128, 64, 8, false);
+  fill_q(P, 52);
+  const Out ref = run(P, -1);
+  ASSERT_TRUE(written(ref));
+  for (int rep = 0; rep < 3; ++rep)
+    for (int64_t band : {int64_t(-1), int64_t(1), int64_t(8), int64_t(64)})
+      for (int64_t pass : {int64_t(0), int64_t(129)})
+        EXPECT_TRUE(same_bits(run(P, pass, 8, 0, band, true), ref,
+                              "poisoned workspace, band " + std::to_string(band) + ", pass " + std::to_string(pass)));
 }
 
 TEST(CudaSparsePasses, WorkspaceBoundedForAMillionTokens) {
