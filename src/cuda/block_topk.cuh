@@ -568,9 +568,7 @@ inline void launch(const BlockTopkParams& p, cudaStream_t stream) {
   a.topk = int(p.topk);
   a.force_last = p.force_last;
 
-  if constexpr (kBlockSmem > 48 * 1024)
-    check_cuda(kOp, cudaFuncSetAttribute(block_topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBlockSmem),
-               "cudaFuncSetAttribute");
+  if constexpr (kBlockSmem > 48 * 1024) ensure_smem(kOp, reinterpret_cast<const void*>(&block_topk_kernel), kBlockSmem);
   int dev = 0, sms = 0, per_sm = 0;
   check_cuda(kOp, cudaGetDevice(&dev), "cudaGetDevice");
   check_cuda(kOp, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");

@@ -582,10 +582,7 @@ void launch_dense_bwd(const CUtensorMap& tmap_q, const CUtensorMap& tmap_do, con
   constexpr int S = db_stages<D>();
   const size_t bytes = size_t(db_smem_layout(D, S).total) + 1024;  // + base alignment
   auto kernel = dense_bwd_kernel<D>;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  if (err != cudaSuccess)
-    throw_cuda_error(kDenseBwdOp, "cudaFuncSetAttribute(" + std::to_string(bytes) + " bytes of shared memory) failed",
-                     err);
+  ensure_smem(kDenseBwdOp, reinterpret_cast<const void*>(kernel), bytes);
   const int64_t grid = int64_t(kp.h_kv) * kp.tiles_per_head;
   if (grid == 0) return;
   kernel<<<dim3(unsigned(grid)), dim3(kDbThreads), bytes, stream>>>(tmap_q, tmap_do, tmap_k, tmap_v, tmap_dq, kp);

@@ -742,10 +742,7 @@ void launch_dense_fwd(const CUtensorMap& tmap_k, const CUtensorMap& tmap_v, cons
   constexpr int S = dn_stages<D>();
   const size_t bytes = size_t(dn_smem_layout(D, S).total) + 1024;  // + base alignment
   auto kernel = dense_fwd_kernel<D, PINGPONG>;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  if (err != cudaSuccess)
-    throw_cuda_error(kDenseFwdOp, "cudaFuncSetAttribute(" + std::to_string(bytes) + " bytes of shared memory) failed",
-                     err);
+  ensure_smem(kDenseFwdOp, reinterpret_cast<const void*>(kernel), bytes);
   const int64_t grid = int64_t(kp.h_kv) * kp.tiles_per_head;
   kernel<<<dim3(unsigned(grid)), dim3(kDnThreads), bytes, stream>>>(tmap_k, tmap_v, kp);
   check_cuda(kDenseFwdOp, cudaGetLastError(), "kernel launch failed");
@@ -758,10 +755,7 @@ void launch_dense_fwd_persistent(const CUtensorMap& tmap_q, const CUtensorMap& t
   constexpr int S = dn_stages<D>();
   const size_t bytes = size_t(dn_persist_layout(D, S).total) + 1024;  // + base alignment
   auto kernel = dense_fwd_persistent_kernel<D, PINGPONG>;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  if (err != cudaSuccess)
-    throw_cuda_error(kDenseFwdOp, "cudaFuncSetAttribute(" + std::to_string(bytes) + " bytes of shared memory) failed",
-                     err);
+  ensure_smem(kDenseFwdOp, reinterpret_cast<const void*>(kernel), bytes);
   kernel<<<dim3(unsigned(grid)), dim3(kDnThreads), bytes, stream>>>(tmap_q, tmap_k, tmap_v, kp);
   check_cuda(kDenseFwdOp, cudaGetLastError(), "kernel launch failed");
 }

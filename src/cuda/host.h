@@ -47,8 +47,9 @@ inline void ensure_smem(const char* op, const void* kernel, size_t bytes) {
   std::lock_guard<std::mutex> lock(mu);
   size_t& have = done[{kernel, dev}];
   if (have >= bytes) return;
-  check_cuda(op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err != cudaSuccess)
+    throw_cuda_error(op, "cudaFuncSetAttribute(" + std::to_string(bytes) + " bytes of shared memory) failed", err);
   have = bytes;
 }
 

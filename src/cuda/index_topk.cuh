@@ -582,8 +582,7 @@ void launch_index_topk(const CUtensorMap& tmap_k, IndexKernelParams kp, int smem
                              std::to_string(smem_optin) + " bytes per block)");
   kp.stages = stages;
   auto kernel = index_topk_kernel<D, BK, LSE>;
-  check_cuda(kIndexOp, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-             "cudaFuncSetAttribute failed");
+  ensure_smem(kIndexOp, reinterpret_cast<const void*>(kernel), bytes);
   const int64_t grid = (kp.n_rows + kIdxBlockM - 1) / kIdxBlockM;
   kernel<<<dim3(unsigned(grid)), dim3(kIdxThreads), bytes, stream>>>(tmap_k, kp);
   check_cuda(kIndexOp, cudaGetLastError(), "kernel launch failed");

@@ -732,12 +732,8 @@ __global__ void __launch_bounds__(128) kl_dk_kernel(const KlKernelParams p) {
 template <int D, int DI, int BK>
 void launch_kl_main(const KlKernelParams& kp, const char* op, int grid, int smem_optin, cudaStream_t stream) {
   const size_t bytes = size_t(kl_smem_layout(D, DI, BK).total) + 1024;  // + base alignment
-  if (bytes > size_t(smem_optin))
-    throw std::runtime_error(std::string("msa::") + op + ": the KL kernel needs " + std::to_string(bytes) +
-                             " bytes of shared memory per block, the device has " + std::to_string(smem_optin));
   auto kernel = kl_main_kernel<D, DI, BK>;
-  check_cuda(op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-             "cudaFuncSetAttribute failed");
+  require_smem(op, "the KL kernel", reinterpret_cast<const void*>(kernel), bytes, smem_optin);
   kernel<<<dim3(unsigned(grid)), dim3(kKlThreads), bytes, stream>>>(kp);
   check_cuda(op, cudaGetLastError(), "KL main kernel launch failed");
 }
@@ -746,8 +742,7 @@ template <int DI, int BK>
 void launch_kl_dk(const KlKernelParams& kp, const char* op, int grid, cudaStream_t stream) {
   const size_t bytes = 2 * size_t(kl_dk_stage_bytes(DI, BK)) + 1024;
   auto kernel = kl_dk_kernel<DI, BK>;
-  check_cuda(op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-             "cudaFuncSetAttribute failed");
+  ensure_smem(op, reinterpret_cast<const void*>(kernel), bytes);
   kernel<<<dim3(unsigned(grid)), dim3(128), bytes, stream>>>(kp);
   check_cuda(op, cudaGetLastError(), "KL dK kernel launch failed");
 }
