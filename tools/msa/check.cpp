@@ -1285,6 +1285,282 @@ void case_recall(Ctx& c) {
                Dims{{{"row", int64_t(gs.size())}}});
 }
 
+// ---------------------------------------------------------------------------------------------
+// Decode over a paged cache.
+
+// The value of an OCP e4m3 byte (0x7f / 0xff: NaN).
+double e4m3_value(uint8_t x) {
+  const int e = (x >> 3) & 15, m = x & 7;
+  if (e == 15 && m == 7) return std::nan("");
+  const double v = e == 0 ? std::ldexp(double(m), -9) : std::ldexp(1.0 + m / 8.0, e - 7);
+  return (x & 0x80) ? -v : v;
+}
+
+// A decode step of a batch whose whole contexts are appended to a shuffled page pool
+// (append_kv), then the index pass and the attention for the last tokens of each request. cpu:
+// against the prefill ops over the same sequences, contiguous (the decode contract); cuda: against
+// the cpu decode, cache bytes included, with native or fp8 index keys. The attention of both
+// backends runs over the target's selection; the selections are judged against block scores
+// computed here from the cache, so that near-ties may go either way.
+void case_decode(Ctx& c) {
+  Rng& rng = c.rng;
+  const DType dt = c.pick_dtype();
+  const int64_t batch = uni(rng, 1, 4);
+  const int64_t bk = c.cuda ? pick<int64_t>(rng, {16, 32, 64, 128}) : c.pick_bk();
+  const int64_t h_kv = pick<int64_t>(rng, {1, 2, 4}), g = pick<int64_t>(rng, {1, 2, 4, 8, 16}), h_q = h_kv * g;
+  const int64_t d = pick<int64_t>(rng, {64, 128}), d_idx = pick<int64_t>(rng, {64, 128}), topk = pick_topk(rng);
+  const bool fp8 = c.cuda && coin(rng, 0.3);  // the prefill reference of the cpu case has no fp8 keys
+  // Contexts (the first request non-empty with a query), 0..4 query tokens each.
+  std::vector<int32_t> lens(batch), cu_k(batch + 1, 0), cu_q(batch + 1, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    lens[b] = b > 0 && coin(rng, 0.15) ? 0 : int32_t(uni(rng, 1, 900));
+    const int64_t nq = lens[b] ? uni(rng, b == 0 ? 1 : 0, std::min<int64_t>(4, lens[b])) : 0;
+    cu_k[b + 1] = cu_k[b] + lens[b];
+    cu_q[b + 1] = cu_q[b] + int32_t(nq);
+  }
+  const int64_t n_k = cu_k[batch], n_q = cu_q[batch];
+  // Pages: each request's blocks on a random permutation of the pool, spare pages unused.
+  int64_t used = 0, max_blocks = 1;
+  for (int64_t b = 0; b < batch; ++b) {
+    used += (lens[b] + bk - 1) / bk;
+    max_blocks = std::max<int64_t>(max_blocks, (lens[b] + bk - 1) / bk);
+  }
+  max_blocks += uni(rng, 0, 2);
+  const int64_t n_pages = used + uni(rng, 1, 3);
+  std::vector<int32_t> perm(n_pages), table(batch * max_blocks, -1);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  for (int64_t b = 0, next = 0; b < batch; ++b)
+    for (int64_t j = 0; j < (lens[b] + bk - 1) / bk; ++j) table[b * max_blocks + j] = perm[next++];
+  Input k = randn(rng, dt, n_k * h_kv * d), v = randn(rng, dt, n_k * h_kv * d), kx = randn(rng, dt, n_k * d_idx);
+  Input q = randn(rng, dt, n_q * h_q * d, 2.0), qx = randn(rng, dt, n_q * h_kv * d_idx);
+  std::string lens_s;
+  for (int64_t b = 0; b < batch; ++b) lens_s += strf("%s%d/%d", b ? "," : "", lens[b], cu_q[b + 1] - cu_q[b]);
+  c.describe(
+      strf("batch=%lld contexts/queries=[%s] bk=%lld pages=%lld h_q=%lld h_kv=%lld d=%lld d_idx=%lld topk=%lld "
+           "keys=%s %s",
+           (long long)batch, lens_s.c_str(), (long long)bk, (long long)n_pages, (long long)h_q, (long long)h_kv,
+           (long long)d, (long long)d_idx, (long long)topk, fp8 ? "fp8_e4m3" : "native", dtype_name(dt)));
+
+  // One backend's cache (poisoned: a slot read before append_kv wrote it shows) and outputs.
+  struct Step {
+    Tensor kc, vc, kxc, o;
+    std::vector<uint8_t> kx8;
+    std::vector<float> scale, lse, ilse;
+    std::vector<int32_t> sel;
+  };
+  auto make_step = [&]() {
+    Step st;
+    st.kc = poisoned(dt, size_t(n_pages * bk * h_kv * d));
+    st.vc = poisoned(dt, size_t(n_pages * bk * h_kv * d));
+    if (fp8) {
+      st.kx8.assign(size_t(n_pages * bk * d_idx), 0x7f);
+      st.scale.assign(size_t(n_pages * bk), std::nanf(""));
+    } else {
+      st.kxc = poisoned(dt, size_t(n_pages * bk * d_idx));
+    }
+    st.o = poisoned(dt, size_t(n_q * h_q * d));
+    st.lse.assign(size_t(n_q * h_q), std::nanf(""));
+    st.ilse.assign(size_t(n_q * h_kv), std::nanf(""));
+    st.sel.assign(size_t(n_q * h_kv * topk), kPoisonIdx);
+    return st;
+  };
+  // append_kv, decode_index_topk, then decode_attention over att_sel (nullptr: this selection).
+  auto run = [&](bool target, Step& st, const std::vector<int32_t>* att_sel) {
+    const bool dev = target && c.cuda;
+    DeviceArena a;
+    auto in = [&](const void* h, size_t bytes) { return dev ? a.in(h, bytes) : h; };
+    auto out = [&](void* h, size_t bytes) { return dev ? a.out(h, bytes) : h; };
+    const size_t es = size_t(dtype_size(dt));
+    PagedKvCache pc;
+    pc.batch = batch;
+    pc.n_pages = n_pages;
+    pc.bk = bk;
+    pc.h_kv = h_kv;
+    pc.d = d;
+    pc.d_idx = d_idx;
+    pc.k_cache = out(st.kc.data(), st.kc.bytes.size());
+    pc.v_cache = out(st.vc.data(), st.vc.bytes.size());
+    if (fp8) {
+      pc.k_idx_format = IndexKeyFormat::fp8_e4m3;
+      pc.k_idx_cache = out(st.kx8.data(), st.kx8.size());
+      pc.k_idx_scale = static_cast<float*>(out(st.scale.data(), st.scale.size() * 4));
+    } else {
+      pc.k_idx_cache = out(st.kxc.data(), st.kxc.bytes.size());
+    }
+    pc.block_table = static_cast<const int32_t*>(in(table.data(), table.size() * 4));
+    pc.max_blocks = max_blocks;
+    pc.seq_lens = static_cast<const int32_t*>(in(lens.data(), lens.size() * 4));
+    const auto* cuk = static_cast<const int32_t*>(in(cu_k.data(), cu_k.size() * 4));
+    const auto* cuq = static_cast<const int32_t*>(in(cu_q.data(), cu_q.size() * 4));
+    const Exec ex = c.exec(target);
+    AppendKvParams ap;
+    ap.cache = pc;
+    ap.dtype = dt;
+    ap.n_new = n_k;
+    ap.cu_new = cuk;
+    ap.k = in(k.t.data(), k.t.bytes.size());
+    ap.v = in(v.t.data(), v.t.bytes.size());
+    ap.k_idx = in(kx.t.data(), kx.t.bytes.size());
+    append_kv(ap, ex);
+    DecodeIndexParams ip;
+    ip.cache = pc;
+    ip.dtype = dt;
+    ip.topk = topk;
+    ip.n_q = n_q;
+    ip.cu_seqlens_q = cuq;
+    ip.q_idx = in(qx.t.data(), size_t(n_q * h_kv * d_idx) * es);
+    ip.topk_idx = static_cast<int32_t*>(out(st.sel.data(), st.sel.size() * 4));
+    ip.index_lse = static_cast<float*>(out(st.ilse.data(), st.ilse.size() * 4));
+    decode_index_topk(ip, ex);
+    DecodeAttentionParams dp;
+    dp.cache = pc;
+    dp.dtype = dt;
+    dp.h_q = h_q;
+    dp.n_q = n_q;
+    dp.cu_seqlens_q = cuq;
+    dp.q = in(q.t.data(), q.t.bytes.size());
+    dp.topk = topk;
+    dp.topk_idx = att_sel ? static_cast<const int32_t*>(in(att_sel->data(), att_sel->size() * 4)) : ip.topk_idx;
+    dp.o = out(st.o.data(), st.o.bytes.size());
+    dp.lse = static_cast<float*>(out(st.lse.data(), st.lse.size() * 4));
+    decode_attention(dp, ex);
+    if (dev) a.fetch();
+  };
+
+  Step got = make_step(), ref = make_step();
+  run(true, got, nullptr);
+  Vec ref_o, ref_lse, ref_ilse(size_t(n_q * h_kv), std::nan(""));
+  std::vector<int32_t> ref_sel;
+  if (c.cuda) {
+    run(false, ref, &got.sel);
+    auto same_bytes = [&](const char* what, const void* x, const void* y, size_t n) {
+      const auto* p = static_cast<const uint8_t*>(x);
+      const auto* r = static_cast<const uint8_t*>(y);
+      for (size_t i = 0; i < n; ++i)
+        if (p[i] != r[i])
+          return c.rep.fail(strf("%s: byte %zu differs from the cpu append (%u vs %u)", what, i, p[i], r[i]));
+    };
+    same_bytes("k_cache", got.kc.data(), ref.kc.data(), got.kc.bytes.size());
+    same_bytes("v_cache", got.vc.data(), ref.vc.data(), got.vc.bytes.size());
+    if (fp8) {
+      same_bytes("k_idx_cache", got.kx8.data(), ref.kx8.data(), got.kx8.size());
+      same_bytes("k_idx_scale", got.scale.data(), ref.scale.data(), got.scale.size() * 4);
+    } else {
+      same_bytes("k_idx_cache", got.kxc.data(), ref.kxc.data(), got.kxc.bytes.size());
+    }
+    ref_o = ref.o.values();
+    ref_lse = to_vec(ref.lse);
+    ref_sel = ref.sel;
+    ref_ilse = to_vec(ref.ilse);
+  } else {
+    // The prefill ops over the contiguous sequences: keys cu_k (the appended rows), queries the last
+    // tokens of each (bottom-right aligned).
+    Varlen vl;
+    vl.n_q = n_q;
+    vl.n_k = n_k;
+    vl.batch = batch;
+    vl.cu_seqlens_q = cu_q.data();
+    vl.cu_seqlens_k = cu_k.data();
+    IndexTopkParams ip;
+    ip.seq = vl;
+    ip.h_kv = h_kv;
+    ip.d_idx = d_idx;
+    ip.bk = bk;
+    ip.topk = topk;
+    ip.dtype = dt;
+    ip.q_idx = qx.t.data();
+    ip.k_idx = kx.t.data();
+    ref_sel.assign(size_t(n_q * h_kv * topk), kPoisonIdx);
+    std::vector<float> ilse(size_t(n_q * h_kv), std::nanf(""));
+    ip.topk_idx = ref_sel.data();
+    ip.index_lse = ilse.data();
+    index_topk(ip, c.exec(false));
+    ref_ilse = to_vec(ilse);
+    AttentionParams p;
+    p.seq = vl;
+    p.h_q = h_q;
+    p.h_kv = h_kv;
+    p.d = d;
+    p.bk = bk;
+    p.topk = topk;
+    p.dtype = dt;
+    p.q = q.t.data();
+    p.k = k.t.data();
+    p.v = v.t.data();
+    p.topk_idx = got.sel.data();
+    Tensor o = poisoned(dt, size_t(n_q * h_q * d));
+    std::vector<float> lse(size_t(n_q * h_q), std::nanf(""));
+    p.o = o.data();
+    p.lse = lse.data();
+    sparse_attention_forward(p, c.exec(false));
+    ref_o = o.values();
+    ref_lse = to_vec(lse);
+  }
+
+  // Selections: structure, then against the reference up to near-ties of the block scores, computed
+  // here from the reference cache as the contract defines them.
+  const double iscale = double(float(1.0 / std::sqrt(double(d_idx))));
+  const Step& rc = c.cuda ? ref : got;  // a cache written by the cpu backend
+  std::vector<int32_t> valid, want_valid;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = cu_q[b]; i < cu_q[b + 1]; ++i) {
+      const int64_t pos = lens[b] - (cu_q[b + 1] - cu_q[b]) + (i - cu_q[b]), n_vis = pos / bk + 1;
+      for (int64_t r = 0; r < h_kv; ++r) {
+        const size_t row = size_t(i * h_kv + r);
+        const int32_t* gr = got.sel.data() + row * topk;
+        std::string why = row_structure(gr, topk, n_vis, true, valid);
+        if (why.empty()) {
+          Vec qv(d_idx);
+          double sq = 1.0;
+          if (fp8) {
+            std::vector<float> x(d_idx);
+            std::vector<uint8_t> q8(d_idx);
+            for (int64_t e = 0; e < d_idx; ++e) x[e] = float(qx.v[row * d_idx + e]);
+            sq = quantize_e4m3_row(x.data(), d_idx, q8.data());
+            for (int64_t e = 0; e < d_idx; ++e) qv[e] = e4m3_value(q8[e]);
+          } else {
+            for (int64_t e = 0; e < d_idx; ++e) qv[e] = qx.v[row * d_idx + e];
+          }
+          Vec m(n_vis, -kInf);
+          for (int64_t j = 0; j <= pos; ++j) {
+            const size_t slot = size_t(table[b * max_blocks + j / bk]) * bk + size_t(j % bk);
+            double dot = 0;
+            for (int64_t e = 0; e < d_idx; ++e)
+              dot += qv[e] * (fp8 ? e4m3_value(rc.kx8[slot * d_idx + e]) : rc.kxc.get(slot * d_idx + e));
+            const double sc = dot * iscale * (fp8 ? sq * double(rc.scale[slot]) : 1.0);
+            m[j / bk] = std::max(m[j / bk], sc);
+          }
+          std::vector<int32_t> want(ref_sel.begin() + row * topk, ref_sel.begin() + (row + 1) * topk);
+          why = row_structure(want.data(), topk, n_vis, true, want_valid);
+          if (why.empty())
+            why = judge_selection(valid, want_valid, m, 1e-4 * max_abs(m) + 1e-6);
+          else
+            why = "reference " + why;
+          // The index lse of a row is comparable where both selected the same blocks.
+          if (why.empty() && valid == want_valid && std::isfinite(ref_ilse[row])) {
+            const Tol tl = lse_tol(c);
+            if (!(std::abs(got.ilse[row] - ref_ilse[row]) <= tl.rtol * std::abs(ref_ilse[row]) + tl.atol))
+              why = strf("index_lse %.9g, expected %.9g", got.ilse[row], ref_ilse[row]);
+          }
+        }
+        if (!why.empty()) {
+          c.rep.fail(strf("query %lld (request %lld, pos %lld), group %lld: %s", (long long)i, (long long)b,
+                          (long long)pos, (long long)r, why.c_str()));
+          return;
+        }
+      }
+    }
+
+  // The attention over the same selection.
+  const Tol to = out_tol(c, dt), tl = lse_tol(c);
+  const Vec scales = row_scales(ref_o, d);
+  expect_close(
+      c.rep, "o", got.o.values(), ref_o, to.rtol, to.atol, [&](size_t i) { return scales[i / d]; },
+      Dims{{{"query", n_q}, {"head", h_q}, {"col", d}}});
+  expect_close(c.rep, "lse", to_vec(got.lse), ref_lse, tl.rtol, tl.atol, 1.0, Dims{{{"query", n_q}, {"head", h_q}}});
+}
+
 struct Kind {
   const char* name;
   std::function<void(Ctx&)> run;
@@ -1302,6 +1578,7 @@ const std::vector<Kind>& kinds() {
       {"kl_loss", [](Ctx& c) { case_kl(c, false); }},
       {"kl_backward", [](Ctx& c) { case_kl(c, true); }},
       {"selection_recall", case_recall},
+      {"decode", case_decode},
   };
   return k;
 }
