@@ -1306,7 +1306,7 @@ void case_decode(Ctx& c) {
   Rng& rng = c.rng;
   const DType dt = c.pick_dtype();
   const int64_t batch = uni(rng, 1, 4);
-  const int64_t bk = c.cuda ? pick<int64_t>(rng, {16, 32, 64, 128}) : c.pick_bk();
+  const int64_t bk = c.pick_bk();  // the cuda index pass takes 64 and 128
   const int64_t h_kv = pick<int64_t>(rng, {1, 2, 4}), g = pick<int64_t>(rng, {1, 2, 4, 8, 16}), h_q = h_kv * g;
   const int64_t d = pick<int64_t>(rng, {64, 128}), d_idx = pick<int64_t>(rng, {64, 128}), topk = pick_topk(rng);
   const bool fp8 = c.cuda && coin(rng, 0.3);  // the prefill reference of the cpu case has no fp8 keys
