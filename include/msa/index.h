@@ -68,6 +68,10 @@ int64_t index_block_count(const Varlen& seq, int64_t bk);
 //         ties toward the lower block); I = the valid entries of topk_idx[i, r];
 //   block recall = |I* n I| / |I*|,  score recall = sum_{b in I* n I} P_b / sum_{b in I*} P_b.
 // The means over all (i, r) rows are returned; per-row values optionally.
+// cuda (bf16, d in {64, 128}, h_q / h_kv in {1, 2, 4, 8, 16}, any bk): every pointer is device
+// memory, the call waits for ex.stream (the means come back to the host), the block masses are
+// float32 (so blocks whose masses agree to float rounding may rank either way against the cpu's
+// float64), and entries of topk_idx that are not visible blocks simply never match.
 struct SelectionRecallParams {
   Varlen seq;
   int64_t h_q = 0, h_kv = 0, d = 0;

@@ -1192,7 +1192,9 @@ void case_recall(Ctx& c) {
       if (n_vis > topk) {
         Vec others(m.begin(), m.end() - 1);
         std::sort(others.begin(), others.end(), std::greater<double>());
-        if (topk >= 2 && others[topk - 2] - others[topk - 1] < 1e-6 * others[0]) ambiguous[row] = 1;
+        // cuda: float32 masses (exp of float32 scores), good to a few 1e-6 of the largest.
+        const double tie = c.cuda ? 1e-4 : 1e-6;
+        if (topk >= 2 && others[topk - 2] - others[topk - 1] < tie * others[0]) ambiguous[row] = 1;
       }
     }
   if (variant == 1) {
@@ -1259,7 +1261,6 @@ void case_recall(Ctx& c) {
     if (std::abs(ref.block_recall - got.block_recall) > 2e-2 || std::abs(ref.score_recall - got.score_recall) > 2e-2)
       c.rep.fail(strf("means: got block %.6g score %.6g, cpu block %.6g score %.6g", got.block_recall, got.score_recall,
                       ref.block_recall, ref.score_recall));
-    return;
   }
   Vec gb, wb, gs, ws;
   for (int64_t row = 0; row < rows; ++row) {
@@ -1281,7 +1282,7 @@ void case_recall(Ctx& c) {
   }
   expect_close(c.rep, "block_recall_rows (unambiguous rows)", gb, wb, 1e-6, 1e-6, 1.0,
                Dims{{{"row", int64_t(gb.size())}}});
-  expect_close(c.rep, "score_recall_rows (unambiguous rows)", gs, ws, 1e-5, 1e-6, 1.0,
+  expect_close(c.rep, "score_recall_rows (unambiguous rows)", gs, ws, c.cuda ? 1e-4 : 1e-5, 1e-6, 1.0,
                Dims{{{"row", int64_t(gs.size())}}});
 }
 
