@@ -380,9 +380,28 @@ TEST(ValidationSelectionRecall, Arguments) {
         c.p.seq.q_pos = c.q_pos.data();
       },
       {fn, "seq.q_pos[9] = 10"});
-  // The metric is a CPU reference with no kernel, so a CUDA build names the missing kernel.
+  if (!cuda_compiled()) {
+    expect_recall_error([](RecallCall& c) { c.ex.backend = Backend::cuda; }, {fn, "backend = cuda", "no CUDA backend"});
+    return;
+  }
+  // A CUDA build rejects on the host, before any launch, what its kernels cannot take (the call's
+  // pointers are host memory here, so reaching a launch would be a bug of its own).
   expect_recall_error([](RecallCall& c) { c.ex.backend = Backend::cuda; },
-                      {fn, "backend = cuda", cuda_compiled() ? "no CUDA kernel" : "no CUDA backend"});
+                      {fn, "dtype = float32, expected bfloat16 on the cuda backend"});
+  expect_recall_error(
+      [](RecallCall& c) {
+        c.ex.backend = Backend::cuda;
+        c.p.dtype = DType::bf16;
+      },
+      {fn, "d = 8, expected one of {64, 128}"});
+  expect_recall_error(
+      [](RecallCall& c) {
+        c.ex.backend = Backend::cuda;
+        c.p.dtype = DType::bf16;
+        c.p.d = 64;
+        c.p.h_q = 6;
+      },
+      {fn, "h_q / h_kv = 3, expected one of {1, 2, 4, 8, 16}"});
 }
 
 TEST(ValidationSelectionRecall, InvalidSelections) {
