@@ -65,8 +65,8 @@ struct Problem {
   int64_t h_q, h_kv, d, bk, topk, pad_k = 0;
   std::vector<double> q, k;  // bf16-rounded values; k rows [n_k, h_kv, d + pad_k] (padding NaN)
   std::vector<int32_t> sel;
-  std::vector<int64_t> pos;                // per query
-  std::vector<std::vector<double>> mass;   // per (query, group): float64 P_b
+  std::vector<int64_t> pos;               // per query
+  std::vector<std::vector<double>> mass;  // per (query, group): float64 P_b
   int64_t n_q() const { return cu_q.back(); }
   int64_t n_k() const { return cu_k.back(); }
   int64_t stride_k_head() const { return d + pad_k; }

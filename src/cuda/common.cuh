@@ -1,6 +1,6 @@
 // common.cuh — device helpers the msa CUDA kernels share that need no Hopper-only instruction:
-// shared-memory addresses, and the varlen lookup and clamp that keep garbage device-side
-// cu_seqlens inside the tensors. Internal to src/cuda; the sm_90a PTX wrappers and the 128-byte
+// shared-memory addresses, bf16 loads as floats, and the varlen lookup and clamp that keep garbage
+// device-side cu_seqlens inside the tensors. Internal to src/cuda; the sm_90a PTX wrappers and the 128-byte
 // swizzle layout live in hopper.cuh.
 #pragma once
 
@@ -14,6 +14,26 @@ namespace msa::cuda {
 // wgmma descriptors take).
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// The float value of bf16 bits (the low 16 bits of `bits`).
+__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits) { return __uint_as_float(bits << 16); }
+
+// Eight consecutive bf16 of a row as floats: one 16-byte load when the layout allows it (vec: src
+// 16-byte aligned), else eight 2-byte loads.
+__device__ __forceinline__ void load8_as_float(const uint16_t* src, bool vec, float (&x)[8]) {
+  if (vec) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      x[2 * e] = bf16_bits_to_float(w[e] & 0xffffu);
+      x[2 * e + 1] = bf16_bits_to_float(w[e] >> 16);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = bf16_bits_to_float(__ldg(src + e));
+  }
 }
 
 // Division of a non-negative 32-bit value below 2^31 by a divisor fixed at launch, as a multiply-high

@@ -15,7 +15,6 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kMaxIdxPerLane = 16;  // d_idx <= 512 (validated)
 
-__device__ __forceinline__ float bf16_bits_to_float(uint16_t b) { return __uint_as_float(uint32_t(b) << 16); }
 
 struct AppendArgs {
   const uint16_t* k;

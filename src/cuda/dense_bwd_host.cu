@@ -26,24 +26,6 @@ MSA_DENSE_BWD_EXTERN(128)
 
 namespace {
 
-__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits) { return __uint_as_float(bits << 16); }
-
-// Eight consecutive bf16 of a row as floats: one 16-byte load when the layout allows it.
-__device__ __forceinline__ void load8(const uint16_t* src, bool vec, float (&x)[8]) {
-  if (vec) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      x[2 * e] = bf16_bits_to_float(w[e] & 0xffffu);
-      x[2 * e + 1] = bf16_bits_to_float(w[e] >> 16);
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) x[e] = bf16_bits_to_float(__ldg(src + e));
-  }
-}
-
 // row_stats[h, i] = (lse[i, h] * log2(e), sum_c do[i, h, c] * o[i, h, c]) in fp32; d / 8 threads
 // per (token, head) row, reduced by shuffles. The loop bound is uniform per block so every lane
 // reaches the shuffles.
@@ -63,8 +45,8 @@ __global__ void __launch_bounds__(kPreThreads)
       tok = row / h_q;
       h = row - tok * h_q;
       float a[8], b[8];
-      load8(o + tok * so_tok + h * so_head + sub * 8, vec, a);
-      load8(dout + tok * sdo_tok + h * sdo_head + sub * 8, vec, b);
+      load8_as_float(o + tok * so_tok + h * so_head + sub * 8, vec, a);
+      load8_as_float(dout + tok * sdo_tok + h * sdo_head + sub * 8, vec, b);
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc = fmaf(a[e], b[e], acc);
     }

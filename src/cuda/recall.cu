@@ -42,18 +42,16 @@ struct RecallParams {
   int h_q = 1, h_kv = 1, g = 1, topk = 1;
   int64_t bk = 128;
   float scale = 1.f;
-  const float* lse = nullptr;        // [n_q, h_q] natural log
-  float* mass = nullptr;             // [chunk rows, n_blocks]
-  int32_t* row_blocks = nullptr;     // [chunk rows] visible blocks of the row
-  int64_t n_blocks = 1;              // columns of mass: blocks of the longest possible sequence
-  const int32_t* best = nullptr;     // [chunk rows, topk] I*
-  const int32_t* topk_idx = nullptr; // [n_q * h_kv, topk] I
-  double* rows_out = nullptr;        // [n_q * h_kv][2] block, score recall
-  float* block_rows = nullptr;       // optional [n_q * h_kv]
-  float* score_rows = nullptr;       // optional [n_q * h_kv]
+  const float* lse = nullptr;         // [n_q, h_q] natural log
+  float* mass = nullptr;              // [chunk rows, n_blocks]
+  int32_t* row_blocks = nullptr;      // [chunk rows] visible blocks of the row
+  int64_t n_blocks = 1;               // columns of mass: blocks of the longest possible sequence
+  const int32_t* best = nullptr;      // [chunk rows, topk] I*
+  const int32_t* topk_idx = nullptr;  // [n_q * h_kv, topk] I
+  double* rows_out = nullptr;         // [n_q * h_kv][2] block, score recall
+  float* block_rows = nullptr;        // optional [n_q * h_kv]
+  float* score_rows = nullptr;        // optional [n_q * h_kv]
 };
-
-__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits) { return __uint_as_float(bits << 16); }
 
 // Row row0 + blockIdx.x = i * h_kv + r: the masses of its visible blocks (row_blocks = their count).
 template <int D>
@@ -85,28 +83,15 @@ __global__ void __launch_bounds__(kMassThreads) recall_mass_kernel(const RecallP
     float acc = 0.f;
     for (int64_t j = blk * p.bk + lane; j <= j_end; j += 32) {
       const uint16_t* kr = p.k + (sr.k_lo + j) * p.stride_k_tok + int64_t(r) * p.stride_k_head;
-      float kf[D];
-      if (p.k_vec) {
+      float kf[D / 8][8];
 #pragma unroll
-        for (int c = 0; c < D; c += 8) {
-          const uint4 v = *reinterpret_cast<const uint4*>(kr + c);
-          const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            kf[c + 2 * u] = bf16_bits_to_float(w[u] & 0xffffu);
-            kf[c + 2 * u + 1] = bf16_bits_to_float(w[u] >> 16);
-          }
-        }
-      } else {
-#pragma unroll
-        for (int c = 0; c < D; ++c) kf[c] = bf16_bits_to_float(kr[c]);
-      }
+      for (int c8 = 0; c8 < D / 8; ++c8) load8_as_float(kr + 8 * c8, p.k_vec != 0, kf[c8]);
       float pj = 0.f;
       for (int h = 0; h < p.g; ++h) {
         const float* qh = qs + h * D;
         float s = 0.f;
 #pragma unroll
-        for (int c = 0; c < D; ++c) s = fmaf(qh[c], kf[c], s);
+        for (int c = 0; c < D; ++c) s = fmaf(qh[c], kf[c / 8][c % 8], s);
         pj += expf(s - ls[h]);
       }
       acc += pj;
@@ -161,21 +146,20 @@ SelectionRecall run_selection_recall(const SelectionRecallParams& sp, cudaStream
 
   // Scratch: lse [n_q, h_q], o [n_q, h_q, d] (discarded), the per-row recalls, and per chunk the
   // masses, their visible counts and I*.
-  const size_t lse_bytes = align256(size_t(n_q * h_q) * 4), o_bytes = align256(size_t(n_q * h_q * d) * 2),
-               rows_bytes = align256(size_t(n_rows) * 16), mass_bytes = align256(size_t(chunk * n_blocks) * 4),
-               rb_bytes = align256(size_t(chunk) * 4), best_bytes = align256(size_t(chunk * sp.topk) * 4);
+  const size_t sizes[] = {size_t(n_q * h_q) * 4,        size_t(n_q * h_q * d) * 2, size_t(n_rows) * 16,
+                          size_t(chunk * n_blocks) * 4, size_t(chunk) * 4,         size_t(chunk * sp.topk) * 4};
+  size_t offsets[6], total = 0;
+  for (int x = 0; x < 6; ++x) offsets[x] = total, total += align256(sizes[x]);
   ScratchGuard ws;
   ws.stream = stream;
-  check_cuda(kOp,
-             cudaMallocAsync(&ws.ptr, lse_bytes + o_bytes + rows_bytes + mass_bytes + rb_bytes + best_bytes, stream),
-             "cudaMallocAsync");
+  check_cuda(kOp, cudaMallocAsync(&ws.ptr, total, stream), "cudaMallocAsync");
   uint8_t* base = static_cast<uint8_t*>(ws.ptr);
-  float* lse = reinterpret_cast<float*>(base);
-  void* o = base + lse_bytes;
-  double* rows_out = reinterpret_cast<double*>(base + lse_bytes + o_bytes);
-  float* mass = reinterpret_cast<float*>(base + lse_bytes + o_bytes + rows_bytes);
-  int32_t* row_blocks = reinterpret_cast<int32_t*>(base + lse_bytes + o_bytes + rows_bytes + mass_bytes);
-  int32_t* best = reinterpret_cast<int32_t*>(base + lse_bytes + o_bytes + rows_bytes + mass_bytes + rb_bytes);
+  float* lse = reinterpret_cast<float*>(base + offsets[0]);
+  void* o = base + offsets[1];
+  double* rows_out = reinterpret_cast<double*>(base + offsets[2]);
+  float* mass = reinterpret_cast<float*>(base + offsets[3]);
+  int32_t* row_blocks = reinterpret_cast<int32_t*>(base + offsets[4]);
+  int32_t* best = reinterpret_cast<int32_t*>(base + offsets[5]);
 
   // 1. lse of the dense attention over the visible keys.
   AttentionParams ap;
