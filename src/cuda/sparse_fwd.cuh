@@ -980,20 +980,23 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
           hopper::grid_dependency_wait();
           partials_ready = true;
         }
-        // Ask L2 for the partial rows the merge reads first (rows 0 .. 15 of the tile, warp 0's):
-        // lane q4 takes the slots s = q4 mod 4 of both its rows. Later rows are prefetched one merge
-        // round ahead. The prefetched lines are marked evict-last so that the other SMs' streams do
-        // not evict them before their (evict-first) read: 2.8% less time per pass at 128K; two
-        // rounds ahead overfill L2 (docs/sparse_attention.md, 2026-11-27 night).
-        if (warp_in_wg == 0) {
+        // Ask L2 for the partial rows of the merge's first kSpLocalScanRounds rounds (rows 0 .. 31 of
+        // the tile: warps 0 and 1 hold them here) while the tile computes: lane q4 takes the slots
+        // s = q4 mod 4 of both its rows, o lines and, from the row of a query's first head, the lse
+        // line of its g heads (the merge's first loads wait on the lse otherwise). Later rounds are
+        // prefetched one round ahead. The lines are marked evict-last so that the other SMs' streams
+        // do not evict them before their (evict-first) read; prefetching further ahead overfills L2
+        // (docs/sparse_attention.md, 2026-11-27 night and 2026-11-28).
+        if (warp_in_wg < kSpLocalScanRounds) {
 #pragma unroll
           for (int i = 0; i < 2; ++i)
             for (uint32_t bits = remote[i] & (0x11111111u << q4); bits; bits &= bits - 1) {
               const int s = __ffs(bits) - 1;
-              const uint8_t* line = static_cast<const uint8_t*>(p.partial_o) +
-                                    ((int64_t(qq[i]) * p.topk + s) * p.h_q + hh[i]) * (2 * D);
+              const int64_t prow = (int64_t(qq[i]) * p.topk + s) * p.h_q + hh[i];
+              const uint8_t* line = static_cast<const uint8_t*>(p.partial_o) + prow * (2 * D);
 #pragma unroll
               for (int h = 0; h < D / kSpAtomK; ++h) hopper::prefetch_l2_last(line + h * 128);
+              if ((hh[i] & (p.g - 1)) == 0) hopper::prefetch_l2_last(p.partial_lse + prow);
             }
         }
       };
@@ -1087,16 +1090,18 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
         const int hk = r * p.g + (row & (p.g - 1));
         const float2 ri = rinfo[row];
         const uint32_t rm = __float_as_uint(ri.y);
-        // The next round's rows into L2 (its slots s = c16 mod 8, one line per 64 columns).
-        if (k + 1 < kSpRowGroups) {
+        // The next round's rows into L2 unless the row scan asked for them (its slots s = c16 mod 8,
+        // one line per 64 columns, and the lse line from the row of a query's first head).
+        if (k + 1 < kSpRowGroups && k + 1 >= kSpLocalScanRounds) {
           const int qn = qk + tc.ent_step;
           if (qn < q_hi) {
             const uint32_t rn = __float_as_uint(rinfo[row + 16].y);
             for (uint32_t bits = rn & (0x01010101u << c16); bits; bits &= bits - 1) {
-              const uint8_t* line = static_cast<const uint8_t*>(p.partial_o) +
-                                    ((int64_t(qn) * p.topk + (__ffs(bits) - 1)) * p.h_q + hk) * (2 * D);
+              const int64_t prow = (int64_t(qn) * p.topk + (__ffs(bits) - 1)) * p.h_q + hk;
+              const uint8_t* line = static_cast<const uint8_t*>(p.partial_o) + prow * (2 * D);
 #pragma unroll
               for (int h = 0; h < D / kSpAtomK; ++h) hopper::prefetch_l2_last(line + h * 128);
+              if ((hk & (p.g - 1)) == 0) hopper::prefetch_l2_last(p.partial_lse + prow);
             }
           }
         }

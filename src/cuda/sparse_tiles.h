@@ -39,6 +39,12 @@ constexpr int kSpLocalStages = 2;
 // Speed only (8: more round trips, measured slower).
 constexpr int kSpLocalMergeSlots = 16;
 
+// Merge rounds (16 rows each) of a tile whose partial rows the local pass asks L2 for at the row scan,
+// before the tile's products; later rounds are asked for one round ahead. Speed only (1 and 3 or 4:
+// measured slower; beyond 2 the prefetched lines overfill L2).
+constexpr int kSpLocalScanRounds = 2;
+static_assert(kSpLocalScanRounds >= 1 && kSpLocalScanRounds <= kSpRows / 16, "the row scan's warps hold one round each");
+
 // Most queries of one local unit (the schedule cuts runs of one own block at this window), and the
 // 32-bit words of a unit's per-tile flags (one bit per 64-row tile; g <= 16).
 constexpr int kSpUnitQueries = 1024;
