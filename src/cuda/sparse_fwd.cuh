@@ -986,7 +986,7 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
         // line of its g heads (the merge's first loads wait on the lse otherwise). Later rounds are
         // prefetched one round ahead. The lines are marked evict-last so that the other SMs' streams
         // do not evict them before their (evict-first) read; prefetching further ahead overfills L2
-        // (docs/sparse_attention.md, 2026-11-27 night and 2026-11-28).
+        // (docs/sparse_attention.md, 2026-11-27 night and morning).
         if (warp_in_wg < kSpLocalScanRounds) {
 #pragma unroll
           for (int i = 0; i < 2; ++i)
