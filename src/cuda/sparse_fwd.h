@@ -18,7 +18,7 @@ struct SparseFwdOptions {
   bool partial_f32 = false;              // per-slot partial o in float32 instead of bfloat16 (2x partial bytes)
   bool local_pass = true;                // bf16 partials: the sink and own blocks attended by the local pass, which
                                          // also merges (false: every block in phase 1, then the combine kernel)
-  int64_t chunk_queries = 0;             // most queries per work item; 0: kSpChunkFactor * topk * bk
+  int64_t chunk_queries = 0;             // most queries per work item; 0: kSpItemRows / g
   int64_t pass_queries = 0;              // most query rows per pass; 0: from max_workspace_bytes
   int64_t band_queries = 0;              // query rows per band of the work order (a power of two); 0: from kSpBandBytes, -1: one band
   size_t max_workspace_bytes = 0;        // pass size when pass_queries is 0: the largest that fits; 0: kSpPassRows / (h_q * topk) query rows

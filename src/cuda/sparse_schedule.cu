@@ -18,6 +18,11 @@ constexpr const char* kOp = "sparse_attention_forward";
 
 constexpr int kThreads = 256;
 
+// Entries per step of the work order's size rank (rank_step, or the item size when 0).
+__host__ __device__ inline int rank_step(const SparseScheduleParams& p) {
+  return p.rank_step > 0 ? p.rank_step : p.chunk;
+}
+
 // Grid of a grid-stride loop over n elements: enough blocks to fill the GPU, no more.
 unsigned grid_for(int64_t n) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 8192)));
@@ -58,10 +63,10 @@ __global__ void group_counts_kernel(SparseScheduleParams p, const int2* qinfo, i
 }
 
 // One sort key per entry: on top the query band (the pass's queries in runs of 2^band_shift), then
-// the complement of the group's number of full work items (capped at heavy_max), then the group.
-// Bands keep the q rows that the running items gather inside L2 (each row is gathered once per
-// selected block); inside a band, groups with more full items sort first and the rest keep the
-// group order. Invalid entries get the largest key so they sort behind every valid one.
+// the complement of the group's size in steps of rank_step entries (capped at heavy_max), then the
+// group. Bands keep the q rows that the running items gather inside L2 (each row is gathered once
+// per selected block); inside a band, groups of more steps sort first and the rest keep the group
+// order. Invalid entries get the largest key so they sort behind every valid one.
 __global__ void entry_keys_kernel(SparseScheduleParams p, const int2* qinfo, const int32_t* counts, int64_t n_e,
                                   int group_bits, int rank_bits, int band_shift, uint64_t heavy_max, uint64_t band_max,
                                   uint64_t* keys, uint32_t* vals) {
@@ -71,7 +76,7 @@ __global__ void entry_keys_kernel(SparseScheduleParams p, const int2* qinfo, con
     const uint64_t grp = entry_group(p, qinfo, e, invalid);
     uint64_t rank = heavy_max, band = band_max;
     if (grp < invalid) {
-      rank -= min(uint64_t(counts[grp] / p.chunk), heavy_max);
+      rank -= min(uint64_t(counts[grp] / rank_step(p)), heavy_max);
       band = uint64_t(e / per_query) >> band_shift;
     }
     keys[e] = (band << (group_bits + rank_bits)) | (rank << group_bits) | grp;
@@ -149,7 +154,7 @@ int key_bits(uint64_t invalid) {
 }
 
 // Bits of the sort key: the group (room for `invalid` = h_kv * n_k), above it the order rank
-// (0 .. heavy_max, heavy_max = 2^rank_bits - 1 >= the most full items a group can have), and on
+// (0 .. heavy_max, heavy_max = 2^rank_bits - 1 >= the most rank steps a group can have), and on
 // top the query band (0 .. band_max, band_max = 2^band_bits - 1 >= the last band).
 struct KeyBits {
   int group = 1, rank = 1, band = 1;
@@ -162,7 +167,7 @@ struct KeyBits {
 KeyBits sort_key_bits(const SparseScheduleParams& p) {
   KeyBits kb;
   kb.group = key_bits(uint64_t(p.h_kv) * uint64_t(p.n_k));
-  kb.rank = key_bits(uint64_t(p.n_q / std::max(p.chunk, 1)));
+  kb.rank = key_bits(uint64_t(p.n_q / std::max(rank_step(p), 1)));
   kb.band_shift = p.band_shift;
   kb.band = key_bits(p.band_shift >= 62 ? 0 : uint64_t(std::max<int64_t>(p.n_q - 1, 0)) >> p.band_shift);
   if (kb.end() > 64) {  // no room above the group and the rank: one band (order only, never values)

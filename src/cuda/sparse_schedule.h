@@ -24,6 +24,7 @@ struct SparseScheduleParams {
   int h_kv = 1, topk = 1, bk = 128;
   int bk_shift = 7;  // log2(bk): bk is a power of two
   int chunk = 1;     // most entries (queries) per work item
+  int rank_step = 0;  // the work order ranks groups by size in steps of this many entries; 0: chunk
   int band_shift = 62;  // items are ordered by query band (2^band_shift pass rows) first; 62: one band
   // 1: the local pass attends each query's sink block (0) and own block (p / bk) and merges the
   // partials: those entries get no work item, and the schedule also lists the local units.
@@ -32,9 +33,9 @@ struct SparseScheduleParams {
 
 // Views into the workspace, valid once build_sparse_schedule's work has run on the stream.
 // An entry id is e = (i * h_kv + r) * topk + s: query i of the pass, kv head r, slot s of its
-// selection row. Groups chosen by at least `chunk` queries come first (the more full work items,
-// the earlier), the others in key order: phase 1 takes items in this order, so the long items of
-// hot blocks (the sink) start first instead of finishing last.
+// selection row. Groups chosen by at least `rank_step` queries come first (the more steps, the
+// earlier), the others in key order: phase 1 takes items in this order, so the items of hot blocks
+// start first instead of finishing last.
 struct SparseSchedule {
   int2* qinfo = nullptr;        // [n_q] {first key row k0 of the query's sequence, position p}; p = -1: sees nothing
   uint64_t* keys = nullptr;     // [n_e] group key r * n_k + (first key row of the block) of each sorted entry; invalid = h_kv * n_k

@@ -1,6 +1,6 @@
 // sparse_tiles.h — compile-time tile shapes of the CUDA sparse attention forward (sparse_fwd.cuh,
 // sparse_schedule.cu), each with the reason for its value. kSpRows and kSpWarpgroups fix the
-// register and shared-memory layouts; kSpChunkFactor and kSpCombineThreads only move speed;
+// register and shared-memory layouts; kSpItemRows, kSpRankFactor and kSpCombineThreads only move speed;
 // kSpPassRows bounds the workspace.
 #pragma once
 
@@ -59,10 +59,18 @@ constexpr int kSpMaxTopk = 32;
 // the warpgroup may still read tile j - 1's.
 constexpr int kSpMetaSlots = kSpQStages + 1;
 
-// A (kv block, kv head) bucket chosen by more queries than kSpChunkFactor * topk * bk is split
-// into chunks of at most that many queries (rounded up to whole tiles), so hot blocks (the sink)
-// spread over several CTAs. 2 follows the paper; speed only.
-constexpr int kSpChunkFactor = 2;
+// A (kv block, kv head) group is split into work items of at most kSpItemRows (query, head) rows,
+// i.e. kSpItemRows / g queries (512 at g = 16: 128 tiles, ~43 per warpgroup), so that the blocks a
+// local selection makes popular (each chosen by the next ~16 blocks' queries: up to 2048 per band)
+// spread over several CTAs instead of ending each pass on a few long items. The paper's
+// 2 * topk * bk queries (4096 at the M3 shape) left a window selection (own block + the 15 before)
+// at 36.3 ms at 128K against 33.1 with 512 (256: the same, 1024: 34.2; docs/sparse_attention.md,
+// 2026-11-27 morning). Speed only.
+constexpr int kSpItemRows = 8192;
+// The work order ranks groups by size in steps of kSpRankFactor * topk * bk queries (4096 at the
+// M3 shape): only the groups of hot blocks move ahead; a finer step reorders the groups of one
+// query band across kv heads, which measured slower on near-random and planted selections.
+constexpr int kSpRankFactor = 2;
 
 // The forward walks the packed queries in passes of at most kSpPassRows / (h_q * topk) query rows
 // (at least one); the schedule, phase 1 and the combine run per pass over one reused workspace.
