@@ -58,7 +58,7 @@ AttentionParams resolved(const AttentionParams& p0) {
 // sparse_fwd_workspace_bytes agree.
 struct Plan {
   int64_t pass = 0;  // query rows per pass (the last one may be shorter)
-  int64_t chunk = 0, rank_step = 0;
+  int64_t chunk = 0;
   bool q_vec = false;
   SparseScheduleParams sp;  // the fields every pass shares
   size_t sched_bytes = 0, po_bytes = 0, pl_bytes = 0, q_bytes = 0;
@@ -84,7 +84,6 @@ Plan make_plan_for(const AttentionParams& p, const SparseFwdOptions& opt, int64_
   const int64_t queries_per_tile = kSpRows / g;
   const int64_t chunk = opt.chunk_queries > 0 ? opt.chunk_queries : int64_t(kSpItemRows) / g;
   plan.chunk = std::min<int64_t>((chunk + queries_per_tile - 1) / queries_per_tile * queries_per_tile, INT32_MAX / 2);
-  plan.rank_step = std::min<int64_t>(int64_t(kSpRankFactor) * topk * p.bk, INT32_MAX / 2);
 
   SparseScheduleParams& sp = plan.sp;
   sp.n_q_all = n_q;
@@ -98,7 +97,7 @@ Plan make_plan_for(const AttentionParams& p, const SparseFwdOptions& opt, int64_
   sp.bk = int(p.bk);
   sp.bk_shift = log2_exact(p.bk);
   sp.chunk = int(plan.chunk);
-  sp.rank_step = int(plan.rank_step);
+  sp.rank_step = int(std::min<int64_t>(int64_t(kSpRankFactor) * topk * p.bk, INT32_MAX / 2));
   // bf16 partials: the local pass attends the sink and own blocks and merges (no combine kernel).
   sp.local = opt.partial_f32 || !opt.local_pass ? 0 : 1;
   // Query bands: the q rows one kv head's items gather in a band, band * g * d * 2 bytes, stay

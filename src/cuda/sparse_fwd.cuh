@@ -313,6 +313,16 @@ __device__ __forceinline__ void stage_rows_bf16(const float (&o)[D / 2], float i
   }
 }
 
+// Asks L2 (evict-last, until the merge's evict-first read) for partial row prow: its o lines and,
+// for the row of a query's first head, the lse line of the query's g heads.
+template <int D>
+__device__ __forceinline__ void prefetch_partial_row(const SparseFwdKernelParams& p, int64_t prow, bool first_head) {
+  const uint8_t* line = static_cast<const uint8_t*>(p.partial_o) + prow * (2 * D);
+#pragma unroll
+  for (int h = 0; h < D / kSpAtomK; ++h) hopper::prefetch_l2_last(line + h * 128);
+  if (first_head) hopper::prefetch_l2_last(p.partial_lse + prow);
+}
+
 // Masks columns past lim[i] of this thread's rows i (row0 = 16 w + lane / 4 and row0 + 8) in an S
 // tile (lim = -1: the row sees nothing of this block). Warp-uniform (a vote): most warps of phase 1
 // skip it, and the accumulator stays in registers either way.
@@ -992,11 +1002,7 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
           for (int i = 0; i < 2; ++i)
             for (uint32_t bits = remote[i] & (0x11111111u << q4); bits; bits &= bits - 1) {
               const int s = __ffs(bits) - 1;
-              const int64_t prow = (int64_t(qq[i]) * p.topk + s) * p.h_q + hh[i];
-              const uint8_t* line = static_cast<const uint8_t*>(p.partial_o) + prow * (2 * D);
-#pragma unroll
-              for (int h = 0; h < D / kSpAtomK; ++h) hopper::prefetch_l2_last(line + h * 128);
-              if ((hh[i] & (p.g - 1)) == 0) hopper::prefetch_l2_last(p.partial_lse + prow);
+              prefetch_partial_row<D>(p, (int64_t(qq[i]) * p.topk + s) * p.h_q + hh[i], (hh[i] & (p.g - 1)) == 0);
             }
         }
       };
@@ -1096,13 +1102,9 @@ __global__ void __launch_bounds__(kSpLocalThreads, 1) sparse_fwd_local_kernel(co
           const int qn = qk + tc.ent_step;
           if (qn < q_hi) {
             const uint32_t rn = __float_as_uint(rinfo[row + 16].y);
-            for (uint32_t bits = rn & (0x01010101u << c16); bits; bits &= bits - 1) {
-              const int64_t prow = (int64_t(qn) * p.topk + (__ffs(bits) - 1)) * p.h_q + hk;
-              const uint8_t* line = static_cast<const uint8_t*>(p.partial_o) + prow * (2 * D);
-#pragma unroll
-              for (int h = 0; h < D / kSpAtomK; ++h) hopper::prefetch_l2_last(line + h * 128);
-              if ((hk & (p.g - 1)) == 0) hopper::prefetch_l2_last(p.partial_lse + prow);
-            }
+            for (uint32_t bits = rn & (0x01010101u << c16); bits; bits &= bits - 1)
+              prefetch_partial_row<D>(p, (int64_t(qn) * p.topk + (__ffs(bits) - 1)) * p.h_q + hk,
+                                      (hk & (p.g - 1)) == 0);
           }
         }
         constexpr int NA = D / kSpAtomK;  // 16-byte chunks of this thread per row
