@@ -256,6 +256,22 @@ TEST(CudaSparsePasses, QueryBandsBitwiseAsOneBand) {
     EXPECT_TRUE(same_bits(run(P16, 0, 0, 0, band), ref16, "g 16, band " + std::to_string(band)));
 }
 
+// The band each pass of one long sequence picks for itself (from the key blocks its queries see):
+// at h_q = 16, h_kv = 1, d = 128 the plan's band is 8192 queries; with topk = 4, passes of 16384
+// double it in the second pass (256 blocks: 8192 x 4 < 256 x 192), and passes of 4096 halve it twice
+// in the first (32 blocks) and once in the second (64 blocks). Every pick only orders the work.
+TEST(CudaSparsePasses, AdaptiveBandsBitwiseAsOneBand) {
+  REQUIRE_GPU();
+  Problem P = make_problem(45, {32768}, {32768}, 16, 1, 128, 128, 4, false);
+  fill_q(P, 46);
+  const Out ref = run(P, -1);
+  ASSERT_TRUE(written(ref));
+  for (int64_t pass : {int64_t(16384), int64_t(4096)}) {
+    EXPECT_TRUE(same_bits(run(P, pass), ref, "adaptive bands, pass " + std::to_string(pass)));
+    EXPECT_TRUE(same_bits(run(P, pass, 0, 0, -1), ref, "one band, pass " + std::to_string(pass)));
+  }
+}
+
 // The local pass merges a unit as soon as phase 1 has finished its query bands, while phase 1 still
 // runs other items (with fewer items than SMs, from the start). Partials read before they are
 // written would be the 0xff poison (NaN) of a fresh caller workspace, not the previous call's values.

@@ -112,16 +112,18 @@ Plan make_plan_for(const AttentionParams& p, const SparseFwdOptions& opt, int64_
   }
 
   // CUB's temporary storage need not grow monotonically with the length: size for both pass lengths,
-  // and for both band sizes a pass may take (pass_band_shift).
+  // and for every band a pass may take (pass_band_shift: the plan's, up to kSpBandHalvings halvings,
+  // twice).
   SparseScheduleParams full = sp, tail = sp;
   full.n_q = plan.pass;
   tail.n_q = n_q % plan.pass == 0 ? plan.pass : n_q % plan.pass;
   plan.sched_bytes = align256(std::max(sparse_schedule_bytes(full), sparse_schedule_bytes(tail)));
-  if (sp.band_shift > 0 && sp.band_shift < 62) {
-    --full.band_shift;
-    --tail.band_shift;
-    plan.sched_bytes =
-        std::max(plan.sched_bytes, align256(std::max(sparse_schedule_bytes(full), sparse_schedule_bytes(tail))));
+  if (sp.band_shift > kSpBandHalvings && sp.band_shift < 61) {
+    for (int step = -kSpBandHalvings; step <= 1; ++step) {
+      full.band_shift = tail.band_shift = sp.band_shift + step;
+      plan.sched_bytes =
+          std::max(plan.sched_bytes, align256(std::max(sparse_schedule_bytes(full), sparse_schedule_bytes(tail))));
+    }
   }
   plan.sched_copies = n_q > plan.pass ? 2 : 1;
   // The gather copies 16-byte chunks: q rows must be 16-byte aligned, else a packed copy is gathered.
@@ -133,17 +135,28 @@ Plan make_plan_for(const AttentionParams& p, const SparseFwdOptions& opt, int64_
   return plan;
 }
 
-// The band of the pass with rows [q0, q0 + len): the plan's, or half of it when the pass's queries see
-// so few blocks that the half band's items still hold kSpBandMinEntries entries each on average
-// (its q rows then stay in L2 at little K/V cost: the first pass of a long prompt). Known only for
-// one sequence with implicit positions; the band never changes a value.
+// The band of the pass with rows [q0, q0 + len) from the average entries of its work items, band x
+// topk / blocks per (band, kv head, block) with `blocks` the key blocks the pass's last query sees:
+// the plan's band halved (at most kSpBandHalvings times) while the half band's items still hold
+// kSpBandMinEntries entries (its q rows then stay in L2 at little K/V cost: the first passes of a
+// long prompt), or doubled once when the plan's band leaves its items fewer than kSpBandMaxEntries
+// (the K/V loads of small items then cost more than the gathers that miss L2: the later passes).
+// Known only for one sequence with implicit positions; the band never changes a value.
 int pass_band_shift(const Plan& plan, const AttentionParams& p, const SparseFwdOptions& opt, int64_t q0, int64_t len) {
-  const int shift = plan.sp.band_shift;
-  if (opt.band_queries != 0 || shift <= 0 || shift >= 62 || p.seq.batch != 1 || p.seq.q_pos) return shift;
+  int shift = plan.sp.band_shift;
+  if (opt.band_queries != 0 || shift <= kSpBandHalvings || shift >= 61 || p.seq.batch != 1 || p.seq.q_pos)
+    return shift;
   const int64_t keys = p.seq.n_k - p.seq.n_q + q0 + len;  // the pass's last query sees this many keys
   const int64_t blocks = std::max<int64_t>(1, (keys + p.bk - 1) / p.bk);
-  const int64_t half = int64_t(1) << (shift - 1);
-  return blocks * kSpBandMinEntries < half * p.topk ? shift - 1 : shift;
+  const int64_t band = int64_t(1) << shift;
+  if (band < len && band * p.topk < blocks * kSpBandMaxEntries) return shift + 1;
+  const int64_t queries_per_tile = kSpRows / (p.h_q / p.h_kv);
+  for (int h = 0; h < kSpBandHalvings; ++h) {
+    const int64_t half = int64_t(1) << (shift - 1);
+    if (half < queries_per_tile || half * p.topk < blocks * kSpBandMinEntries) break;
+    --shift;
+  }
+  return shift;
 }
 
 // The pass size: given, else the largest whose workspace fits max_workspace_bytes (the workspace
