@@ -86,8 +86,8 @@ constexpr int64_t kSpPassRows = int64_t(1) << 24;
 // head (band * g * d * 2 bytes) fill at most this much of the 50 MB L2. Every q row is gathered
 // once per block its query selected; with the items of one kv head running together, a band keeps
 // those gathers in L2 instead of DRAM, at the price of one K/V block load per (band, kv head,
-// block). Speed only (the order of items never changes a value); measured in
-// docs/sparse_attention.md.
+// block). This sets the plan's band; each pass of one sequence then halves or doubles it (below).
+// Speed only (the order of items never changes a value); measured in docs/sparse_attention.md.
 constexpr int64_t kSpBandBytes = int64_t(32) << 20;
 
 // A pass whose queries see few key blocks takes half that band when the half band's items still
