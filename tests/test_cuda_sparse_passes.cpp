@@ -259,7 +259,8 @@ TEST(CudaSparsePasses, QueryBandsBitwiseAsOneBand) {
 // The band each pass of one long sequence picks for itself (from the key blocks its queries see):
 // at h_q = 16, h_kv = 1, d = 128 the plan's band is 8192 queries; with topk = 4, passes of 16384
 // double it in the second pass (256 blocks: 8192 x 4 < 256 x 192), and passes of 4096 halve it twice
-// in the first (32 blocks) and once in the second (64 blocks). Every pick only orders the work.
+// in the first (32 blocks) and once in the second (64 blocks); a pass of 32768 queries at the end of
+// 65536 keys (512 blocks) doubles it twice. Every pick only orders the work.
 TEST(CudaSparsePasses, AdaptiveBandsBitwiseAsOneBand) {
   REQUIRE_GPU();
   Problem P = make_problem(45, {32768}, {32768}, 16, 1, 128, 128, 4, false);
@@ -270,6 +271,12 @@ TEST(CudaSparsePasses, AdaptiveBandsBitwiseAsOneBand) {
     EXPECT_TRUE(same_bits(run(P, pass), ref, "adaptive bands, pass " + std::to_string(pass)));
     EXPECT_TRUE(same_bits(run(P, pass, 0, 0, -1), ref, "one band, pass " + std::to_string(pass)));
   }
+  Problem C = make_problem(47, {32768}, {65536}, 16, 1, 128, 128, 4, false);
+  fill_q(C, 48);
+  const Out ref_c = run(C, -1);
+  ASSERT_TRUE(written(ref_c));
+  EXPECT_TRUE(same_bits(run(C, 32768), ref_c, "adaptive bands, one pass of 32768 queries"));
+  EXPECT_TRUE(same_bits(run(C, 32768, 0, 0, -1), ref_c, "one band, one pass of 32768 queries"));
 }
 
 // The local pass merges a unit as soon as phase 1 has finished its query bands, while phase 1 still

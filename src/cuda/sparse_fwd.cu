@@ -113,14 +113,16 @@ Plan make_plan_for(const AttentionParams& p, const SparseFwdOptions& opt, int64_
 
   // CUB's temporary storage need not grow monotonically with the length: size for both pass lengths,
   // and for every band a pass may take (pass_band_shift: the plan's, up to kSpBandHalvings halvings,
-  // twice).
+  // doublings up to the pass).
   SparseScheduleParams full = sp, tail = sp;
   full.n_q = plan.pass;
   tail.n_q = n_q % plan.pass == 0 ? plan.pass : n_q % plan.pass;
   plan.sched_bytes = align256(std::max(sparse_schedule_bytes(full), sparse_schedule_bytes(tail)));
   if (sp.band_shift > kSpBandHalvings && sp.band_shift < 61) {
-    for (int step = -kSpBandHalvings; step <= 1; ++step) {
-      full.band_shift = tail.band_shift = sp.band_shift + step;
+    int top = sp.band_shift;
+    while (top < 60 && (int64_t(1) << top) < plan.pass) ++top;
+    for (int shift = sp.band_shift - kSpBandHalvings; shift <= top; ++shift) {
+      full.band_shift = tail.band_shift = shift;
       plan.sched_bytes =
           std::max(plan.sched_bytes, align256(std::max(sparse_schedule_bytes(full), sparse_schedule_bytes(tail))));
     }
@@ -139,8 +141,9 @@ Plan make_plan_for(const AttentionParams& p, const SparseFwdOptions& opt, int64_
 // topk / blocks per (band, kv head, block) with `blocks` the key blocks the pass's last query sees:
 // the plan's band halved (at most kSpBandHalvings times) while the half band's items still hold
 // kSpBandMinEntries entries (its q rows then stay in L2 at little K/V cost: the first passes of a
-// long prompt), or doubled once when the plan's band leaves its items fewer than kSpBandMaxEntries
-// (the K/V loads of small items then cost more than the gathers that miss L2: the later passes).
+// long prompt), or doubled (up to the pass) while it leaves its items fewer than kSpBandMaxEntries
+// (each band reads every visible block's K and V once, which then costs more than the gathers that
+// miss L2: the later passes).
 // Known only for one sequence with implicit positions; the band never changes a value.
 int pass_band_shift(const Plan& plan, const AttentionParams& p, const SparseFwdOptions& opt, int64_t q0, int64_t len) {
   int shift = plan.sp.band_shift;
@@ -149,7 +152,11 @@ int pass_band_shift(const Plan& plan, const AttentionParams& p, const SparseFwdO
   const int64_t keys = p.seq.n_k - p.seq.n_q + q0 + len;  // the pass's last query sees this many keys
   const int64_t blocks = std::max<int64_t>(1, (keys + p.bk - 1) / p.bk);
   const int64_t band = int64_t(1) << shift;
-  if (band < len && band * p.topk < blocks * kSpBandMaxEntries) return shift + 1;
+  if (band < len && band * p.topk < blocks * kSpBandMaxEntries) {
+    while (shift < 60 && (int64_t(1) << shift) < len && (int64_t(1) << shift) * p.topk < blocks * kSpBandMaxEntries)
+      ++shift;
+    return shift;
+  }
   const int64_t queries_per_tile = kSpRows / (p.h_q / p.h_kv);
   for (int h = 0; h < kSpBandHalvings; ++h) {
     const int64_t half = int64_t(1) << (shift - 1);

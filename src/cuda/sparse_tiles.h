@@ -92,11 +92,12 @@ constexpr int64_t kSpBandBytes = int64_t(32) << 20;
 
 // A pass whose queries see few key blocks takes half that band when the half band's items still
 // average at least kSpBandMinEntries entries (selected (query, block) pairs per (band, kv head,
-// block)), and one whose queries see many takes twice the band when the plan's band leaves its
+// block)), and one whose queries see many doubles the band (up to the pass) while it leaves its
 // items fewer than kSpBandMaxEntries. Measured at 128K (M3 shape, random selection, phase 1 per
 // pass of 16384 queries with bands of 4096 / 8192 / 16384): 256 blocks 2.28 / 2.38 / 2.57 ms, 384
 // blocks 2.42 / 2.37 / 2.58, 640 blocks 2.69 / 2.49 / 2.47, 768 blocks 2.76 / 2.57 / 2.50, 1024
-// blocks 2.94 / 2.72 / 2.59 (docs/sparse_attention.md, 2026-11-27 afternoon). Speed only.
+// blocks 2.94 / 2.72 / 2.59; at 1M with passes of 32768, bands of 32768 against 16384: 309.6 ms
+// against 322.6 (docs/sparse_attention.md, 2026-11-27 afternoon). Speed only.
 constexpr int64_t kSpBandMinEntries = 256;
 constexpr int64_t kSpBandMaxEntries = 192;
 constexpr int kSpBandHalvings = 2;
