@@ -151,15 +151,13 @@ int pass_band_shift(const Plan& plan, const AttentionParams& p, const SparseFwdO
     return shift;
   const int64_t keys = p.seq.n_k - p.seq.n_q + q0 + len;  // the pass's last query sees this many keys
   const int64_t blocks = std::max<int64_t>(1, (keys + p.bk - 1) / p.bk);
-  const int64_t band = int64_t(1) << shift;
-  if (band < len && band * p.topk < blocks * kSpBandMaxEntries) {
-    while (shift < 60 && (int64_t(1) << shift) < len && (int64_t(1) << shift) * p.topk < blocks * kSpBandMaxEntries)
-      ++shift;
-    return shift;
-  }
+  auto band = [](int s) { return int64_t(1) << s; };
+  const int plan_shift = shift;
+  while (shift < 60 && band(shift) < len && band(shift) * p.topk < blocks * kSpBandMaxEntries) ++shift;
+  if (shift > plan_shift) return shift;
   const int64_t queries_per_tile = kSpRows / (p.h_q / p.h_kv);
   for (int h = 0; h < kSpBandHalvings; ++h) {
-    const int64_t half = int64_t(1) << (shift - 1);
+    const int64_t half = band(shift - 1);
     if (half < queries_per_tile || half * p.topk < blocks * kSpBandMinEntries) break;
     --shift;
   }
