@@ -217,7 +217,7 @@ Plan make_plan(const AttentionBwdParams& p, const SparseBwdOptions& opt) {
   const int64_t n_q = p.seq.n_q, n_k = p.seq.n_k, g = p.h_q / p.h_kv, topk = p.topk, d = p.d;
   Plan plan;
   const int64_t auto_pass = p.deterministic ? kSbPassRowsDeterministic / (p.h_q * topk)
-                                            : std::min(kSbPassRowsAtomic / p.h_q, 4 * kSpPassRows / (p.h_q * topk));
+                                            : std::min(kSbPassRowsAtomic / p.h_q, 2 * kSpPassRows / (p.h_q * topk));
   const int64_t pass = opt.pass_queries > 0 ? opt.pass_queries : std::max<int64_t>(1, auto_pass);
   plan.pass = std::max<int64_t>(1, std::min(pass, n_q));
   const int64_t n_e = plan.pass * p.h_kv * topk;

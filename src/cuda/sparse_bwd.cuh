@@ -37,7 +37,7 @@ constexpr int kSbChunkFactor = 1;
 constexpr int kSbChunkFactorDeterministic = 2;
 // Query passes (bounded workspace, as in the forward). Atomic mode: at most kSbPassRowsAtomic
 // (query, head) rows, i.e. a float32 dq accumulator of 2^22 * d * 4 bytes (2 GB at d = 128; 65536
-// queries at h_q = 64), and at most 4 * kSpPassRows (query, head, slot) selection entries of
+// queries at h_q = 64), and at most 2 * kSpPassRows (query, head, slot) selection entries of
 // schedule. Deterministic mode: at most kSbPassRowsDeterministic (query, head, slot) rows of
 // per-slot float32 partials (4.3 GB at d = 128; 8192 queries at the M3 shape). Results do not
 // depend on the pass size in atomic mode beyond summation order; bigger passes measured 2% faster
