@@ -47,7 +47,7 @@ struct Exec {
   int num_threads = 0;     // CPU threads; 0 = all hardware threads
   // Most bytes of device workspace one CUDA call may take; 0 = the operation's default. The
   // sparse attention forward runs the queries in passes sized to fit (default: passes of
-  // 2^24 / (h_q * topk) queries, about 4.4 GB at h_q = 64, topk = 16, d = 128); a larger budget
+  // 2^25 / (h_q * topk) queries, about 8.7 GB at h_q = 64, topk = 16, d = 128); a larger budget
   // means fewer passes and a faster long prompt, with bitwise the same results. A budget too small
   // for one query throws msa::Error. The KL loss and backward size their query passes the same way
   // (default: about 7 GB at 128K tokens of the M3 shape).
