@@ -78,10 +78,10 @@ constexpr int kSpRankFactor = 2;
 // for 128K queries at the M3 shape (h_q = 64, topk = 16, d = 128), more than the GPU at 512K. A
 // pass of 2^25 (query, head, slot) rows keeps them at 8.7 GB (32768 queries at the M3 shape) and
 // the schedule at ~70 MB. Results do not depend on it (every (query, head) row is computed the same
-// way in any pass); each pass boundary costs ~75 us (the drains of phase 1 and of the local pass
-// before the next can start): 2^25 against 2^24 measured 33.62 / 33.63 ms against 33.95 / 33.88 at
-// 128K (random / planted), 144.1 against 147.5 at 512K, 304.5 against 324.0 at 1M
-// (docs/sparse_attention.md, 2026-11-27 evening). A caller bounds it with max_workspace_bytes.
+// way in any pass); fewer pass boundaries are faster: 2^25 against 2^24 measured 33.62 / 33.63 ms
+// against 33.95 / 33.88 at 128K (random / planted, four boundaries fewer: ~75 us each), 144.1
+// against 147.5 at 512K, 304.5 against 324.0 at 1M (docs/sparse_attention.md, 2026-11-27 evening).
+// A caller bounds it with max_workspace_bytes.
 constexpr int64_t kSpPassRows = int64_t(1) << 25;
 
 // Phase 1 takes its work items band by band: the pass's queries in runs whose q rows for one kv

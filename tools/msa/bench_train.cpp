@@ -28,8 +28,8 @@ namespace {
 
 // Device memory kept free beyond the tensors for the stream-ordered workspaces the calls take: the
 // largest are the sparse forward's (8.7 GB, one pass of 32768 queries) and the KL backward's (~7 GB
-// at 128K, docs/kl_backward.md); the pool keeps each
-// operation's workspace mapped between calls (the sparse phase's are trimmed before the dense one).
+// at 128K, docs/kl_backward.md); the pool keeps each operation's workspace mapped between calls
+// (the sparse phase's are trimmed before the dense one).
 constexpr double kWorkspaceReserve = 16e9;
 
 // Cheap sanity of the outputs (the tests cover correctness): named values, and what failed.
